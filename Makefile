@@ -1,0 +1,44 @@
+# `make demo` and `make test` set everything up themselves on a fresh machine (only the package
+# registry needed): a .venv with the pinned stack, then the demo pipeline or the whole test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CORES  ?= 2
+# Rules call `python -m workflow_scripts...`: make sure that python is the venv's.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: demo test bench lint dry-run clean-demo venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	# The notebook rule runs papermill with kernel "python3": register the venv's own interpreter.
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (mlp-mixer)" >/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@start=$$(date +%s); \
+	$(BIN)/snakemake --configfile demo/config.yaml --cores $(CORES) --printshellcmds; \
+	status=$$?; end=$$(date +%s); \
+	echo "Demo finished in $$((end - start)) s (exit $$status)."; \
+	test $$status -eq 0 && echo "Report: $(abspath demo_results/report/index.html)"; \
+	exit $$status
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m workflow_scripts.bench
+	$(BIN)/python -m workflow_scripts.convert --bench
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+
+dry-run: $(STAMP)
+	$(BIN)/snakemake -n --cores all --resources gpu=2
+
+clean-demo:
+	rm -rf demo_results

@@ -1,0 +1,134 @@
+"""The Snakemake spine: the study's job matrix, lint, and config validation errors."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def snakemake(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run(
+        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def job_counts(stdout: str) -> dict[str, int]:
+    block = stdout.split("Job stats:")[1].split("total")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", block, re.M)}
+
+
+def write_config(tmp_path: Path, edit) -> Path:
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    edit(cfg)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_study_dry_run_lists_the_full_matrix(tmp_path):
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    res = snakemake("-n", "--configfile", str(REPO / "config.yaml"), "--cores", "all",
+                    "--resources", "gpu=2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr + res.stdout
+    counts = job_counts(res.stdout)
+    ft = cfg["finetune"]
+    n_pairs = len(ft["checkpoints"]) * len(ft["datasets"])
+    assert counts["finetune"] == n_pairs * len(ft["base_lrs"]) * len(ft["seeds"]) == 16
+    assert counts["select_lr"] == counts["evaluate"] == n_pairs == 4
+    assert counts["download_weights"] == counts["convert_weights"] == 4  # 2 fine-tuned + 2 baseline
+    assert counts["baseline"] == len(cfg["evaluation"]["baseline"]) * len(cfg["evaluation"]["protocols"])
+    assert counts["prepare_data"] == 2
+    assert counts["report"] == counts["aggregate"] == counts["notebook"] == 1
+    # Every (checkpoint, dataset, lr, seed) of the sweep is its own job.
+    jobs = set(re.findall(r"finetune/(\w+)/(\w+)/lr([0-9.e-]+)_s(\d+)/model\.safetensors", res.stdout))
+    expected = {(c, d, f"{lr:g}", str(s)) for c in ft["checkpoints"] for d in ft["datasets"]
+                for lr in ft["base_lrs"] for s in ft["seeds"]}
+    assert jobs == expected
+    assert not (tmp_path / "results").exists(), "a dry run must not create outputs"
+
+
+def test_demo_dry_run_never_mixes_with_the_study(tmp_path):
+    res = snakemake("-n", "--configfile", str(REPO / "demo" / "config.yaml"), "--cores", "2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr + res.stdout
+    counts = job_counts(res.stdout)
+    assert counts["synthesize_upstream"] == 2 and counts["finetune"] == 8
+    assert "results/" not in res.stdout.replace("demo_results/", "")
+    assert "mixer_b16_in21k" not in res.stdout
+
+
+def test_lint_is_clean():
+    res = snakemake("--lint", cwd=REPO)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_conda_env_pins_match_requirements():
+    req = {l.strip() for l in (REPO / "requirements.txt").read_text().splitlines()
+           if l.strip() and not l.startswith("#")}
+    env = yaml.safe_load((REPO / "envs" / "pipeline.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert set(pip) == req
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda c: c["protocol"].update(micro_batch_sise=c["protocol"].pop("micro_batch_size")),
+         "config key 'protocol.micro_batch_sise' is not known"),
+        (lambda c: c["protocol"].update(batch_size="512"),
+         "config key 'protocol.batch_size': '512' is not of type 'integer'"),
+        (lambda c: c["finetune"].update(datasets=["cifar100"]),
+         "config key 'finetune.datasets': 'cifar100' is not defined"),
+        (lambda c: c["protocol"].update(micro_batch_size=100),
+         "config key 'protocol.micro_batch_size': 100 does not divide"),
+        (lambda c: c["datasets"]["cifar10"].update(eval_protocol="tta"),
+         "config key 'datasets.cifar10.eval_protocol': 'tta' is not a protocol"),
+        (lambda c: c["checkpoints"]["mixer_b16_in21k"].update(sha256="abc"),
+         "config key 'checkpoints.mixer_b16_in21k.sha256'"),
+        (lambda c: c["evaluation"]["baseline"].append({"checkpoint": "mixer_h14", "dataset": "imagenet"}),
+         "config key 'evaluation.baseline[2].checkpoint'"),
+        (lambda c: c.update(output_root="/abs/results"),
+         "config key 'output_root'"),
+        (lambda c: c.update(references="report/nope.yaml"),
+         "config key 'references': file"),
+    ],
+    ids=["misspelled-key", "wrong-type", "unknown-dataset", "micro-batch", "eval-protocol", "sha256",
+         "baseline-ref", "absolute-output", "references-file"],
+)
+def test_bad_config_fails_with_a_message_naming_the_key(tmp_path, edit, expected):
+    path = write_config(tmp_path, edit)
+    res = snakemake("-n", "--configfile", str(path), "--cores", "1", cwd=tmp_path)
+    assert res.returncode != 0
+    assert expected in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_reference_figure_citing_an_unknown_source_is_rejected(tmp_path):
+    refs = yaml.safe_load((REPO / "report" / "references.yaml").read_text())
+    refs["figures"][0]["source"] = "a_blog_post"
+    ref_path = tmp_path / "refs.yaml"
+    ref_path.write_text(yaml.safe_dump(refs))
+    path = write_config(tmp_path, lambda c: c.update(references=str(ref_path)))
+    res = snakemake("-n", "--configfile", str(path), "--cores", "1", cwd=tmp_path)
+    assert res.returncode != 0
+    assert "cites source 'a_blog_post'" in res.stdout + res.stderr
+
+
+def test_every_rule_has_log_benchmark_and_conda():
+    text = "\n".join(p.read_text() for p in (REPO / "rules").glob("*.smk"))
+    rules = re.split(r"^rule ", text, flags=re.M)[1:]
+    assert len(rules) >= 11
+    for body in rules:
+        name = body.split(":")[0]
+        for directive in ("log:", "benchmark:", "conda:", "shell:"):
+            assert directive in body, f"rule {name} lacks {directive}"
+        assert "run:" not in body, f"rule {name} has logic in a run: block"
