@@ -1,0 +1,292 @@
+"""Official Flax Mixer .npz <-> timm MlpMixer safetensors, proven faithful against a NumPy reference.
+
+python -m workflow_scripts.convert IN.npz OUT.safetensors [--checkpoint NAME]
+    [--expect-architecture JSON] [--parity PARITY.json]
+python -m workflow_scripts.convert --bench      # cost of converting a Mixer-B/16 (21843 classes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from functools import partial
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from timm.models.mlp_mixer import MlpMixer
+from torch import nn
+
+from workflow_scripts import flax_reference
+from workflow_scripts.common import PipelineError, atomic_path, peak_rss_mib, run_cli, sha256_file, write_json
+
+FORMAT = "mixer-timm"
+ARCH_KEYS = ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim", "num_classes",
+             "image_size")
+# Flax defaults the official model relies on (flax.linen.LayerNorm epsilon, flax.linen.gelu approximate=True).
+FLAX_LAYERNORM_EPS = 1e-6
+# Parity: allowed max |logit difference| per unit of logit magnitude (float32 round-off is ~1e-6 of it).
+PARITY_RTOL = 1e-4
+PARITY_IMAGES = 2
+PARITY_SEED = 0
+# Paper / vit_jax/configs/models.py names, used only to describe an architecture in messages.
+_NAMED_SIZES = {(512, 8): "S", (768, 12): "B", (1024, 24): "L", (1280, 32): "H"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture and the timm module
+
+
+def check_architecture(architecture: Mapping, source: str = "architecture") -> dict:
+    """The architecture dict with exactly ARCH_KEYS as positive ints, else an error naming the key."""
+    if not isinstance(architecture, Mapping):
+        raise PipelineError(f"{source}: expected a mapping with keys {list(ARCH_KEYS)}, got {architecture!r}")
+    missing = [k for k in ARCH_KEYS if k not in architecture]
+    extra = sorted(set(architecture) - set(ARCH_KEYS))
+    if missing or extra:
+        raise PipelineError(f"{source}: missing keys {missing}, unknown keys {extra}; "
+                            f"an architecture has exactly {list(ARCH_KEYS)}")
+    arch = {}
+    for k in ARCH_KEYS:
+        v = architecture[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise PipelineError(f"{source}: key '{k}' must be a positive integer, got {v!r}")
+        arch[k] = v
+    if arch["image_size"] % arch["patch_size"]:
+        raise PipelineError(f"{source}: image_size {arch['image_size']} is not a multiple of "
+                            f"patch_size {arch['patch_size']}")
+    return arch
+
+
+def describe(arch: Mapping) -> str:
+    size = _NAMED_SIZES.get((arch["hidden_dim"], arch["num_blocks"]), "custom")
+    return (f"Mixer-{size}/{arch['patch_size']} (hidden {arch['hidden_dim']}, {arch['num_blocks']} blocks, "
+            f"tokens MLP {arch['tokens_mlp_dim']}, channels MLP {arch['channels_mlp_dim']}, "
+            f"{arch['num_classes']} classes, {arch['image_size']} px)")
+
+
+def build_model(architecture: Mapping) -> nn.Module:
+    """timm MlpMixer with the official model's ops: tanh-approximate GELU and LayerNorm eps 1e-6 (Flax defaults)."""
+    arch = check_architecture(architecture)
+    d = arch["hidden_dim"]
+    tokens, channels = arch["tokens_mlp_dim"], arch["channels_mlp_dim"]
+    model = MlpMixer(
+        num_classes=arch["num_classes"],
+        img_size=arch["image_size"],
+        patch_size=arch["patch_size"],
+        num_blocks=arch["num_blocks"],
+        embed_dim=d,
+        # timm computes int(ratio * dim): the +0.5 keeps float round-off from truncating to dim - 1.
+        mlp_ratio=((tokens + 0.5) / d, (channels + 0.5) / d),
+        act_layer=partial(nn.GELU, approximate="tanh"),
+        norm_layer=partial(nn.LayerNorm, eps=FLAX_LAYERNORM_EPS),
+    )
+    block = model.blocks[0]
+    built = (block.mlp_tokens.fc1.out_features, block.mlp_channels.fc1.out_features)
+    assert built == (tokens, channels), f"timm built MLP dims {built}, requested {(tokens, channels)}"
+    return model
+
+
+def _module_from_state(arch: dict, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """Build the module without allocating its own weights and adopt `state` (every key, every shape)."""
+    with torch.device("meta"):
+        model = build_model(arch)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for k, shape in expected.items():
+        if k not in state:
+            raise PipelineError(f"{source}: tensor '{k}' missing for {describe(arch)}")
+        if tuple(state[k].shape) != shape:
+            raise PipelineError(f"{source}: tensor '{k}' has shape {tuple(state[k].shape)}, "
+                                f"{describe(arch)} needs {shape}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise PipelineError(f"{source}: unexpected tensors {extra[:5]} for {describe(arch)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], architecture: Mapping, path: str | os.PathLike) -> None:
+    """Write a converted-checkpoint safetensors file (float32, contiguous, architecture in the metadata)."""
+    arch = check_architecture(architecture)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    _module_from_state(arch, tensors, str(path))  # refuse a state dict the architecture cannot load
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "architecture": json.dumps(arch)})
+
+
+def save_model(model: nn.Module, architecture: Mapping, path: str | os.PathLike) -> None:
+    save_state_dict(model.state_dict(), architecture, path)
+
+
+def read_architecture(path: str | os.PathLike) -> dict:
+    """The architecture stored in a converted or fine-tuned checkpoint (reads the header only)."""
+    if not Path(path).is_file():
+        raise PipelineError(f"{path}: file not found (did the stage that writes it run?)")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise PipelineError(f"{path}: not a readable safetensors file ({e}); delete it and rerun the stage "
+                            f"that writes it") from None
+    if meta.get("format") != FORMAT:
+        raise PipelineError(f"{path}: not a converted Mixer checkpoint (metadata format {meta.get('format')!r}, "
+                            f"expected '{FORMAT}'); write it with workflow_scripts.convert")
+    try:
+        arch = json.loads(meta["architecture"])
+    except (KeyError, json.JSONDecodeError):
+        raise PipelineError(f"{path}: metadata 'architecture' missing or not JSON; rewrite the file") from None
+    return check_architecture(arch, f"{path} metadata 'architecture'")
+
+
+def load_model(path: str | os.PathLike, num_classes: int | None = None) -> nn.Module:
+    """The eval-mode timm module of a converted or fine-tuned checkpoint."""
+    arch = read_architecture(path)
+    if num_classes is not None and num_classes != arch["num_classes"]:
+        raise PipelineError(f"{path}: head has {arch['num_classes']} classes, {num_classes} were expected "
+                            f"(a fine-tuned model of another dataset?)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise PipelineError(f"{path}: cannot read tensors ({e}); delete it and rerun the stage that writes it") \
+            from None
+    return _module_from_state(arch, state, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# The official .npz layout
+
+
+def official_layout(architecture: Mapping) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Official Flax parameter path -> (timm state-dict key, shape in the .npz) for an architecture."""
+    a = check_architecture(architecture)
+    p, d, c = a["patch_size"], a["hidden_dim"], a["num_classes"]
+    tokens = (a["image_size"] // p) ** 2
+    layout = {"stem/kernel": ("stem.proj.weight", (p, p, 3, d)), "stem/bias": ("stem.proj.bias", (d,))}
+
+    def mlp(flax_prefix, timm_prefix, dim, hidden):
+        for j, (n_in, n_out) in enumerate([(dim, hidden), (hidden, dim)]):
+            layout[f"{flax_prefix}/Dense_{j}/kernel"] = (f"{timm_prefix}.fc{j + 1}.weight", (n_in, n_out))
+            layout[f"{flax_prefix}/Dense_{j}/bias"] = (f"{timm_prefix}.fc{j + 1}.bias", (n_out,))
+
+    def layer_norm(flax_prefix, timm_prefix):
+        layout[f"{flax_prefix}/scale"] = (f"{timm_prefix}.weight", (d,))
+        layout[f"{flax_prefix}/bias"] = (f"{timm_prefix}.bias", (d,))
+
+    for i in range(a["num_blocks"]):
+        layer_norm(f"MixerBlock_{i}/LayerNorm_0", f"blocks.{i}.norm1")
+        mlp(f"MixerBlock_{i}/token_mixing", f"blocks.{i}.mlp_tokens", tokens, a["tokens_mlp_dim"])
+        layer_norm(f"MixerBlock_{i}/LayerNorm_1", f"blocks.{i}.norm2")
+        mlp(f"MixerBlock_{i}/channel_mixing", f"blocks.{i}.mlp_channels", d, a["channels_mlp_dim"])
+    layer_norm("pre_head_layer_norm", "norm")
+    layout["head/kernel"] = ("head.weight", (d, c))
+    layout["head/bias"] = ("head.bias", (c,))
+    return layout
+
+
+def _to_timm(array: np.ndarray) -> torch.Tensor:
+    """Flax kernel -> torch weight as a view (conv HWIO -> OIHW, dense (in, out) -> (out, in))."""
+    t = torch.from_numpy(array)
+    if t.ndim == 4:
+        return t.permute(3, 2, 0, 1)
+    return t.T if t.ndim == 2 else t
+
+
+def _to_flax(tensor: torch.Tensor) -> np.ndarray:
+    t = tensor.detach().to("cpu", torch.float32)
+    if t.ndim == 4:
+        t = t.permute(2, 3, 1, 0)
+    elif t.ndim == 2:
+        t = t.T
+    return np.ascontiguousarray(t.numpy())
+
+
+def _shape_of(params: Mapping[str, np.ndarray], key: str, ndim: int) -> tuple[int, ...]:
+    if key not in params:
+        raise PipelineError(f"key '{key}' missing; not an official Mixer checkpoint (keys like "
+                            f"{sorted(params)[:3]})")
+    shape = params[key].shape
+    if len(shape) != ndim:
+        raise PipelineError(f"key '{key}' has shape {shape}, expected {ndim} dimensions")
+    return shape
+
+
+def infer_architecture(params: Mapping[str, np.ndarray]) -> dict:
+    """Architecture from the shapes of an official checkpoint (the image size from the token count)."""
+    p, p2, in_ch, d = _shape_of(params, "stem/kernel", 4)
+    if p != p2 or in_ch != 3:
+        raise PipelineError(f"key 'stem/kernel' has shape {(p, p2, in_ch, d)}, expected (p, p, 3, hidden)")
+    blocks = {int(m[1]) for k in params if (m := re.match(r"MixerBlock_(\d+)/", k))}
+    if not blocks:
+        raise PipelineError("no 'MixerBlock_<i>/...' keys; not an official Mixer checkpoint")
+    num_tokens, tokens_mlp = _shape_of(params, "MixerBlock_0/token_mixing/Dense_0/kernel", 2)
+    _, channels_mlp = _shape_of(params, "MixerBlock_0/channel_mixing/Dense_0/kernel", 2)
+    _, num_classes = _shape_of(params, "head/kernel", 2)
+    side = round(num_tokens ** 0.5)
+    if side * side != num_tokens:
+        raise PipelineError(f"key 'MixerBlock_0/token_mixing/Dense_0/kernel' has {num_tokens} tokens, "
+                            f"not a square grid of patches")
+    return check_architecture({"patch_size": p, "hidden_dim": d, "num_blocks": max(blocks) + 1,
+                               "tokens_mlp_dim": tokens_mlp, "channels_mlp_dim": channels_mlp,
+                               "num_classes": num_classes, "image_size": side * p}, "inferred architecture")
+
+
+def npz_to_state_dict(npz: Mapping[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Strictly map official arrays to timm's keys: every key consumed, every shape checked.
+
+    The tensors share memory with the arrays (transposes are views); save_state_dict packs them.
+    """
+    arch = infer_architecture(npz)
+    layout = official_layout(arch)
+    state = {}
+    for key, (timm_key, shape) in layout.items():
+        if key not in npz:
+            raise PipelineError(f"key '{key}' missing for {describe(arch)} (renamed or truncated checkpoint?)")
+        if npz[key].shape != shape:
+            raise PipelineError(f"key '{key}' has shape {npz[key].shape}, {describe(arch)} needs {shape}")
+        state[timm_key] = _to_timm(npz[key])
+    extra = sorted(set(npz) - set(layout))
+    if extra:
+        raise PipelineError(f"unexpected keys {extra[:5]} (not part of {describe(arch)}; renamed keys?)")
+    return state, arch
+
+
+def architecture_of_state(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Architecture from the shapes of a timm MlpMixer state dict."""
+    try:
+        d, _, p, _ = state_dict["stem.proj.weight"].shape
+        tokens_mlp, num_tokens = state_dict["blocks.0.mlp_tokens.fc1.weight"].shape
+        channels_mlp = state_dict["blocks.0.mlp_channels.fc1.weight"].shape[0]
+        num_classes = state_dict["head.weight"].shape[0]
+    except (KeyError, ValueError) as e:
+        raise PipelineError(f"not a timm MlpMixer state dict ({e})") from None
+    num_blocks = 1 + max(int(m[1]) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
+    return check_architecture({"patch_size": p, "hidden_dim": d, "num_blocks": num_blocks,
+                               "tokens_mlp_dim": tokens_mlp, "channels_mlp_dim": channels_mlp,
+                               "num_classes": num_classes, "image_size": round(num_tokens ** 0.5) * p},
+                              "state dict architecture")
+
+
+def export_npz(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Inverse of npz_to_state_dict: write a timm state dict in the official .npz layout (float32)."""
+    layout = official_layout(architecture_of_state(state_dict))
+    extra = sorted(set(state_dict) - {timm_key for timm_key, _ in layout.values()})
+    if extra:
+        raise PipelineError(f"state dict has tensors with no place in the official layout: {extra[:5]}")
+    arrays = {}
+    for key, (timm_key, shape) in layout.items():
+        arrays[key] = _to_flax(state_dict[timm_key])
+        if arrays[key].shape != shape:
+            raise PipelineError(f"tensor '{timm_key}' has shape {tuple(state_dict[timm_key].shape)}, which does "
+                                f"not fit '{key}' {shape}")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a path name
+            np.savez(f, **arrays)
