@@ -7,6 +7,7 @@ python -m workflow_scripts.convert --bench      # cost of converting a Mixer-B/1
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -290,3 +291,200 @@ def export_npz(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) 
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a path name
             np.savez(f, **arrays)
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The float32 arrays of a checkpoint, never unpickling; a truncated file or NaN/inf weight is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found (did download_weights run?)")
+    if not zipfile.is_zipfile(path):
+        raise PipelineError(f"{path}: not an .npz (zip) archive ({path.stat().st_size} bytes; truncated or not a "
+                            f"checkpoint); delete it and download it again")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise PipelineError(f"{path}: cannot read the arrays ({type(e).__name__}: {e}); delete it and download "
+                            f"it again") from None
+    for key, array in arrays.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            raise PipelineError(f"{path}: key '{key}' has dtype {array.dtype}, expected float32 weights")
+        arrays[key] = array.astype(np.float32, copy=False)
+        if not np.isfinite(arrays[key]).all():
+            raise PipelineError(f"{path}: key '{key}' holds NaN or inf values; the checkpoint is corrupt")
+    return arrays
+
+
+def random_official_params(architecture: Mapping, seed: int) -> dict[str, np.ndarray]:
+    """Random weights in the official layout, every parameter non-trivial (LayerNorm scales too)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for key, (_, shape) in official_layout(architecture).items():
+        a = rng.standard_normal(shape, dtype=np.float32)
+        if key.endswith("/kernel"):
+            a *= np.float32(1.0 / np.sqrt(np.prod(shape[:-1])))  # unit-variance activations (fan-in)
+        elif key.endswith("/scale"):
+            a *= np.float32(0.2)
+            a += np.float32(1.0)
+        else:
+            a *= np.float32(0.1)
+        params[key] = a
+    return params
+
+
+def parity_input(architecture: Mapping) -> np.ndarray:
+    """Fixed NHWC float32 images in the normalized pixel range [-1, 1]."""
+    s = architecture["image_size"]
+    rng = np.random.default_rng(PARITY_SEED)
+    return rng.uniform(-1.0, 1.0, size=(PARITY_IMAGES, s, s, 3)).astype(np.float32)
+
+
+def logit_difference(model: nn.Module, params: Mapping[str, np.ndarray], images_nhwc: np.ndarray) \
+        -> tuple[float, float]:
+    """(max |torch - reference| logit difference, max |reference logit|) on the given images."""
+    reference = flax_reference.forward(params, images_nhwc)
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)).numpy()
+    return float(np.abs(logits - reference).max()), float(np.abs(reference).max())
+
+
+def _current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def check_expected(arch: Mapping, expected: Mapping, source: str) -> None:
+    expected = check_architecture(expected, "expected architecture (config checkpoints.<name>.architecture)")
+    if dict(arch) != expected:
+        diff = ", ".join(f"{k} {arch[k]} vs {expected[k]}" for k in ARCH_KEYS if arch[k] != expected[k])
+        raise PipelineError(f"{source} holds {describe(arch)} but the config expects {describe(expected)} "
+                            f"({diff}); wrong file for this checkpoint: fix its url or its architecture")
+
+
+def convert(npz_path: str | os.PathLike, out_path: str | os.PathLike, expected_architecture: Mapping | None = None,
+            *, checkpoint: str | None = None, parity_path: str | os.PathLike | None = None) -> dict:
+    """Convert an official checkpoint to safetensors after proving parity; returns (and writes) the parity record.
+
+    Nothing is written unless every check passes; the model and the parity record appear together.
+    """
+    start, rss_at_start = time.perf_counter(), _current_rss_mib()
+    params = load_npz(npz_path)
+    try:
+        state, arch = npz_to_state_dict(params)
+    except PipelineError as e:
+        raise PipelineError(f"{npz_path}: {e}") from None
+    print(f"{npz_path}: {describe(arch)}, {len(params)} arrays", flush=True)
+    if expected_architecture is not None:
+        check_expected(arch, expected_architecture, str(npz_path))
+    model = _module_from_state(arch, state, str(npz_path))
+    images = parity_input(arch)
+    max_diff, max_logit = logit_difference(model, params, images)
+    tolerance = PARITY_RTOL * max(1.0, max_logit)
+    print(f"parity: max |logit diff| {max_diff:.3g} (tolerance {tolerance:.3g}, max |logit| {max_logit:.3g})",
+          flush=True)
+    if not max_diff <= tolerance:
+        raise PipelineError(f"{npz_path}: the converted module differs from the Flax reference by {max_diff:.3g} "
+                            f"in the logits (tolerance {tolerance:.3g}); the conversion is wrong, nothing written")
+    num_params = sum(t.numel() for t in state.values())
+    # Pack the transposed views one tensor at a time, dropping each npz array as soon as it is copied.
+    del model
+    params.clear()
+    for key in list(state):
+        state[key] = state[key].contiguous()
+    record = {
+        "checkpoint": checkpoint,
+        "npz": str(npz_path),
+        "npz_sha256": sha256_file(npz_path),
+        "npz_mib": round(Path(npz_path).stat().st_size / 2**20, 2),
+        "safetensors": str(out_path),
+        "safetensors_sha256": None,
+        "num_params": num_params,
+        "architecture": arch,
+        "max_abs_logit_diff": max_diff,
+        "max_abs_logit": max_logit,
+        "tolerance": tolerance,
+        "reference": "workflow_scripts.flax_reference: NumPy port of vit_jax/models_mixer.py (Flax defaults)",
+        "input": {"shape": list(images.shape), "layout": "NHWC", "distribution": "uniform(-1, 1)",
+                  "seed": PARITY_SEED, "sha256": hashlib.sha256(images.tobytes()).hexdigest()},
+    }
+    with atomic_path(out_path) as tmp_model:
+        save_state_dict(state, arch, tmp_model)
+        record["safetensors_sha256"] = sha256_file(tmp_model)
+        record["convert_seconds"] = round(time.perf_counter() - start, 3)
+        record["rss_at_start_mib"] = round(rss_at_start, 1)
+        record["peak_rss_mib"] = round(peak_rss_mib(), 1)
+        if parity_path is not None:
+            write_json(parity_path, record)
+    return record
+
+
+# Mixer-B/16 with the ImageNet-21k head (vit_jax/configs/models.py; ~290 MiB of float32): the cost acceptance case.
+BENCH_ARCHITECTURE = {"patch_size": 16, "hidden_dim": 768, "num_blocks": 12, "tokens_mlp_dim": 384,
+                      "channels_mlp_dim": 3072, "num_classes": 21843, "image_size": 224}
+BENCH_MAX_SECONDS = 10.0
+BENCH_MAX_RSS_RATIO = 3.0
+
+
+def bench() -> int:
+    """Convert a synthesized B/16 checkpoint in a child process; print its time and memory against the budget."""
+    import resource
+
+    with tempfile.TemporaryDirectory() as tmp:
+        npz_path, out, parity = Path(tmp, "bench.npz"), Path(tmp, "bench.safetensors"), Path(tmp, "parity.json")
+        with open(npz_path, "wb") as f:
+            np.savez(f, **random_official_params(BENCH_ARCHITECTURE, seed=0))
+        file_mib = npz_path.stat().st_size / 2**20
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "workflow_scripts.convert", str(npz_path), str(out),
+                        "--parity", str(parity)], check=True, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        record = json.loads(parity.read_text())
+    base = record["rss_at_start_mib"]
+    rows = [
+        ("checkpoint", f"{describe(BENCH_ARCHITECTURE)}, {file_mib:.1f} MiB npz"),
+        ("process seconds (with imports)", f"{seconds:.2f}"),
+        ("conversion seconds (after imports)", f"{record['convert_seconds']:.2f}"),
+        ("peak RSS MiB (process)", f"{peak:.0f}  = {peak / file_mib:.2f} x file"),
+        ("RSS MiB after imports (torch, timm)", f"{base:.0f}"),
+        ("conversion memory MiB (peak - imports)", f"{peak - base:.0f}  = {(peak - base) / file_mib:.2f} x file"),
+        ("max |logit diff|", f"{record['max_abs_logit_diff']:.3g}"),
+    ]
+    for name, value in rows:
+        print(f"{name:42s} {value}")
+    ok = seconds < BENCH_MAX_SECONDS and (peak - base) < BENCH_MAX_RSS_RATIO * file_mib
+    print(f"budget: < {BENCH_MAX_SECONDS:g} s and < {BENCH_MAX_RSS_RATIO:g} x file size of conversion memory: "
+          f"{'met' if ok else 'NOT met'}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("npz", nargs="?", help="official Flax checkpoint (.npz)")
+    ap.add_argument("out", nargs="?", help="converted checkpoint to write (.safetensors)")
+    ap.add_argument("--checkpoint", help="checkpoint name, recorded in the parity record")
+    ap.add_argument("--expect-architecture", help="JSON architecture the checkpoint must have (from the config)")
+    ap.add_argument("--parity", help="parity record to write (.json)")
+    ap.add_argument("--bench", action="store_true", help="measure the cost of converting a Mixer-B/16")
+    args = ap.parse_args(argv)
+    if args.bench:
+        return bench()
+    if not (args.npz and args.out):
+        ap.error("give IN.npz and OUT.safetensors (or --bench)")
+    expected = None
+    if args.expect_architecture is not None:
+        try:
+            expected = json.loads(args.expect_architecture)
+        except json.JSONDecodeError as e:
+            raise PipelineError(f"--expect-architecture is not JSON ({e}): {args.expect_architecture!r}") from None
+    record = convert(args.npz, args.out, expected, checkpoint=args.checkpoint, parity_path=args.parity)
+    print(f"wrote {args.out} ({record['num_params']:,} parameters) in {record['convert_seconds']:.2f} s, "
+          f"peak RSS {record['peak_rss_mib']:.0f} MiB ({record['rss_at_start_mib']:.0f} MiB after imports) "
+          f"for a {record['npz_mib']:.0f} MiB checkpoint")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
