@@ -1,0 +1,330 @@
+"""Aggregation, the HTML report and the analysis notebook, on result files generated per docs/design.md."""
+from __future__ import annotations
+
+import csv
+import html
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from workflow_scripts import aggregate, report
+from workflow_scripts.common import PipelineError
+
+REPO = Path(__file__).resolve().parents[1]
+REFS = yaml.safe_load((REPO / "report" / "references.yaml").read_text())
+# As the rules run a stage: from the working directory, with the workflow's package importable.
+WORKFLOW_ENV = dict(os.environ, PYTHONPATH=str(REPO))
+BENCH_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time"
+
+
+def load_config(name: str, tmp_path: Path, **finetune) -> dict:
+    """A workflow config as rules/common.smk passes it: references loaded, paths under tmp_path."""
+    config = yaml.safe_load((REPO / name).read_text())
+    config["references"] = REFS
+    config["output_root"] = str(tmp_path / "results")
+    config["data_root"] = str(tmp_path / "data")
+    config["weights_dir"] = str(tmp_path / "weights")
+    config["finetune"].update(finetune)
+    return config
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _json(path: Path, obj) -> None:
+    _write(path, json.dumps(obj, indent=1))
+
+
+def eval_result(top1, top5, num_classes, protocol, split, model, dataset) -> dict:
+    return {"top1": top1, "top5": top5, "top5_note": None, "loss": 0.5, "num_images": 360,
+            "num_classes": num_classes, "per_class_top1": [top1] * num_classes, "confusion": None,
+            "images_per_s": 900.0, "protocol": protocol, "split": split, "model": model, "dataset": dataset}
+
+
+def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) -> dict:
+    """Write every file the aggregate stage reads, in the formats of docs/design.md.
+
+    Returns {(ckpt, dataset): expected test top-1 mean} for the pairs.
+    """
+    rng = np.random.default_rng(rng_seed)
+    root, data, weights = Path(config["output_root"]), Path(config["data_root"]), Path(config["weights_dir"])
+    proto = config["protocol"]
+    for ds in aggregate.used_datasets(config):
+        _json(data / ds / "dataset.json", {
+            "name": ds, "label": config["datasets"][ds]["label"], "layout": "arrays", "root": str(data / ds),
+            "classes": [str(i) for i in range(10)], "num_classes": 10, "splits": {"train": 1200, "test": 360},
+            "train_split": "train", "test_split": "test", "minival": {"fraction": 0.1, "seed": 0},
+            "subset": ds in subset, "subset_note": "120 of 1000 classes" if ds in subset else None})
+    for ck in aggregate.used_checkpoints(config):
+        _json(root / "converted" / f"{ck}.parity.json", {
+            "checkpoint": ck, "npz_sha256": "a" * 64, "safetensors_sha256": "b" * 64, "num_params": 571_234,
+            "architecture": config["checkpoints"][ck]["architecture"], "max_abs_logit_diff": 3.1e-6,
+            "reference": "flax_reference (NumPy)", "input": "2 seeded random images", "convert_seconds": 0.4,
+            "peak_rss_mib": 310.0, "npz_mib": 2.2})
+        _json(weights / f"{ck}.download.json", {
+            "checkpoint": ck, "url": config["checkpoints"][ck]["url"], "path": str(weights / f"{ck}.npz"),
+            "bytes": 2_306_000, "sha256": "a" * 64, "verified_against": "recorded", "seconds": 0.1})
+    expected = {}
+    for ck, ds in aggregate.pairs(config):
+        steps = config["datasets"][ds]["steps"]
+        candidates = []
+        for lr in config["finetune"]["base_lrs"]:
+            per_seed = []
+            for seed in config["finetune"]["seeds"]:
+                rel = f"finetune/{ck}/{ds}/lr{lr:g}_s{seed}"
+                top1 = float(np.round(rng.uniform(60, 99), 3))
+                per_seed.append(top1)
+                lines = []
+                for step in range(proto["log_every"], steps + 1, proto["log_every"]):
+                    lines.append({"step": step, "loss": 2.3 * np.exp(-step / steps) + 0.05,
+                                  "lr": cosine_lr(step, lr, steps, proto["warmup_steps"]),
+                                  "grad_norm": 0.8, "img_s": 400.0, "elapsed_s": step / 10})
+                    if step % proto["eval_every"] == 0 or step == steps:
+                        lines.append({"step": step, "minival_top1": top1 * step / steps,
+                                      "minival_top5": 99.0, "minival_loss": 0.3})
+                _write(root / rel / "metrics.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+                _json(root / rel / "summary.json", {
+                    "checkpoint": ck, "dataset": ds, "lr": lr, "seed": seed, "steps": steps,
+                    "batch_size": proto["batch_size"], "micro_batch_size": proto["micro_batch_size"],
+                    "world_size": 1, "device": "cpu", "device_names": ["cpu: Fixture CPU @ 2.0GHz"],
+                    "precision": "fp32", "inception_crop": proto["inception_crop"], "minival_top1": top1,
+                    "minival_top5": 99.0, "minival_loss": 0.3, "train_seconds": 12.5, "img_s": 400.0,
+                    "resumed_from_step": None, "protocol": proto,
+                    "started_utc": "2025-01-01T10:00:00+00:00", "finished_utc": "2025-01-01T10:01:00+00:00"})
+                _write(root / "benchmarks" / "finetune" / ck / ds / f"lr{lr:g}_s{seed}.tsv",
+                       f"{BENCH_HEADER}\n14.2500\t0:00:14\t412.3\t900.1\t400.0\t401.0\t1.0\t2.0\t95.0\t13.1\n")
+                _write(root / "logs" / "finetune" / ck / ds / f"lr{lr:g}_s{seed}.log", "training...\n")
+            candidates.append({"lr": lr, "seeds": config["finetune"]["seeds"], "minival_top1_per_seed": per_seed,
+                               "minival_top1_mean": float(np.mean(per_seed))})
+        best = max(candidates, key=lambda c: c["minival_top1_mean"])
+        sel_path = root / "selection" / ck / f"{ds}.json"
+        _json(sel_path, {"checkpoint": ck, "dataset": ds, "criterion": "minival_top1_mean",
+                         "candidates": candidates, "selected_lr": best["lr"],
+                         "selected_runs": [str(root / f"finetune/{ck}/{ds}/lr{best['lr']:g}_s{s}")
+                                           for s in best["seeds"]]})
+        protocol = {"name": config["datasets"][ds]["eval_protocol"],
+                    **config["evaluation"]["protocols"][config["datasets"][ds]["eval_protocol"]]}
+        runs = [{"seed": s, **eval_result(float(np.round(rng.uniform(60, 99), 4)), 99.5, 10, protocol, "test",
+                                          str(root / f"finetune/{ck}/{ds}/lr{best['lr']:g}_s{s}/model.safetensors"), ds)}
+                for s in best["seeds"]]
+        top1s = [r["top1"] for r in runs]
+        expected[ck, ds] = float(np.mean(top1s))
+        _json(root / "evaluate" / ck / f"{ds}.json", {
+            "checkpoint": ck, "dataset": ds, "selected_lr": best["lr"], "selection": str(sel_path),
+            "protocol": protocol, "runs": runs, "top1_mean": expected[ck, ds], "top1_std": float(np.std(top1s)),
+            "top5_mean": 99.5, "top5_std": 0.0, "num_seeds": len(runs)})
+    for ck, ds, p in aggregate.baseline_runs(config):
+        _json(root / "baseline" / ck / ds / f"{p}.json",
+              eval_result(11.25 if p == "official" else 12.75, 52.5, 10, {"name": p}, "test", ck, ds))
+        _write(root / "logs" / "baseline" / ck / ds / f"{p}.log", "evaluating...\n")
+    return expected
+
+
+def cosine_lr(step, base_lr, total, warmup):
+    if step < warmup:
+        return base_lr * step / warmup
+    return 0.5 * base_lr * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def build_report(tmp_path: Path, config: dict, command: str = "snakemake --cores 2") -> tuple[Path, str]:
+    """Aggregate and render (with a stand-in notebook page); returns the page path and its HTML."""
+    root = Path(config["output_root"])
+    aggregate.aggregate(config, root, root / "aggregate")
+    notebook_html = root / "report" / "analysis.html"
+    _write(notebook_html, "<html></html>")
+    out = report.render_report(root / "aggregate", root, notebook_html, root / "report" / "index.html", command)
+    return out, out.read_text()
+
+
+@pytest.fixture
+def demo(tmp_path):
+    config = load_config("demo/config.yaml", tmp_path)
+    expected = make_results(config)
+    out, page = build_report(tmp_path, config)
+    return config, expected, out, page
+
+
+# ---------------------------------------------------------------------------------------------
+def test_aggregate_tables_follow_the_config_matrix(tmp_path):
+    config = load_config("config.yaml", tmp_path, checkpoints=["mixer_b16_in21k"], base_lrs=[0.003, 0.03],
+                         seeds=[0, 1])
+    expected = make_results(config, subset=("imagenet",))
+    root = Path(config["output_root"])
+    summary = aggregate.aggregate(config, root, root / "aggregate")
+
+    runs = list(csv.DictReader((root / "aggregate" / "runs.csv").open()))
+    assert len(runs) == 1 * 2 * 2 * 2
+    for r in runs:
+        sel = json.loads((root / "selection" / r["checkpoint"] / f"{r['dataset']}.json").read_text())
+        assert (r["selected"] == "True") == (float(r["lr"]) == sel["selected_lr"])
+        assert (r["test_top1"] != "") == (r["selected"] == "True")
+        assert float(r["gpu_hours"]) == pytest.approx(14.25 * 1 / 3600)
+        assert r["label"] == "Mixer-B/16" and r["pretraining"] == "ImageNet-21k"
+        assert r["device_names"] == "cpu: Fixture CPU @ 2.0GHz"
+
+    comp = {(r["model"], r["pretraining"], r["dataset"]): r for r in csv.DictReader((root / "aggregate" / "comparison.csv").open())}
+    cifar = comp["Mixer-B/16", "ImageNet-21k", "CIFAR-10"]
+    official = next(f["value"] for f in REFS["figures"] if f["source"] == REFS["primary"]["CIFAR-10"]
+                    and (f["label"], f["pretraining"], f["dataset"]) == ("Mixer-B/16", "ImageNet-21k", "CIFAR-10"))
+    assert float(cifar["top1_mean"]) == pytest.approx(expected["mixer_b16_in21k", "cifar10"])
+    assert float(cifar["diff_to_primary"]) == pytest.approx(expected["mixer_b16_in21k", "cifar10"] - official)
+    assert cifar["primary_source"] == REFS["primary"]["CIFAR-10"]
+    assert comp["Mixer-L/16", "ImageNet-21k", "CIFAR-10"]["status"] == "not run"
+    assert comp["Mixer-B/16", "ImageNet-21k", "ImageNet"]["subset"] == "True"
+    # Every reference figure's row is present.
+    for f in REFS["figures"]:
+        assert (f["label"], f["pretraining"], f["dataset"]) in comp
+
+    md = (root / "aggregate" / "comparison.md").read_text()
+    assert f"{expected['mixer_b16_in21k', 'cifar10']:.2f}" in md and "not run" in md
+    assert "(subset)" in md
+    tex = (root / "aggregate" / "comparison.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "not run" in tex and "paper\\_table3" in tex
+    assert summary["subset_datasets"][0]["name"] == "imagenet"
+    assert json.loads((root / "aggregate" / "config.json").read_text())["finetune"]["seeds"] == [0, 1]
+    assert str(root / "evaluate" / "mixer_b16_in21k" / "cifar10.json") in summary["inputs"]
+
+
+def test_aggregate_names_a_missing_input(tmp_path):
+    config = load_config("demo/config.yaml", tmp_path)
+    make_results(config)
+    missing = Path(config["output_root"]) / "evaluate" / "demo_mixer_p4" / "digits.json"
+    missing.unlink()
+    with pytest.raises(PipelineError, match=re.escape(str(missing))):
+        aggregate.aggregate(config, config["output_root"], Path(config["output_root"]) / "aggregate")
+    assert not (Path(config["output_root"]) / "aggregate" / "summary.json").exists()
+
+
+def test_aggregate_cli(tmp_path):
+    config = load_config("demo/config.yaml", tmp_path)
+    make_results(config)
+    root = Path(config["output_root"])
+    res = subprocess.run([sys.executable, "-m", "workflow_scripts.aggregate", "--config-json", json.dumps(config),
+                          "--results-root", str(root), "--out-dir", str(root / "aggregate")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for name in ("runs.csv", "comparison.csv", "comparison.md", "comparison.tex", "summary.json", "config.json"):
+        assert (root / "aggregate" / name).stat().st_size > 0
+
+
+def test_report_shows_each_pair_references_and_provenance(demo):
+    config, expected, out, page = demo
+    text = html.unescape(page)
+    for (ck, ds), top1 in expected.items():
+        assert f"{top1:.2f}" in page, (ck, ds)
+    # The demo matches no published configuration: every reference row is "not run", none invented.
+    headline = page.split('id="headline"')[1].split("</table>")[0]
+    assert headline.count('class="notrun"') == len({(f["label"], f["pretraining"], f["dataset"]) for f in REFS["figures"]})
+    for f in REFS["figures"]:
+        shown = f">{aggregate.fmt_reference(f['value'])}<"
+        assert shown in (headline if f["metric"] == "top1" else page.split('id="references"')[1]), f
+    for citation in REFS["sources"].values():
+        assert citation in text
+    assert 'id="this-run"' in page  # the demo pairs in their own table
+    # Provenance
+    for field in ("Git commit", "Working tree dirty", "Package versions", "torch ", "timm ", "snakemake ",
+                  "snakemake --cores 2", "cpu: Fixture CPU @ 2.0GHz", "2025-01-01T10:00:00+00:00",
+                  "Inception crop (training)"):
+        assert field in text, field
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert commit in page
+    # Self-contained: charts embedded, stylesheet inlined, nothing fetched from elsewhere.
+    assert page.count("data:image/png;base64,") >= 2 + len(expected)
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+    assert "<link" not in page and "border-collapse" in page
+    # Relative links to the logs and the notebook.
+    assert 'href="../logs/finetune/demo_mixer_p4/digits/lr0.03_s0.log"' in page
+    assert 'href="analysis.html"' in page
+    # The baseline with both protocols, checksums with where they were verified.
+    baseline = page.split('id="baseline-table"')[1].split("</table>")[0]
+    assert "11.25" in baseline and "12.75" in baseline
+    assert "a" * 64 in page and "recorded" in page
+
+
+def test_subset_is_flagged_in_the_headline(tmp_path):
+    config = load_config("config.yaml", tmp_path, checkpoints=["mixer_b16_in21k"], base_lrs=[0.03], seeds=[0])
+    make_results(config, subset=("imagenet",))
+    _, page = build_report(tmp_path, config)
+    headline = page.split('id="headline-section"')[1].split("</section>")[0]
+    assert 'id="subset-warning"' in headline and "120 of 1000 classes" in headline
+    assert "(subset)" in headline
+
+
+def test_no_subset_warning_for_full_datasets(demo):
+    _, _, _, page = demo
+    assert 'id="subset-warning"' not in page
+
+
+def test_labels_are_escaped(tmp_path):
+    config = load_config("demo/config.yaml", tmp_path)
+    config["checkpoints"]["demo_mixer_p4"]["label"] = "<script>alert('x')</script>"
+    make_results(config)
+    _, page = build_report(tmp_path, config, command="snakemake <b>--cores</b>")
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page
+    assert "snakemake &lt;b&gt;--cores&lt;/b&gt;" in page
+
+
+def test_report_cli_writes_the_page(tmp_path):
+    config = load_config("demo/config.yaml", tmp_path)
+    make_results(config)
+    root = Path(config["output_root"])
+    aggregate.aggregate(config, root, root / "aggregate")
+    res = subprocess.run([sys.executable, "-m", "workflow_scripts.report", "--aggregate-dir", str(root / "aggregate"),
+                          "--results-root", str(root), "--notebook-html", str(root / "report" / "analysis.html"),
+                          "--out", str(root / "report" / "index.html"), "--command", "snakemake -n"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "snakemake -n" in (root / "report" / "index.html").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+def test_notebook_executes_on_the_results(tmp_path):
+    config = load_config("demo/config.yaml", tmp_path)
+    expected = make_results(config)
+    root = Path(config["output_root"])
+    aggregate.aggregate(config, root, root / "aggregate")
+    out_ipynb, out_html = root / "report" / "analysis.ipynb", root / "report" / "analysis.html"
+    res = subprocess.run([sys.executable, "-m", "workflow_scripts.report", "notebook",
+                          "--notebook", str(REPO / "notebooks" / "analysis.ipynb"), "--results-root", str(root),
+                          "--out-ipynb", str(out_ipynb), "--out-html", str(out_html)],
+                         cwd=tmp_path, env=WORKFLOW_ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    nb = json.loads(out_ipynb.read_text())
+    outputs = json.dumps([c.get("outputs", []) for c in nb["cells"]])
+    assert "error" not in {o.get("output_type") for c in nb["cells"] for o in c.get("outputs", [])}
+    assert str(root.resolve()) in json.dumps(nb["cells"])  # papermill injected the parameter
+    for top1 in expected.values():
+        assert f"{top1:.2f}" in outputs
+    assert "image/png" in outputs  # the curves and the sweep are plotted
+    assert out_html.read_text().lstrip().lower().startswith("<!doctype html")
+
+
+def test_failing_notebook_leaves_no_outputs(tmp_path):
+    import nbformat
+
+    nb = nbformat.read(REPO / "notebooks" / "analysis.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("raise RuntimeError('deliberate failure')"))
+    broken = tmp_path / "broken.ipynb"
+    nbformat.write(nb, broken)
+    config = load_config("demo/config.yaml", tmp_path)
+    make_results(config)
+    root = Path(config["output_root"])
+    aggregate.aggregate(config, root, root / "aggregate")
+    out_ipynb, out_html = root / "report" / "analysis.ipynb", root / "report" / "analysis.html"
+    res = subprocess.run([sys.executable, "-m", "workflow_scripts.report", "notebook", "--notebook", str(broken),
+                          "--results-root", str(root), "--out-ipynb", str(out_ipynb), "--out-html", str(out_html)],
+                         cwd=tmp_path, env=WORKFLOW_ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "deliberate failure" in res.stderr and "RuntimeError" in res.stderr
+    assert not out_ipynb.exists() and not out_html.exists()
+    assert not list((root / "report").glob("*")) if (root / "report").exists() else True
