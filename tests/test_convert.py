@@ -344,3 +344,17 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "patch_size 4 vs 8" in proc.stderr
     assert_no_outputs(tmp_path, "o.safetensors", "p.json")
+
+
+def test_synthesized_upstream_is_deterministic_and_converts(tmp_path):
+    from workflow_scripts.synthesize_upstream import synthesize
+
+    for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
+        synthesize(SMALL, seed, tmp_path / f"{name}.npz")
+    read = lambda name: (tmp_path / f"{name}.npz").read_bytes()
+    assert read("a") == read("b") != read("c")
+    record = convert.convert(tmp_path / "a.npz", tmp_path / "a.safetensors", SMALL)
+    assert record["max_abs_logit"] > 0.1  # random head: the demo's parity check compares real logits
+    with pytest.raises(PipelineError, match="config checkpoints.<name>.architecture"):
+        synthesize({"patch_size": 4}, 1, tmp_path / "bad.npz")
+    assert not (tmp_path / "bad.npz").exists()
