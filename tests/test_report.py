@@ -68,7 +68,8 @@ def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) 
         _json(root / "converted" / f"{ck}.parity.json", {
             "checkpoint": ck, "npz_sha256": "a" * 64, "safetensors_sha256": "b" * 64, "num_params": 571_234,
             "architecture": config["checkpoints"][ck]["architecture"], "max_abs_logit_diff": 3.1e-6,
-            "reference": "flax_reference (NumPy)", "input": "2 seeded random images", "convert_seconds": 0.4,
+            "reference": "flax_reference (NumPy)",
+            "input": {"shape": [2, 32, 32, 3], "layout": "NHWC", "distribution": "uniform(-1, 1)", "seed": 0}, "convert_seconds": 0.4,
             "peak_rss_mib": 310.0, "npz_mib": 2.2})
         _json(weights / f"{ck}.download.json", {
             "checkpoint": ck, "url": config["checkpoints"][ck]["url"], "path": str(weights / f"{ck}.npz"),
@@ -120,8 +121,8 @@ def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) 
         expected[ck, ds] = float(np.mean(top1s))
         _json(root / "evaluate" / ck / f"{ds}.json", {
             "checkpoint": ck, "dataset": ds, "selected_lr": best["lr"], "selection": str(sel_path),
-            "protocol": protocol, "runs": runs, "top1_mean": expected[ck, ds], "top1_std": float(np.std(top1s)),
-            "top5_mean": 99.5, "top5_std": 0.0, "num_seeds": len(runs)})
+            "protocol": protocol, "runs": runs, "top1_mean": expected[ck, ds], "top1_std": float(np.std(top1s, ddof=1)) if len(runs) > 1 else None,  # as evaluate.py: sample std
+            "top5_mean": 99.5, "top5_std": 0.0 if len(runs) > 1 else None, "num_seeds": len(runs)})
     for ck, ds, p in aggregate.baseline_runs(config):
         _json(root / "baseline" / ck / ds / f"{p}.json",
               eval_result(11.25 if p == "official" else 12.75, 52.5, 10, {"name": p}, "test", ck, ds))
@@ -303,6 +304,7 @@ def test_notebook_executes_on_the_results(tmp_path):
     outputs = json.dumps([c.get("outputs", []) for c in nb["cells"]])
     assert "error" not in {o.get("output_type") for c in nb["cells"] for o in c.get("outputs", [])}
     assert str(root.resolve()) in json.dumps(nb["cells"])  # papermill injected the parameter
+    assert f"kernel interpreter: {sys.executable}" in outputs  # the running environment's kernel
     for top1 in expected.values():
         assert f"{top1:.2f}" in outputs
     assert "image/png" in outputs  # the curves and the sweep are plotted

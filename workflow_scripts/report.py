@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import tempfile
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from workflow_scripts.aggregate import NOT_RUN, fmt_reference, reference_sources, table_cells
 from workflow_scripts.common import PipelineError, atomic_path, read_json, run_cli
@@ -70,13 +72,15 @@ def accuracy_chart(comparison: list[dict], refs: dict) -> str | None:
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))]
         present = [(x, v, e) for x, v, e in zip(xs, values, errors or [0] * len(values)) if v is not None]
         if present:
-            ax.bar([p[0] for p in present], [p[1] for p in present], width,
-                   yerr=[p[2] for p in present] if errors else None, capsize=3, label=_text(name))
+            bars = ax.bar([p[0] for p in present], [p[1] for p in present], width,
+                          yerr=[p[2] for p in present] if errors else None, capsize=3, label=_text(name))
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([_text(f"{r['model']}\n{r['pretraining']}\n{r['dataset']}") for r in rows], fontsize=8)
+    ax.set_xticklabels([_text(f"{r['model']}\n{r['pretraining']}\n{r['dataset']}" + (" (subset)" if r["subset"] else ""))
+                        for r in rows], fontsize=8)
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
     return png_base64(fig)
 
@@ -133,6 +137,8 @@ def _fmt(value, digits: int = 2) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v, digits)}" for k, v in value.items())
     return str(value)
 
 
@@ -199,6 +205,25 @@ def running_kernelspec(kernels_dir: Path) -> str:
     return KERNEL_NAME
 
 
+@contextlib.contextmanager
+def _private_jupyter_dirs(tmp: Path) -> Iterator[str]:
+    """Point Jupyter at a temporary kernelspec of this interpreter (and temporary runtime/IPython dirs,
+    so a read-only or shared home does not matter); yields the kernel name and restores the environment."""
+    names = ("JUPYTER_PATH", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(tmp / "jupyter"), saved["JUPYTER_PATH"]]))
+    os.environ["JUPYTER_RUNTIME_DIR"] = str(tmp / "runtime")
+    os.environ["IPYTHONDIR"] = str(tmp / "ipython")
+    try:
+        yield running_kernelspec(tmp / "jupyter")
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def execute_notebook(notebook, results_root, out_ipynb, out_html) -> None:
     """Execute the notebook with papermill on results_root, then convert it to HTML.
 
@@ -211,12 +236,8 @@ def execute_notebook(notebook, results_root, out_ipynb, out_html) -> None:
     notebook = Path(notebook)
     if not notebook.exists():
         raise PipelineError(f"{notebook}: notebook not found")
-    with tempfile.TemporaryDirectory(prefix="report-kernel-") as tmp:
-        tmp = Path(tmp)
-        kernel = running_kernelspec(tmp / "jupyter")
-        old_path = os.environ.get("JUPYTER_PATH")
-        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(tmp / "jupyter"), old_path]))
-        executed = tmp / "analysis.ipynb"
+    with tempfile.TemporaryDirectory(prefix="report-kernel-") as tmp, _private_jupyter_dirs(Path(tmp)) as kernel:
+        executed = Path(tmp) / "analysis.ipynb"
         try:
             papermill.execute_notebook(str(notebook), str(executed), kernel_name=kernel,
                                        parameters={"results_root": str(Path(results_root).resolve())},
@@ -224,11 +245,6 @@ def execute_notebook(notebook, results_root, out_ipynb, out_html) -> None:
         except papermill.PapermillExecutionError as e:
             raise PipelineError(f"{notebook}: cell {e.exec_count} failed with {e.ename}: {e.evalue}. "
                                 f"No notebook output was written; fix the notebook or the results it reads") from None
-        finally:
-            if old_path is None:
-                os.environ.pop("JUPYTER_PATH", None)
-            else:
-                os.environ["JUPYTER_PATH"] = old_path
         exporter = nbconvert.HTMLExporter(embed_images=True, template_name="notebook_offline",
                                           extra_template_basedirs=[str(TEMPLATES)])
         html, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
