@@ -187,7 +187,7 @@ def test_aggregate_tables_follow_the_config_matrix(tmp_path):
 
     md = (root / "aggregate" / "comparison.md").read_text()
     assert f"{expected['mixer_b16_in21k', 'cifar10']:.2f}" in md and "not run" in md
-    assert "(subset)" in md
+    assert "(subset)" in md and "**Subset:** ImageNet" in md and "120 of 1000 classes" in md
     tex = (root / "aggregate" / "comparison.tex").read_text()
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "not run" in tex and "paper\\_table3" in tex
     assert summary["subset_datasets"][0]["name"] == "imagenet"
@@ -330,3 +330,19 @@ def test_failing_notebook_leaves_no_outputs(tmp_path):
     assert "deliberate failure" in res.stderr and "RuntimeError" in res.stderr
     assert not out_ipynb.exists() and not out_html.exists()
     assert not list((root / "report").glob("*")) if (root / "report").exists() else True
+
+
+def test_runs_without_benchmark_files_have_no_cost(tmp_path):
+    """Stages run by hand have no Snakemake benchmark: the cost is left empty, never guessed."""
+    config = load_config("demo/config.yaml", tmp_path)
+    make_results(config)
+    root = Path(config["output_root"])
+    for tsv in (root / "benchmarks").rglob("*.tsv"):
+        tsv.unlink()
+    summary = aggregate.aggregate(config, root, root / "aggregate")
+    assert all(r["wall_seconds"] is None and r["gpu_hours"] is None for r in summary["runs"])
+    assert summary["cost"]["gpu_hours"] is None and summary["cost"]["runs_with_benchmark"] == 0
+    runs = list(csv.DictReader((root / "aggregate" / "runs.csv").open()))
+    assert {r["gpu_hours"] for r in runs} == {""}
+    _, page = build_report(tmp_path, config)
+    assert "0 of 8 runs have a benchmark file" in page

@@ -251,7 +251,7 @@ def table_cells(rows: list[dict], refs: dict) -> tuple[list[str], list[list[str]
     return header, body
 
 
-def comparison_markdown(rows: list[dict], refs: dict, title: str) -> str:
+def comparison_markdown(rows: list[dict], refs: dict, title: str, subset_datasets: list[dict]) -> str:
     def table(subset_rows):
         header, body = table_cells(subset_rows, refs)
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -260,8 +260,10 @@ def comparison_markdown(rows: list[dict], refs: dict, title: str) -> str:
 
     with_refs = [r for r in rows if r["has_reference"]]
     without = [r for r in rows if not r["has_reference"]]
-    parts = [f"# {title}", "", "Top-1 accuracy (%) on the test split; references as published.", "",
-             table(with_refs), ""]
+    parts = [f"# {title}", ""]
+    parts += [f"**Subset:** {d['label']} was run on a subset of the dataset ({d['subset_note'] or 'see dataset.json'}); "
+              "its figures are not comparable with the published ones.\n" for d in subset_datasets]
+    parts += ["Top-1 accuracy (%) on the test split; references as published.", "", table(with_refs), ""]
     if without:
         parts += ["## Runs without a published reference", "", table(without), ""]
     parts += ["Sources:", ""] + [f"- `{k}`: {v}" for k, v in refs["sources"].items()]
@@ -435,7 +437,8 @@ def aggregate(config: dict, results_root: str | os.PathLike, out_dir: str | os.P
     comparison_columns = list(comparison[0]) if comparison else ["model", "pretraining", "dataset"]
     write_csv(out_dir / "comparison.csv", comparison, comparison_columns)
     with atomic_path(out_dir / "comparison.md") as tmp:
-        tmp.write_text(comparison_markdown(comparison, refs, config["report"]["title"]))
+        tmp.write_text(comparison_markdown(comparison, refs, config["report"]["title"],
+                                           [d for d in datasets.values() if d["subset"]]))
     with atomic_path(out_dir / "comparison.tex") as tmp:
         tmp.write_text(comparison_latex(comparison, refs))
     write_json(out_dir / "config.json", config)
