@@ -205,7 +205,15 @@ def aggregate_inputs(wildcards):
         "baselines": [f"{R}/baseline/{ck}/{ds}/{p}.json" for ck, ds, p in baseline_runs()],
         "parity": [f"{R}/converted/{ck}.parity.json" for ck in used_checkpoints()],
         "downloads": [f"{W}/{ck}.download.json" for ck in used_checkpoints()],
+        # dataset.json carries the subset flag the report puts in its headline
+        "datasets": [f"{D}/{ds}/dataset.json" for ds in used_datasets()],
     }
+
+
+def used_datasets():
+    names = list(config["finetune"]["datasets"])
+    names += [b["dataset"] for b in config["evaluation"]["baseline"] if b["dataset"] not in names]
+    return names
 
 
 def used_checkpoints():
