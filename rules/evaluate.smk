@@ -36,6 +36,8 @@ rule evaluate:
         protocol=lambda wc: eval_protocol_of(wc.dataset)[1],
         batch_size=config["evaluation"]["batch_size"],
         num_workers=config["protocol"]["num_workers"],
+        pixel_mean=config["protocol"]["pixel_mean"],
+        pixel_std=config["protocol"]["pixel_std"],
         lock_dir=config["gpu_lock_dir"],
     threads: config["resources"]["evaluate"]["cpus"]
     resources:
@@ -54,7 +56,7 @@ rule evaluate:
         " python -m workflow_scripts.evaluate --selection {input.selection} --data {input.data}"
         " --protocol-name {params.protocol_name} --protocol {params.protocol:q}"
         " --batch-size {params.batch_size} --num-workers {params.num_workers} --threads {threads}"
-        " --out {output} > {log} 2>&1"
+        " --pixel-mean {params.pixel_mean} --pixel-std {params.pixel_std} --out {output} > {log} 2>&1"
 
 
 rule baseline:
@@ -68,6 +70,8 @@ rule baseline:
         protocol=lambda wc: as_json(config["evaluation"]["protocols"][wc.protocol]),
         batch_size=config["evaluation"]["batch_size"],
         num_workers=config["protocol"]["num_workers"],
+        pixel_mean=config["protocol"]["pixel_mean"],
+        pixel_std=config["protocol"]["pixel_std"],
         lock_dir=config["gpu_lock_dir"],
     threads: config["resources"]["evaluate"]["cpus"]
     resources:
@@ -86,4 +90,4 @@ rule baseline:
         " python -m workflow_scripts.evaluate --model {input.model} --data {input.data} --split test"
         " --protocol-name {wildcards.protocol} --protocol {params.protocol:q}"
         " --batch-size {params.batch_size} --num-workers {params.num_workers} --threads {threads}"
-        " --out {output} > {log} 2>&1"
+        " --pixel-mean {params.pixel_mean} --pixel-std {params.pixel_std} --out {output} > {log} 2>&1"
