@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from workflow_scripts import convert, data
+from workflow_scripts import convert, data, evaluate
 from workflow_scripts.common import PipelineError, atomic_path, run_cli, sha256_file, write_json
 
 PROTOCOL_KEYS = ("batch_size", "micro_batch_size", "warmup_steps", "momentum", "weight_decay",
@@ -168,22 +168,10 @@ def device_names(device: torch.device, world_size: int) -> list[str]:
     return [platform.processor() or platform.machine()]
 
 
-def minival_metrics(model: nn.Module, loader, num_classes: int, device: torch.device,
-                    autocast: contextlib.AbstractContextManager) -> dict:
-    # TEMPORARY local helper until workflow_scripts.evaluate.evaluate_model lands.
-    model.eval()
-    correct1 = correct5 = loss = count = 0
-    with torch.no_grad(), autocast:
-        for images, labels in loader:
-            logits = model(images).float()
-            top = logits.topk(min(5, num_classes), dim=1).indices
-            correct1 += (top[:, 0] == labels).sum()
-            correct5 += (top == labels[:, None]).any(dim=1).sum()
-            loss += F.cross_entropy(logits, labels, reduction="sum")
-            count += len(labels)
+def minival_metrics(model: nn.Module, loader, num_classes: int, device: torch.device) -> dict:
+    result = evaluate.evaluate_model(model, loader, num_classes, device)  # bf16 on CUDA, like training
     model.train()
-    return {"minival_top1": 100.0 * correct1.item() / count, "minival_top5": 100.0 * correct5.item() / count,
-            "minival_loss": loss.item() / count}
+    return {"minival_top1": result["top1"], "minival_top5": result["top5"], "minival_loss": result["loss"]}
 
 
 def utc_now() -> str:
@@ -343,7 +331,7 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, out_di
 
             if rank == 0 and (step % protocol["eval_every"] == 0 or step == steps):
                 eval_start = time.perf_counter()
-                line = {"step": step, **minival_metrics(model, minival_loader, minival_split.num_classes, device, autocast)}
+                line = {"step": step, **minival_metrics(model, minival_loader, minival_split.num_classes, device)}
                 metrics.append(line)
                 tqdm.write(json.dumps(line), file=sys.stdout)
                 sys.stdout.flush()
