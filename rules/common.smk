@@ -11,8 +11,18 @@ import jsonschema
 
 # Stages are the workflow_scripts package next to this Snakefile; make it importable by every job,
 # whatever the working directory (--directory) or environment (--sdm conda, SLURM).
-_pkg_dir = shlex.quote(workflow.basedir).replace("{", "{{").replace("}", "}}")  # prefix is format-expanded
-shell.prefix("set -euo pipefail; export PYTHONPATH={}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ".format(_pkg_dir))
+# Without --sdm conda, jobs use the interpreter Snakemake runs in (a .venv works without activating it).
+from snakemake.settings.types import DeploymentMethod
+
+
+def _escape(path):
+    return shlex.quote(path).replace("{", "{{").replace("}", "}}")  # the prefix is format-expanded
+
+
+_prefix = "set -euo pipefail; export PYTHONPATH={}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ".format(_escape(workflow.basedir))
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    _prefix += "export PATH={}:$PATH; ".format(_escape(str(Path(sys.executable).parent)))
+shell.prefix(_prefix)
 
 def config_error(key, problem, fix):
     raise WorkflowError(f"config key '{key}': {problem}. Fix: {fix}")
