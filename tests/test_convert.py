@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from workflow_scripts import convert, flax_reference
-from workflow_scripts.common import PipelineError
+from workflow_scripts.common import PipelineError, sha256_file
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def assert_no_outputs(tmp_path: Path, *names: str) -> None:
 
 def test_parity_at_b16_shapes_with_21k_head():
     params = convert.random_official_params(B16_21K, seed=1)
-    images = convert.parity_input(B16_21K)[:1]
+    images = convert.parity_input(B16_21K)
     reference = flax_reference.forward(params, images)
     logits = torch_logits(module_for(params), images)
     assert reference.shape == logits.shape == (1, 21843)
@@ -99,7 +99,7 @@ def test_parity_check_catches_a_port_that_departs_from_flax(defect):
     # Small stem outputs make the LayerNorm epsilon matter, as it does for low-variance activations.
     params["stem/kernel"] *= 1e-3
     params["stem/bias"] *= 1e-3
-    images = convert.parity_input(SMALL)
+    images = convert.parity_input(SMALL, num_images=2)
     reference = flax_reference.forward(params, images)
     model = module_for(params)
     assert np.abs(torch_logits(model, images) - reference).max() <= 1e-5
@@ -165,7 +165,7 @@ def test_odd_patch_sizes_convert_faithfully(patch_size, image_size):
     params = convert.random_official_params(arch, seed=patch_size)
     state, inferred = convert.npz_to_state_dict(params)
     assert inferred == arch
-    images = convert.parity_input(arch)
+    images = convert.parity_input(arch, num_images=2)
     reference = flax_reference.forward(params, images)
     assert np.abs(torch_logits(module_for(params), images) - reference).max() <= 1e-5
 
@@ -329,10 +329,9 @@ def test_cli_writes_model_and_parity_record(tmp_path):
     assert record["checkpoint"] == "demo" and record["architecture"] == SMALL
     assert record["num_params"] == sum(a.size for a in params.values())
     assert 0 <= record["max_abs_logit_diff"] <= record["tolerance"]
-    from workflow_scripts.common import sha256_file
     assert record["npz_sha256"] == sha256_file(npz) and record["safetensors_sha256"] == sha256_file(out)
-    images = convert.parity_input(SMALL)
-    assert record["input"]["shape"] == list(images.shape)
+    assert record["input"]["shape"] == list(convert.parity_input(SMALL).shape)
+    images = convert.parity_input(SMALL, num_images=2)
     model = convert.load_model(out)
     assert np.abs(torch_logits(model, images) - flax_reference.forward(params, images)).max() <= 1e-5
 
