@@ -262,3 +262,17 @@ def test_nan_loss_stops_with_the_step(tiny, tmp_path):
 def test_bad_protocol_is_one_clear_error(tiny, tmp_path):
     code, log = run_finetune(tiny, tmp_path, protocol=dict(PROTOCOL, micro_batch_size=5))
     assert code == 2 and "protocol.micro_batch_size 5 does not divide" in log
+
+
+def test_bench_flop_count_matches_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from workflow_scripts import bench
+
+    arch = dict(TINY_ARCH, image_size=16)
+    model = convert.build_model(arch)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 16, 16))
+    assert bench.forward_flops(arch) == counter.get_total_flops()
+    assert bench.forward_flops(bench.MIXER_B16) / 1e9 == pytest.approx(25.2, abs=0.1)  # README's estimate
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and bench.peak_tflops("NVIDIA H100 PCIe") == 756.0

@@ -279,7 +279,8 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, out_di
                                 protocol["random_flip"], protocol["pixel_mean"], protocol["pixel_std"])
     batches = iter(data.train_loader(train_split, augment, my_micro_batches(), device, protocol["num_workers"]))
     minival_loader = data.eval_loader(minival_split, MINIVAL_PROTOCOL, image_size, micro, device,
-                                      protocol["num_workers"], protocol["pixel_mean"], protocol["pixel_std"])
+                                      protocol["num_workers"], protocol["pixel_mean"], protocol["pixel_std"]
+                                      ) if rank == 0 else None  # only rank 0 evaluates
 
     # Device-side accumulators, read only when logging (no per-step host sync).
     interval_loss = torch.zeros((), device=device)

@@ -1,0 +1,185 @@
+"""Training throughput of the fine-tuning engine against a bare timm + torch loop, in one run.
+
+    python -m workflow_scripts.bench [--threads 2] [--steps 6] [--rounds 3]
+
+The engine is `finetune.train` itself (accumulation, clipping, schedule, the real array data path
+with on-device augmentation, logging) on a synthetic array dataset; its img/s is read from the
+metrics it logs, leaving out the first (warm-up) interval. The bare loop trains the same timm model
+with the same micro-batch, threads, device and precision on pre-normalised batches already in
+memory: forward, backward, optimizer step, nothing else. Rounds alternate between the two so both
+see the same machine load. On CUDA, Mixer-B/16 at 224 px in bf16 is measured the same way and its
+model FLOP utilisation reported (FLOPs counted from the architecture, peak from PEAK_BF16_TFLOPS).
+
+The last line printed is a JSON object with engine_img_s, bare_img_s and ratio (median over rounds of engine / bare).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from workflow_scripts import convert, finetune
+from workflow_scripts.common import PipelineError, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+# The small Mixer of the CPU benchmark (0.57 M parameters, 32 px) and Mixer-B/16 (vit_jax configs).
+SMALL_MIXER = {"patch_size": 4, "hidden_dim": 128, "num_blocks": 4, "tokens_mlp_dim": 64,
+               "channels_mlp_dim": 512, "num_classes": 10, "image_size": 32}
+MIXER_B16 = {"patch_size": 16, "hidden_dim": 768, "num_blocks": 12, "tokens_mlp_dim": 384,
+             "channels_mlp_dim": 3072, "num_classes": 10, "image_size": 224}
+# Dense bf16 tensor-core peak per device (vendor datasheets), matched against the device name in order.
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+                    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0)]
+
+
+def forward_flops(arch: dict) -> float:
+    """Forward FLOPs of one image (2 per multiply-add; matrix products only: LayerNorm, GELU, biases
+    and the token mean are under 1% of the total)."""
+    tokens = (arch["image_size"] // arch["patch_size"]) ** 2
+    d = arch["hidden_dim"]
+    stem = 2 * tokens * arch["patch_size"] ** 2 * 3 * d
+    token_mlp = 2 * 2 * d * tokens * arch["tokens_mlp_dim"]     # two Dense layers over the token axis
+    channel_mlp = 2 * 2 * tokens * d * arch["channels_mlp_dim"]  # two Dense layers over the channel axis
+    head = 2 * d * arch["num_classes"]
+    return stem + arch["num_blocks"] * (token_mlp + channel_mlp) + head
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return tflops
+    return None
+
+
+def write_workload(folder: Path, arch: dict, num_images: int) -> tuple[Path, Path]:
+    """A converted checkpoint of `arch` and an array dataset of random images, as the pipeline writes them."""
+    torch.manual_seed(0)
+    checkpoint = folder / "model.safetensors"
+    convert.save_model(convert.build_model(arch), arch, checkpoint)
+    rng = np.random.default_rng(0)
+    size, classes = arch["image_size"], arch["num_classes"]
+    n_minival = max(classes, num_images // 50)
+    for split, n in (("train", num_images), ("val", n_minival)):
+        np.savez(folder / f"{split}.npz", images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+                 labels=rng.integers(0, classes, n, dtype=np.int64))
+    dataset = folder / "dataset.json"
+    dataset.write_text(json.dumps({
+        "name": "bench", "label": "random images", "layout": "arrays", "root": str(folder),
+        "classes": [str(c) for c in range(classes)], "num_classes": classes,
+        "splits": {"train": num_images, "val": n_minival}, "train_split": "train", "test_split": "val",
+        "minival": {"split": "val"}, "subset": False, "subset_note": None}))
+    return checkpoint, dataset
+
+
+def engine_img_s(folder: Path, checkpoint: Path, dataset: Path, protocol: dict, steps: int, threads: int) -> float:
+    """finetune.train's own training throughput, without its first (warm-up) logging interval."""
+    run = folder / f"run{time.monotonic_ns()}"
+    finetune.train(checkpoint, dataset, run / "out", run / "resume", lr=0.01, seed=0, steps=steps,
+                   protocol=protocol, threads=threads)
+    lines = [json.loads(line) for line in (run / "out" / "metrics.jsonl").read_text().splitlines()]
+    timed = [m for m in lines if "img_s" in m][1:]
+    images = protocol["batch_size"] * protocol["log_every"] * len(timed)
+    return images / sum(protocol["batch_size"] * protocol["log_every"] / m["img_s"] for m in timed)
+
+
+def bare_img_s(arch: dict, protocol: dict, steps: int, device: torch.device) -> float:
+    """A bare timm + torch loop over pre-normalised micro-batches already on the device."""
+    micro = protocol["micro_batch_size"]
+    model = convert.build_model(arch).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=protocol["momentum"])
+    autocast = finetune.autocast_context(protocol["precision"], device)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(micro, 3, arch["image_size"], arch["image_size"], generator=gen).to(device)
+    labels = torch.randint(0, arch["num_classes"], (micro,), generator=gen).to(device)
+
+    def run(iterations: int) -> None:
+        for _ in range(iterations):
+            with autocast:
+                loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    per_step = protocol["batch_size"] // micro
+    run(per_step)  # warm-up, as the engine's first interval
+    start = time.perf_counter()
+    run(per_step * (steps - 1))
+    return per_step * (steps - 1) * micro / (time.perf_counter() - start)
+
+
+def compare(arch: dict, protocol: dict, steps: int, rounds: int, threads: int, device: torch.device,
+            num_images: int) -> dict:
+    """Alternate engine and bare rounds; report median throughputs and the median per-round ratio
+    (neighbouring measurements share the machine's load, which on a shared CPU varies a lot)."""
+    torch.set_num_threads(threads)
+    engine, bare = [], []
+    with tempfile.TemporaryDirectory(prefix="mixer-bench-") as tmp:
+        folder = Path(tmp)
+        checkpoint, dataset = write_workload(folder, arch, num_images)
+        for i in range(rounds):
+            engine.append(engine_img_s(folder, checkpoint, dataset, protocol, steps, threads))
+            bare.append(bare_img_s(arch, protocol, steps, device))
+            print(f"bench: {describe(arch)} round {i + 1}/{rounds}: engine {engine[-1]:.1f} img/s, "
+                  f"bare {bare[-1]:.1f} img/s", flush=True)
+    result = {"model": arch, "batch_size": protocol["batch_size"], "micro_batch_size": protocol["micro_batch_size"],
+              "precision": finetune.precision_name(protocol["precision"], device),
+              "engine_img_s": statistics.median(engine), "bare_img_s": statistics.median(bare),
+              "ratio": statistics.median(e / b for e, b in zip(engine, bare)),
+              "engine_rounds": engine, "bare_rounds": bare}
+    return result
+
+
+def describe(arch: dict) -> str:
+    return f"Mixer D{arch['hidden_dim']}x{arch['num_blocks']}/{arch['patch_size']} at {arch['image_size']} px"
+
+
+def with_utilisation(result: dict, device_name: str) -> dict:
+    train_flops = 3 * forward_flops(result["model"])  # backward = 2 x forward
+    peak = peak_tflops(device_name)
+    result["train_gflops_per_image"] = train_flops / 1e9
+    result["peak_bf16_tflops"] = peak
+    for kind in ("engine", "bare"):
+        result[f"{kind}_mfu"] = None if peak is None else result[f"{kind}_img_s"] * train_flops / (peak * 1e12)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(REPO / "config.yaml"), help="config whose protocol block the engine runs")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for both loops")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per measurement (first is warm-up)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating engine/bare measurements")
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        raise PipelineError("--steps must be at least 2 (the first step is a warm-up)")
+    base = yaml.safe_load(Path(args.config).read_text())["protocol"]
+    # One logging interval per step; no resume checkpoints; minival only after the last step.
+    protocol = dict(base, deterministic=False, log_every=1, eval_every=args.steps,
+                    checkpoint_every=args.steps, threads=args.threads, num_workers=0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else finetune.device_names(device, 1)[0]
+    small = compare(SMALL_MIXER, protocol, args.steps, args.rounds, args.threads, device,
+                    num_images=protocol["batch_size"] * args.steps)
+    report = {"device": device.type, "device_name": device_name, "threads": args.threads,
+              "engine_img_s": small["engine_img_s"], "bare_img_s": small["bare_img_s"], "ratio": small["ratio"],
+              "small_mixer": small}
+    if device.type == "cuda":
+        b16 = compare(MIXER_B16, dict(protocol, precision="bf16"), args.steps, args.rounds, args.threads, device,
+                      num_images=protocol["batch_size"] * args.steps)
+        report["mixer_b16_224"] = with_utilisation(b16, device_name)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
