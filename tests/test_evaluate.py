@@ -143,7 +143,7 @@ def test_selection_mode_evaluates_each_seed_once(tmp_path, digits):
 
 
 def test_bench_prints_the_comparison_last(capsys):
-    evaluate.main(["--bench", "--threads", "1", "--batch-size", "16", "--batches", "2", "--rounds", "1"])
+    evaluate.main(["--bench", "--threads", "1", "--batch-size", "16", "--batches", "1", "--rounds", "3"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["eval_img_s"] > 0 and last["bare_img_s"] > 0
-    assert last["ratio"] == pytest.approx(last["eval_img_s"] / last["bare_img_s"], abs=2e-3)
+    assert 0.3 < last["ratio"] < 3.0  # median of paired per-round ratios; a per-sample engine would fail

@@ -151,7 +151,11 @@ BENCH_ARCHITECTURE = {"patch_size": 4, "hidden_dim": 128, "num_blocks": 4, "toke
 
 
 def bench(threads: int, batch_size: int, batches: int, rounds: int) -> dict:
-    """Evaluation engine vs a bare timm forward loop on CPU: same model, batches, threads (best of rounds)."""
+    """Evaluation engine vs a bare timm forward loop on CPU: same model, batches and threads.
+
+    The two alternate (order swapped every round) and the ratio is the median of the per-round
+    ratios, so a load spike from other processes hits both sides of a round alike.
+    """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = convert.build_model(BENCH_ARCHITECTURE).eval()
@@ -169,14 +173,19 @@ def bench(threads: int, batch_size: int, batches: int, rounds: int) -> dict:
     def engine() -> float:
         return evaluate_model(model, loader, classes, "cpu")["images_per_s"]
 
-    bare()  # warm-up
-    eval_img_s, bare_img_s = 0.0, 0.0
-    for _ in range(rounds):  # interleaved, so both see the same machine load
-        eval_img_s = max(eval_img_s, engine())
-        bare_img_s = max(bare_img_s, bare())
-    return {"eval_img_s": round(eval_img_s, 1), "bare_img_s": round(bare_img_s, 1),
-            "ratio": round(eval_img_s / bare_img_s, 3), "threads": threads, "batch_size": batch_size,
-            "architecture": BENCH_ARCHITECTURE}
+    bare(), engine()  # warm-up
+    eval_img_s, bare_img_s = [], []
+    for i in range(rounds):
+        if i % 2:
+            bare_img_s.append(bare())
+            eval_img_s.append(engine())
+        else:
+            eval_img_s.append(engine())
+            bare_img_s.append(bare())
+    ratios = [e / b for e, b in zip(eval_img_s, bare_img_s)]
+    return {"eval_img_s": round(statistics.median(eval_img_s), 1), "bare_img_s": round(statistics.median(bare_img_s), 1),
+            "ratio": round(statistics.median(ratios), 3), "threads": threads, "batch_size": batch_size,
+            "rounds": rounds, "architecture": BENCH_ARCHITECTURE}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--pixel-mean", type=float, help="pixel normalisation (default: the run's training protocol)")
     p.add_argument("--pixel-std", type=float)
-    p.add_argument("--batches", type=int, default=8, help="--bench: batches per timed pass")
-    p.add_argument("--rounds", type=int, default=3, help="--bench: timed passes of each loop")
+    p.add_argument("--batches", type=int, default=2, help="--bench: batches per timed pass")
+    p.add_argument("--rounds", type=int, default=15, help="--bench: timed passes of each loop")
     p.add_argument("--out", help="output JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
