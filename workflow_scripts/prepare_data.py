@@ -207,9 +207,10 @@ def prepare_imagefolder(name: str, spec: dict, out_dir: Path) -> dict:
     _replace_with_symlink(out_dir / "train", src / "train")
     if source.get("val_ground_truth"):
         sort_flat_val(src / "val", Path(source["val_ground_truth"]), classes, out_dir / "val")
+        val_counts = scan_class_tree(out_dir / "val")
     else:
+        val_counts = scan_class_tree(src / "val")
         _replace_with_symlink(out_dir / "val", src / "val")
-    val_counts = scan_class_tree(out_dir / "val")
     if set(val_counts) != set(classes):
         only_train = sorted(set(classes) - set(val_counts))
         only_val = sorted(set(val_counts) - set(classes))
