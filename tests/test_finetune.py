@@ -52,17 +52,15 @@ def tiny(tmp_path_factory):
 
 
 def run_finetune(tiny: Path, out: Path, *, steps: int = 20, lr: float = 0.1, protocol: dict | None = None,
-                 gpus: int | None = None, wait: bool = True):
-    """The CLI as the finetune rule calls it (through gpu_pool when gpus is given)."""
+                 ranks: int = 1, wait: bool = True):
+    """The CLI as the finetune rule calls it, on the CPU; with ranks > 1 under torchrun, as gpu_pool runs it."""
     cmd = [sys.executable, "-m", "workflow_scripts.finetune", "--checkpoint", str(tiny / "ckpt.safetensors"),
            "--data", str(tiny / "dataset.json"), "--out-dir", str(out / "run"), "--resume-dir",
            str(out / "resume"), "--lr", str(lr), "--seed", "0", "--steps", str(steps),
            "--protocol", json.dumps(protocol or PROTOCOL), "--threads", "1"]
-    if gpus is not None:
-        cmd = [sys.executable, "-m", "workflow_scripts.gpu_pool", "--gpus", str(gpus), "--lock-dir",
-               str(out / "locks"), "--", *cmd]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **{gpu_pool.DEVICE_COUNT_ENV: "2"})
-    env.pop("SLURM_JOB_ID", None)
+    if ranks > 1:
+        cmd = gpu_pool.torchrun_command(cmd, ranks)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
@@ -239,7 +237,7 @@ def test_ddp_two_processes_match_one_process(tiny, tmp_path):
     protocol = dict(PROTOCOL, deterministic=False, threads=2)
     code, log = run_finetune(tiny, tmp_path / "one", steps=10, protocol=protocol)
     assert code == 0, log
-    code, log = run_finetune(tiny, tmp_path / "two", steps=10, protocol=protocol, gpus=2)
+    code, log = run_finetune(tiny, tmp_path / "two", steps=10, protocol=protocol, ranks=2)
     assert code == 0, log
     summary = json.loads((tmp_path / "two" / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2
