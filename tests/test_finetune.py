@@ -241,7 +241,7 @@ def test_ddp_two_processes_match_one_process(tiny, tmp_path):
     assert code == 0, log
     summary = json.loads((tmp_path / "two" / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2
-    a, b = load_file(tmp_path / "one" / "run" / "model.safetensors"), load_file(tmp_path / "two" / "run" / "model.safetensors")
+    a, b = (load_file(tmp_path / ranks / "run" / "model.safetensors") for ranks in ("one", "two"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(a[k], convert.load_model(tiny / "ckpt.safetensors").state_dict()[k])

@@ -111,3 +111,19 @@ def test_multi_gpu_command_runs_under_torchrun():
                    "-m", "workflow_scripts.finetune", "--lr", "0.1"]
     with pytest.raises(PipelineError, match="python command"):
         gpu_pool.torchrun_command(["bash", "-c", "true"], 2)
+
+
+def test_sigterm_is_forwarded_to_the_child(tmp_path):
+    ready = tmp_path / "ready"
+    job = pool("--gpus", "1", "--lock-dir", str(tmp_path / "locks"), "--", sys.executable, "-c",
+               "import pathlib, signal, sys, time\n"
+               "signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))\n"
+               f"pathlib.Path({str(ready)!r}).touch()\n"
+               "time.sleep(60)",
+               env_extra={gpu_pool.DEVICE_COUNT_ENV: "1"})
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline and job.poll() is None
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=30) == 3

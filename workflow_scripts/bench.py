@@ -155,7 +155,8 @@ def with_utilisation(result: dict, device_name: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(REPO / "config.yaml"), help="config whose protocol block the engine runs")
+    parser.add_argument("--config", default=str(REPO / "config.yaml"),
+                        help="config whose protocol block the engine runs")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for both loops")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per measurement (first is warm-up)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating engine/bare measurements")
