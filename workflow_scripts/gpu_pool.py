@@ -34,6 +34,8 @@ def visible_devices() -> list[str]:
     """The device ids this machine offers to the pool."""
     override = os.environ.get(DEVICE_COUNT_ENV)
     if override is not None:
+        if not override.isdigit():
+            raise PipelineError(f"environment variable {DEVICE_COUNT_ENV}={override!r} must be a device count")
         return [str(i) for i in range(int(override))]
     import torch
 
