@@ -1,6 +1,7 @@
 # Config validation and the helpers the rule files use (they stay thin and take paths, params and
 # resources from here, each running one `python -m workflow_scripts.<stage>` command).
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -232,8 +233,10 @@ def used_checkpoints():
     return names
 
 
-# The command line that started this run, for the report's provenance section.
-COMMAND_LINE = " ".join(["snakemake"] + sys.argv[1:])
+# The command line that started this run, for the report's provenance section. An environment
+# variable, not a param of the report job: a param would rerun the report whenever the command line
+# differs, and jobs Snakemake starts itself (e.g. on SLURM) inherit the original command this way.
+os.environ.setdefault("MIXER_COMMAND_LINE", shlex.join(["snakemake"] + sys.argv[1:]))
 
 _check_cross_references()
 

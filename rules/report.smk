@@ -62,7 +62,6 @@ rule report:
     params:
         results_root=lambda wc, input: results_root_of(input.aggregate),
         aggregate_dir=lambda wc, input: str(Path(input.aggregate).parent),
-        command=COMMAND_LINE,
     log:
         f"{R}/logs/report/report.log",
     benchmark:
@@ -71,5 +70,5 @@ rule report:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.report --aggregate-dir {params.aggregate_dir} --results-root {params.results_root}"
-        " --notebook-html {input.notebook} --out {output} --command {params.command:q} > {log} 2>&1"
+        " --notebook-html {input.notebook} --out {output} --command \"${{MIXER_COMMAND_LINE:-}}\" > {log} 2>&1"
         " && echo 'Report: {output}'"
