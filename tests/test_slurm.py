@@ -1,0 +1,173 @@
+"""The demo pipeline as SLURM jobs on a real single-node SLURM (no mock scheduler).
+
+tests/slurm/setup_slurm.sh starts Debian's slurm-wlm with munge and slurmdbd accounting on this
+machine (two partitions, `cpu` and `gpu`, and two fake "a100" GPUs as GRES); the demo then runs
+through `--executor slurm` with the shipped profile (profiles/slurm), unchanged. One checkpoint's
+fine-tuning jobs ask for 2 GPUs, so they run as DDP (torchrun, gloo on CPU) inside a 2-GPU
+allocation. Needs root and the Debian package registry; skipped otherwise. Takes 5-8 minutes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "demo" / "config.yaml"
+PROFILE = REPO / "profiles" / "slurm"
+SETUP = REPO / "tests" / "slurm" / "setup_slurm.sh"
+TEARDOWN = REPO / "tests" / "slurm" / "teardown_slurm.sh"
+SETUP_UNSUPPORTED = 2  # setup_slurm.sh's exit code for "this machine cannot host the cluster"
+PIPELINE_TIMEOUT_S = 1200
+DDP_GPUS = 2
+
+pytestmark = pytest.mark.slow
+
+
+def _run_logged(cmd, log_path, timeout):
+    """Run cmd with its output in a file (a daemon it starts could hold a pipe open forever)."""
+    with open(log_path, "w") as log:
+        res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             timeout=timeout)
+    return res.returncode, Path(log_path).read_text()
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: installs Debian's slurm-wlm, munge and MariaDB and starts their daemons")
+    logs = tmp_path_factory.mktemp("slurm_cluster")
+    already_up = subprocess.run("scontrol ping", shell=True, capture_output=True).returncode == 0
+    code, out = _run_logged(["bash", str(SETUP)], logs / "setup.log", timeout=900)
+    if code == SETUP_UNSUPPORTED:
+        pytest.skip(f"no SLURM test cluster on this machine: {out.strip().splitlines()[-1]}")
+    if code != 0:
+        pytest.fail(f"tests/slurm/setup_slurm.sh failed (exit {code}):\n{out[-4000:]}")
+    yield
+    if not already_up:  # leave a cluster someone else started as it was
+        code, out = _run_logged(["bash", str(TEARDOWN)], logs / "teardown.log", timeout=180)
+        assert code == 0, f"teardown_slurm.sh left daemons running:\n{out}"
+
+
+@pytest.fixture(scope="module")
+def slurm_demo(slurm_cluster, tmp_path_factory):
+    """Run the demo through the SLURM executor once; the tests below read what it left."""
+    cfg = yaml.safe_load(DEMO_CONFIG.read_text())
+    ddp_ckpt = cfg["finetune"]["checkpoints"][0]
+    workdir = tmp_path_factory.mktemp("slurm_demo")
+    overlay = workdir / "ddp.yaml"
+    overlay.write_text(yaml.safe_dump({"resources": {"finetune_gpu_overrides": {ddp_ckpt: DDP_GPUS}}}))
+    cmd = [
+        str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"),
+        "--configfile", str(DEMO_CONFIG), str(overlay),
+        "--executor", "slurm", "--workflow-profile", str(PROFILE), "--jobs", "10",
+        # The test cluster has no accounts to pick (and the plugin's account guess fails on 22.05).
+        "--slurm-no-account",
+        # Demo jobs take seconds: poll sacct sooner than the profile does; fail at once, no retries.
+        "--slurm-init-seconds-before-status-checks", "5", "--retries", "0",
+    ]
+    # Jobs inherit this environment (sbatch --export=ALL): the venv's python runs the stages.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    log_path = workdir / "snakemake.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        try:
+            code = proc.wait(timeout=PIPELINE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)  # Snakemake scancels its jobs on Ctrl-C
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            code = None
+    out = log_path.read_text()
+    root = workdir / cfg["output_root"]
+    if code != 0:
+        rule_logs = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}"
+                              for p in sorted((root / "logs").rglob("*.log")) if p.stat().st_size)
+        why = f"timed out after {PIPELINE_TIMEOUT_S} s" if code is None else f"exit {code}"
+        pytest.fail(f"demo under SLURM failed ({why}):\n{out[-6000:]}\n{rule_logs[-6000:]}")
+    run_id = re.search(r"SLURM run ID: (\S+)", out).group(1)
+    return {"workdir": workdir, "root": root, "cfg": cfg, "out": out, "run_id": run_id,
+            "ddp_ckpt": ddp_ckpt}
+
+
+def _job_stats(out):
+    """Snakemake's 'Job stats' table: {rule: count}."""
+    table = out.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def _sacct_jobs(run_id):
+    """The run's SLURM jobs (the plugin names every job of a run by its run id)."""
+    res = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "--name", run_id, "-S", "now-1days",
+         "-o", "JobID,Comment,Partition,AllocTRES,State"],
+        capture_output=True, text=True, timeout=60, check=True)
+    jobs = []
+    for line in res.stdout.splitlines():
+        job_id, comment, partition, tres, state = line.split("|")
+        # The plugin's comment: rule_<rule> or rule_<rule>_wildcards_<values joined by _>
+        rule, _, wildcards = comment.removeprefix("rule_").partition("_wildcards_")
+        jobs.append({"id": job_id, "rule": rule, "wildcards": wildcards, "partition": partition,
+                     "tres": dict(kv.split("=", 1) for kv in tres.split(",") if kv), "state": state})
+    return jobs
+
+
+def test_report_shows_each_pair_top1(slurm_demo):
+    root, cfg = slurm_demo["root"], slurm_demo["cfg"]
+    html = (root / "report" / "index.html").read_text()
+    for ckpt in cfg["finetune"]["checkpoints"]:
+        for ds in cfg["finetune"]["datasets"]:
+            result = json.loads((root / "evaluate" / ckpt / f"{ds}.json").read_text())
+            assert f"{result['top1_mean']:.2f}" in html, (ckpt, ds, result["top1_mean"])
+
+
+def test_every_job_ran_under_slurm_on_the_right_partition(slurm_demo):
+    jobs = _sacct_jobs(slurm_demo["run_id"])
+    expected = {rule: n for rule, n in _job_stats(slurm_demo["out"]).items() if rule != "all"}
+    assert Counter(j["rule"] for j in jobs) == expected
+    assert {j["state"] for j in jobs} == {"COMPLETED"}, [j for j in jobs if j["state"] != "COMPLETED"]
+    ddp_prefix = slurm_demo["ddp_ckpt"] + "_"
+    ddp_jobs = [j for j in jobs if j["rule"] == "finetune" and j["wildcards"].startswith(ddp_prefix)]
+    assert ddp_jobs, "no fine-tuning job of the DDP checkpoint in sacct"
+    for job in jobs:
+        if job in ddp_jobs:
+            # one task with both GPUs, cpus_per_gpu (= threads = 1) CPUs per GPU, on the GPU partition
+            assert job["partition"] == "gpu", job
+            assert job["tres"].get("gres/gpu") == str(DDP_GPUS), job
+            assert job["tres"]["cpu"] == str(DDP_GPUS), job
+        else:  # CPU-only jobs stay off the GPU partition and get no GPU
+            assert job["partition"] == "cpu", job
+            assert "gres/gpu" not in job["tres"], job
+
+
+def test_ddp_runs_used_both_gpus_of_their_allocation(slurm_demo):
+    root, cfg = slurm_demo["root"], slurm_demo["cfg"]
+    summaries = sorted((root / "finetune").glob("*/*/*/summary.json"))
+    assert len(summaries) == (len(cfg["finetune"]["checkpoints"]) * len(cfg["finetune"]["datasets"])
+                              * len(cfg["finetune"]["base_lrs"]) * len(cfg["finetune"]["seeds"]))
+    for path in summaries:
+        summary = json.loads(path.read_text())
+        expected = DDP_GPUS if summary["checkpoint"] == slurm_demo["ddp_ckpt"] else 1
+        assert summary["world_size"] == expected, path
+
+
+def test_logs_land_where_the_docs_say(slurm_demo):
+    workdir, root = slurm_demo["workdir"], slurm_demo["root"]
+    for job in _sacct_jobs(slurm_demo["run_id"]):
+        # SLURM's own log of each job (profile: slurm-keep-successful-logs)
+        sub = Path(job["wildcards"]) if job["wildcards"] else Path()
+        assert (workdir / ".snakemake" / "slurm_logs" / f"rule_{job['rule']}" / sub / f"{job['id']}.log").exists(), job
+    # each rule's own log
+    assert sorted(p.name for p in (root / "logs").iterdir()) == sorted(
+        r for r in _job_stats(slurm_demo["out"]) if r != "all")
