@@ -194,7 +194,7 @@ def test_local_sources_file_urls_and_plain_paths(tmp_path, monkeypatch):
     lock = tmp_path / "weights.lock"
     for i, url in enumerate([(mirror / "m.npz").as_uri(), "file:mirror/m.npz", "mirror/m.npz",
                              str(mirror / "m.npz")]):
-        record = download.fetch(url, tmp_path / "w" / f"{i}.npz", lock_path=lock)
+        download.fetch(url, tmp_path / "w" / f"{i}.npz", lock_path=lock)
         assert (tmp_path / "w" / f"{i}.npz").read_bytes() == data, url
     assert set(json.loads(lock.read_text())) == {(mirror / "m.npz").as_uri(), "file:mirror/m.npz",
                                                  "mirror/m.npz", str(mirror / "m.npz")}

@@ -18,7 +18,7 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-from workflow_scripts.common import PipelineError, atomic_path, read_json, run_cli, write_json
+from workflow_scripts.common import PipelineError, json_arg, atomic_path, read_json, run_cli, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 # Packages whose versions the provenance section lists.
@@ -452,11 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results-root", required=True, help="output_root of the run (R)")
     ap.add_argument("--out-dir", required=True, help="where to write the aggregate files (R/aggregate)")
     args = ap.parse_args(argv)
-    try:
-        config = json.loads(args.config_json)
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"--config-json is not valid JSON ({e})") from None
-    summary = aggregate(config, args.results_root, args.out_dir)
+    summary = aggregate(json_arg(args.config_json, "--config-json"), args.results_root, args.out_dir)
     print(f"aggregated {len(summary['runs'])} runs, {len(summary['comparison'])} comparison rows -> {args.out_dir}")
     return 0
 

@@ -48,6 +48,14 @@ def read_json(path: str | os.PathLike) -> Any:
         raise PipelineError(f"{path}: not valid JSON ({e}); delete it and rerun the stage that writes it") from None
 
 
+def json_arg(text: str, flag: str) -> Any:
+    """A JSON value given on a stage's command line (the rules pass config blocks this way)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{flag} is not valid JSON ({e}): {text[:200]!r}") from None
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

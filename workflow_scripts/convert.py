@@ -28,7 +28,7 @@ from timm.models.mlp_mixer import MlpMixer
 from torch import nn
 
 from workflow_scripts import flax_reference
-from workflow_scripts.common import PipelineError, atomic_path, peak_rss_mib, run_cli, sha256_file, write_json
+from workflow_scripts.common import PipelineError, json_arg, atomic_path, peak_rss_mib, run_cli, sha256_file, write_json
 
 FORMAT = "mixer-timm"
 ARCH_KEYS = ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim", "num_classes",
@@ -484,10 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give IN.npz and OUT.safetensors (or --bench)")
     expected = None
     if args.expect_architecture is not None:
-        try:
-            expected = json.loads(args.expect_architecture)
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"--expect-architecture is not JSON ({e}): {args.expect_architecture!r}") from None
+        expected = json_arg(args.expect_architecture, "--expect-architecture")
     record = convert(args.npz, args.out, expected, checkpoint=args.checkpoint, parity_path=args.parity)
     print(f"wrote {args.out} ({record['num_params']:,} parameters) in {record['convert_seconds']:.2f} s, "
           f"peak RSS {record['peak_rss_mib']:.0f} MiB ({record['rss_at_start_mib']:.0f} MiB after imports) "

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import convert, data
-from .common import PipelineError, read_json, run_cli, write_json
+from .common import PipelineError, json_arg, read_json, run_cli, write_json
 
 INTERPOLATION = "bilinear, half-pixel centres, no antialias (as tf.image.resize in the official code)"
 
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) is None:
             p.error(f"--{flag.replace('_', '-')} is required")
     spec = data.load_spec(args.data)
-    protocol = {"name": args.protocol_name, **json.loads(args.protocol)}
+    protocol = {"name": args.protocol_name, **json_arg(args.protocol, "--protocol")}
     device = _device()
     if args.selection:
         result = evaluate_selection(args.selection, spec, protocol, args.batch_size, args.num_workers, device,

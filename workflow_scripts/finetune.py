@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from workflow_scripts import convert, data, evaluate
-from workflow_scripts.common import PipelineError, atomic_path, run_cli, sha256_file, write_json
+from workflow_scripts.common import PipelineError, json_arg, atomic_path, run_cli, sha256_file, write_json
 
 PROTOCOL_KEYS = ("batch_size", "micro_batch_size", "warmup_steps", "momentum", "weight_decay",
                  "grad_clip_norm", "inception_crop", "inception_crop_min_area", "random_flip",
@@ -135,10 +135,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
 # Setup helpers
 
 def parse_protocol(text: str) -> dict:
-    try:
-        protocol = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"--protocol is not valid JSON ({e}); pass the config's protocol block") from None
+    protocol = json_arg(text, "--protocol")
     missing = [k for k in PROTOCOL_KEYS if k not in protocol]
     if missing:
         raise PipelineError(f"--protocol lacks {missing}; add them to the config's protocol block (see config.yaml)")

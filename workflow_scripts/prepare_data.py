@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import PipelineError, atomic_path, run_cli, write_json
+from .common import PipelineError, json_arg, atomic_path, run_cli, write_json
 from .data import DEFAULT_MINIVAL_SEED, IMAGE_SUFFIXES
 
 # The demo's digits split: stratified fractions of the 1,797 images, with a fixed seed.
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", required=True, help="the dataset's config entry as JSON")
     p.add_argument("--data-root", required=True, help="folder that receives <name>/dataset.json and the data")
     args = p.parse_args(argv)
-    record = prepare(args.name, json.loads(args.spec), args.data_root)
+    record = prepare(args.name, json_arg(args.spec, "--spec"), args.data_root)
     print(json.dumps({k: record[k] for k in ("name", "layout", "num_classes", "splits", "subset", "subset_note")}))
     return 0
 

@@ -8,14 +8,13 @@ the demo's checkpoints go through the same download and conversion code as the o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Mapping
 
 import torch
 from timm.layers import lecun_normal_
 
-from workflow_scripts.common import PipelineError, run_cli, sha256_file
+from workflow_scripts.common import json_arg, run_cli, sha256_file
 from workflow_scripts.convert import build_model, check_architecture, describe, export_npz
 
 
@@ -36,10 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--out", required=True, help=".npz to write")
     args = ap.parse_args(argv)
-    try:
-        architecture = json.loads(args.architecture)
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"--architecture is not JSON ({e}): {args.architecture!r}") from None
+    architecture = json_arg(args.architecture, "--architecture")
     synthesize(architecture, args.seed, args.out)
     print(f"wrote {args.out}: {describe(architecture)}, seed {args.seed}, sha256 {sha256_file(args.out)}")
     return 0
