@@ -4,7 +4,9 @@ tests/slurm/setup_slurm.sh starts Debian's slurm-wlm with munge and slurmdbd acc
 machine (two partitions, `cpu` and `gpu`, and two fake "a100" GPUs as GRES); the demo then runs
 through `--executor slurm` with the shipped profile (profiles/slurm), unchanged. One checkpoint's
 fine-tuning jobs ask for 2 GPUs, so they run as DDP (torchrun, gloo on CPU) inside a 2-GPU
-allocation. Needs root and the Debian package registry; skipped otherwise. Takes 5-8 minutes.
+allocation, and one of them is preempted (requeued, as SLURM's PreemptMode=REQUEUE does) once it
+has saved resume state. Needs root and the Debian package registry; skipped otherwise. Takes
+5-8 minutes.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -57,6 +60,35 @@ def slurm_cluster(tmp_path_factory):
         assert code == 0, f"teardown_slurm.sh left daemons running:\n{out}"
 
 
+def _squeue(*args):
+    res = subprocess.run(["squeue", "-h", *args], capture_output=True, text=True, timeout=30)
+    return res.stdout.splitlines() if res.returncode == 0 else []
+
+
+def _preempt_one_finetune_job(resume_root, ckpt):
+    """Requeue the running fine-tuning job of ckpt that has saved resume state, if there is one yet.
+
+    Returns {"job_id", "run"} once done, else None. `scontrol requeue` is what preemption with
+    PreemptMode=REQUEUE does: the job is killed and queued again under the same id.
+    """
+    for state in sorted(resume_root.glob(f"{ckpt}/*/*/state.pt")):
+        dataset, run = state.parent.parent.name, state.parent.name
+        lr, seed = re.fullmatch(r"lr(.+)_s(\d+)", run).groups()
+        comment = f"rule_finetune_wildcards_{ckpt}_{dataset}_{lr}_{seed}"
+        for line in _squeue("-t", "RUNNING", "-o", "%i|%k"):
+            job_id, job_comment = line.split("|", 1)
+            if job_comment == comment:
+                subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+                # A requeued job becomes eligible only after a delay (BeginTime): release it now.
+                deadline = time.monotonic() + 60
+                while subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                                     capture_output=True, timeout=30).returncode != 0:
+                    assert time.monotonic() < deadline, f"requeued job {job_id} never became pending"
+                    time.sleep(1)
+                return {"job_id": job_id, "run": f"{ckpt}/{dataset}/{run}"}
+    return None
+
+
 @pytest.fixture(scope="module")
 def slurm_demo(slurm_cluster, tmp_path_factory):
     """Run the demo through the SLURM executor once; the tests below read what it left."""
@@ -77,20 +109,23 @@ def slurm_demo(slurm_cluster, tmp_path_factory):
     # Jobs inherit this environment (sbatch --export=ALL): the venv's python runs the stages.
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     log_path = workdir / "snakemake.log"
+    root = workdir / cfg["output_root"]
+    preempted = None
+    deadline = time.monotonic() + PIPELINE_TIMEOUT_S
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
-        try:
-            code = proc.wait(timeout=PIPELINE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        while (code := proc.poll()) is None and time.monotonic() < deadline:
+            if preempted is None:
+                preempted = _preempt_one_finetune_job(root / ".resume", ddp_ckpt)
+            time.sleep(0.5)
+        if code is None:
             proc.send_signal(signal.SIGINT)  # Snakemake scancels its jobs on Ctrl-C
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            code = None
     out = log_path.read_text()
-    root = workdir / cfg["output_root"]
     if code != 0:
         rule_logs = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}"
                               for p in sorted((root / "logs").rglob("*.log")) if p.stat().st_size)
@@ -98,7 +133,7 @@ def slurm_demo(slurm_cluster, tmp_path_factory):
         pytest.fail(f"demo under SLURM failed ({why}):\n{out[-6000:]}\n{rule_logs[-6000:]}")
     run_id = re.search(r"SLURM run ID: (\S+)", out).group(1)
     return {"workdir": workdir, "root": root, "cfg": cfg, "out": out, "run_id": run_id,
-            "ddp_ckpt": ddp_ckpt}
+            "ddp_ckpt": ddp_ckpt, "preempted": preempted}
 
 
 def _job_stats(out):
@@ -171,3 +206,15 @@ def test_logs_land_where_the_docs_say(slurm_demo):
     # each rule's own log
     assert sorted(p.name for p in (root / "logs").iterdir()) == sorted(
         r for r in _job_stats(slurm_demo["out"]) if r != "all")
+
+
+def test_preempted_job_resumes_from_its_checkpoint(slurm_demo):
+    preempted = slurm_demo["preempted"]
+    assert preempted, "no fine-tuning job was caught running with resume state, so none was preempted"
+    res = subprocess.run(["sacct", "-X", "-n", "-P", "-D", "-j", preempted["job_id"], "-o", "State"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert res.stdout.split() == ["REQUEUED", "COMPLETED"], res.stdout
+    summary = json.loads((slurm_demo["root"] / "finetune" / preempted["run"] / "summary.json").read_text())
+    assert summary["resumed_from_step"], summary
+    assert summary["resumed_from_step"] % slurm_demo["cfg"]["protocol"]["checkpoint_every"] == 0
+    assert summary["world_size"] == DDP_GPUS
