@@ -218,3 +218,9 @@ def test_preempted_job_resumes_from_its_checkpoint(slurm_demo):
     assert summary["resumed_from_step"], summary
     assert summary["resumed_from_step"] % slurm_demo["cfg"]["protocol"]["checkpoint_every"] == 0
     assert summary["world_size"] == DDP_GPUS
+
+
+def test_report_provenance_names_the_slurm_command(slurm_demo):
+    # The report job ran in a SLURM job; it still records the command that started the run.
+    html = (slurm_demo["root"] / "report" / "index.html").read_text()
+    assert "--executor slurm" in html
