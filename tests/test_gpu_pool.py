@@ -97,6 +97,13 @@ def test_slurm_allocation_is_used_as_is(tmp_path):
                          env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "3", res.stderr
     assert not (tmp_path / "locks").exists()
+    # An allocation that sets no CUDA_VISIBLE_DEVICES is used as it is too: no locks on a shared filesystem.
+    env.pop("CUDA_VISIBLE_DEVICES")
+    res = subprocess.run([sys.executable, "-m", "workflow_scripts.gpu_pool", "--gpus", "1", "--lock-dir",
+                          str(tmp_path / "locks"), "--", sys.executable, "-c", "print('ran')"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ran" in res.stdout, res.stderr
+    assert not (tmp_path / "locks").exists()
 
 
 def test_too_many_gpus_is_one_clear_error(tmp_path):

@@ -140,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_child(cmd, env)
     if args.gpus > 1:
         cmd = torchrun_command(cmd, args.gpus)
-    if os.environ.get("SLURM_JOB_ID") and os.environ.get("CUDA_VISIBLE_DEVICES"):
-        allocated = os.environ["CUDA_VISIBLE_DEVICES"].split(",")
-        if len(allocated) < args.gpus:
+    if os.environ.get("SLURM_JOB_ID"):
+        # SLURM chose the devices; lock files on a shared filesystem would make jobs on different
+        # nodes queue for each other. Without CUDA_VISIBLE_DEVICES the job's cgroup limits them.
+        allocated = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if allocated and len(allocated) < args.gpus:
             raise PipelineError(f"the SLURM allocation has {len(allocated)} GPU(s) ({allocated}) but the job "
                                 f"needs {args.gpus}; check the profile's gpu resource")
         return run_child(cmd, env)
