@@ -73,3 +73,23 @@ def test_demo_rerun_has_nothing_to_do(demo_run):
     )
     assert res.returncode == 0
     assert "Nothing to be done" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_snakemake_report_holds_the_results_with_their_captions(demo_run, tmp_path):
+    workdir, _, _ = demo_run
+    out = tmp_path / "snakemake-report.html"
+    res = subprocess.run(
+        [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"),
+         "--configfile", str(DEMO_CONFIG), "--report", str(out)],
+        cwd=workdir, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"),
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    html = out.read_text()
+    # Every report() output is in it, each with its caption from report/*.rst.
+    for caption in ("largest absolute logit difference", "chosen on minival (never on test)",
+                    "Every fine-tuning run in one tidy table"):
+        assert caption in html, caption
+    for name in ("demo_mixer_p4.parity.json", "runs.csv", "comparison.csv", "index.html", "analysis.html"):
+        assert name in html, name
