@@ -10,6 +10,9 @@ import yaml
 from snakemake.exceptions import WorkflowError
 import jsonschema
 
+sys.path.insert(0, workflow.basedir)  # the job matrix lives in workflow_scripts/matrix.py (shared with aggregate)
+from workflow_scripts import matrix
+
 # Stages are the workflow_scripts package next to this Snakefile; make it importable by every job,
 # whatever the working directory (--directory) or environment (--sdm conda, SLURM).
 # Without --sdm conda, jobs use the interpreter Snakemake runs in (a .venv works without activating it).
@@ -108,7 +111,7 @@ def _check_cross_references():
                      f"protocol.batch_size {p['batch_size']}", "choose a divisor of the batch size")
     accum = p["batch_size"] // p["micro_batch_size"]
     for ck in config["finetune"]["checkpoints"]:
-        gpus = finetune_gpus(ck)
+        gpus = matrix.finetune_gpus(config, ck)
         if gpus > 1 and accum % gpus:
             config_error("protocol.micro_batch_size", f"{accum} micro-batches per step cannot be shared "
                          f"evenly by the {gpus} GPUs of checkpoint {ck}",
@@ -122,11 +125,6 @@ D = config["data_root"]
 W = config["weights_dir"]
 
 
-def lr_str(lr):
-    """The LR as it appears in paths and wildcards (0.03 -> '0.03')."""
-    return f"{lr:g}"
-
-
 def results_root_of(path):
     """output_root, recovered from a file two levels below it (R/<stage>/<file>)."""
     return str(Path(path).parent.parent)
@@ -138,34 +136,6 @@ def synthesized_path(ckpt):
 
 def run_dir(ckpt, dataset, lr, seed):
     return f"{R}/finetune/{ckpt}/{dataset}/lr{lr}_s{seed}"
-
-
-def finetune_runs():
-    f = config["finetune"]
-    return [
-        (ck, ds, lr_str(lr), seed)
-        for ck in f["checkpoints"]
-        for ds in f["datasets"]
-        for lr in f["base_lrs"]
-        for seed in f["seeds"]
-    ]
-
-
-def pairs():
-    f = config["finetune"]
-    return [(ck, ds) for ck in f["checkpoints"] for ds in f["datasets"]]
-
-
-def baseline_runs():
-    return [
-        (b["checkpoint"], b["dataset"], protocol)
-        for b in config["evaluation"]["baseline"]
-        for protocol in config["evaluation"]["protocols"]
-    ]
-
-
-def finetune_gpus(ckpt):
-    return config["resources"]["finetune_gpu_overrides"].get(ckpt, config["resources"]["finetune"]["gpu"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +161,7 @@ def download_args(wildcards):
 def summaries_of_pair(wildcards):
     f = config["finetune"]
     return [
-        f"{run_dir(wildcards.ckpt, wildcards.dataset, lr_str(lr), seed)}/summary.json"
+        f"{run_dir(wildcards.ckpt, wildcards.dataset, matrix.lr_str(lr), seed)}/summary.json"
         for lr in f["base_lrs"]
         for seed in f["seeds"]
     ]
@@ -207,30 +177,20 @@ def eval_protocol_of(dataset):
 
 
 def aggregate_inputs(wildcards):
-    runs = finetune_runs()
+    runs = matrix.finetune_runs(config)
     return {
         "summaries": [f"{run_dir(*r)}/summary.json" for r in runs],
         "metrics": [f"{run_dir(*r)}/metrics.jsonl" for r in runs],
-        "selections": [f"{R}/selection/{ck}/{ds}.json" for ck, ds in pairs()],
-        "evaluations": [f"{R}/evaluate/{ck}/{ds}.json" for ck, ds in pairs()],
-        "baselines": [f"{R}/baseline/{ck}/{ds}/{p}.json" for ck, ds, p in baseline_runs()],
-        "parity": [f"{R}/converted/{ck}.parity.json" for ck in used_checkpoints()],
-        "downloads": [f"{W}/{ck}.download.json" for ck in used_checkpoints()],
+        "selections": [f"{R}/selection/{ck}/{ds}.json" for ck, ds in matrix.pairs(config)],
+        "evaluations": [f"{R}/evaluate/{ck}/{ds}.json" for ck, ds in matrix.pairs(config)],
+        "baselines": [f"{R}/baseline/{ck}/{ds}/{p}.json" for ck, ds, p in matrix.baseline_runs(config)],
+        "parity": [f"{R}/converted/{ck}.parity.json" for ck in matrix.used_checkpoints(config)],
+        "downloads": [f"{W}/{ck}.download.json" for ck in matrix.used_checkpoints(config)],
         # dataset.json carries the subset flag the report puts in its headline
-        "datasets": [f"{D}/{ds}/dataset.json" for ds in used_datasets()],
+        "datasets": [f"{D}/{ds}/dataset.json" for ds in matrix.used_datasets(config)],
     }
 
 
-def used_datasets():
-    names = list(config["finetune"]["datasets"])
-    names += [b["dataset"] for b in config["evaluation"]["baseline"] if b["dataset"] not in names]
-    return names
-
-
-def used_checkpoints():
-    names = list(config["finetune"]["checkpoints"])
-    names += [b["checkpoint"] for b in config["evaluation"]["baseline"] if b["checkpoint"] not in names]
-    return names
 
 
 # The command line that started this run, for the report's provenance section. An environment

@@ -19,7 +19,7 @@ rule finetune:
         lock_dir=config["gpu_lock_dir"],
     threads: config["resources"]["finetune"]["cpus"]
     resources:
-        gpu=lambda wc: finetune_gpus(wc.ckpt),
+        gpu=lambda wc: matrix.finetune_gpus(config, wc.ckpt),
         gpu_model=config["resources"]["gpu_model"],
         mem_mb=config["resources"]["finetune"]["mem_mb"],
         runtime=config["resources"]["finetune"]["runtime_min"],

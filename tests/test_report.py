@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from workflow_scripts import aggregate, report
+from workflow_scripts import aggregate, matrix, report
 from workflow_scripts.common import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,13 +58,13 @@ def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) 
     rng = np.random.default_rng(rng_seed)
     root, data, weights = Path(config["output_root"]), Path(config["data_root"]), Path(config["weights_dir"])
     proto = config["protocol"]
-    for ds in aggregate.used_datasets(config):
+    for ds in matrix.used_datasets(config):
         _json(data / ds / "dataset.json", {
             "name": ds, "label": config["datasets"][ds]["label"], "layout": "arrays", "root": str(data / ds),
             "classes": [str(i) for i in range(10)], "num_classes": 10, "splits": {"train": 1200, "test": 360},
             "train_split": "train", "test_split": "test", "minival": {"fraction": 0.1, "seed": 0},
             "subset": ds in subset, "subset_note": "120 of 1000 classes" if ds in subset else None})
-    for ck in aggregate.used_checkpoints(config):
+    for ck in matrix.used_checkpoints(config):
         _json(root / "converted" / f"{ck}.parity.json", {
             "checkpoint": ck, "npz_sha256": "a" * 64, "safetensors_sha256": "b" * 64, "num_params": 571_234,
             "architecture": config["checkpoints"][ck]["architecture"], "max_abs_logit_diff": 3.1e-6,
@@ -75,7 +75,7 @@ def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) 
             "checkpoint": ck, "url": config["checkpoints"][ck]["url"], "path": str(weights / f"{ck}.npz"),
             "bytes": 2_306_000, "sha256": "a" * 64, "verified_against": "recorded", "seconds": 0.1})
     expected = {}
-    for ck, ds in aggregate.pairs(config):
+    for ck, ds in matrix.pairs(config):
         steps = config["datasets"][ds]["steps"]
         candidates = []
         for lr in config["finetune"]["base_lrs"]:
@@ -123,7 +123,7 @@ def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) 
             "checkpoint": ck, "dataset": ds, "selected_lr": best["lr"], "selection": str(sel_path),
             "protocol": protocol, "runs": runs, "top1_mean": expected[ck, ds], "top1_std": float(np.std(top1s, ddof=1)) if len(runs) > 1 else None,  # as evaluate.py: sample std
             "top5_mean": 99.5, "top5_std": 0.0 if len(runs) > 1 else None, "num_seeds": len(runs)})
-    for ck, ds, p in aggregate.baseline_runs(config):
+    for ck, ds, p in matrix.baseline_runs(config):
         _json(root / "baseline" / ck / ds / f"{p}.json",
               eval_result(11.25 if p == "official" else 12.75, 52.5, 10, {"name": p}, "test", ck, ds))
         _write(root / "logs" / "baseline" / ck / ds / f"{p}.log", "evaluating...\n")

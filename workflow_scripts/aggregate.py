@@ -18,6 +18,8 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
+from workflow_scripts.matrix import (baseline_runs, finetune_gpus, finetune_runs, lr_str, pairs,
+                                     used_checkpoints, used_datasets)
 from workflow_scripts.common import PipelineError, json_arg, atomic_path, read_json, run_cli, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,41 +38,6 @@ RUN_COLUMNS = [
 
 # ---------------------------------------------------------------------------------------------
 # The matrix the config defines (the same one rules/common.smk builds its jobs from)
-def lr_str(lr: float) -> str:
-    return f"{lr:g}"
-
-
-def finetune_runs(config: dict) -> list[tuple[str, str, str, int]]:
-    f = config["finetune"]
-    return [(ck, ds, lr_str(lr), seed) for ck in f["checkpoints"] for ds in f["datasets"]
-            for lr in f["base_lrs"] for seed in f["seeds"]]
-
-
-def pairs(config: dict) -> list[tuple[str, str]]:
-    f = config["finetune"]
-    return [(ck, ds) for ck in f["checkpoints"] for ds in f["datasets"]]
-
-
-def baseline_runs(config: dict) -> list[tuple[str, str, str]]:
-    ev = config["evaluation"]
-    return [(b["checkpoint"], b["dataset"], p) for b in ev["baseline"] for p in ev["protocols"]]
-
-
-def used_checkpoints(config: dict) -> list[str]:
-    names = list(config["finetune"]["checkpoints"])
-    return names + [b["checkpoint"] for b in config["evaluation"]["baseline"] if b["checkpoint"] not in names]
-
-
-def used_datasets(config: dict) -> list[str]:
-    names = list(config["finetune"]["datasets"])
-    return names + [b["dataset"] for b in config["evaluation"]["baseline"] if b["dataset"] not in names]
-
-
-def finetune_gpus(config: dict, ckpt: str) -> int:
-    res = config["resources"]
-    return res["finetune_gpu_overrides"].get(ckpt, res["finetune"]["gpu"])
-
-
 # ---------------------------------------------------------------------------------------------
 # Readers
 def read_jsonl(path: Path) -> list[dict]:
