@@ -32,8 +32,6 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m workflow_scripts.bench
-	$(BIN)/python -m workflow_scripts.evaluate --bench
-	$(BIN)/python -m workflow_scripts.convert --bench
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint

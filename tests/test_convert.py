@@ -1,6 +1,7 @@
 """Official .npz -> timm conversion: parity with the NumPy Flax reference, strictness, round trip, CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -10,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from workflow_scripts import convert, flax_reference
+from workflow_scripts import convert, flax_reference, model_io
 from workflow_scripts.common import PipelineError, sha256_file
 
 torch.set_num_threads(1)
@@ -45,7 +47,7 @@ def torch_logits(model: nn.Module, images_nhwc: np.ndarray) -> np.ndarray:
 
 def module_for(params: dict[str, np.ndarray]) -> nn.Module:
     state, arch = convert.npz_to_state_dict(params)
-    model = convert.build_model(arch)
+    model = model_io.build_model(arch)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -109,7 +111,7 @@ def test_parity_check_catches_a_port_that_departs_from_flax(defect):
 
 
 def test_layer_norm_runs_once_per_sub_block():
-    model = convert.build_model(SMALL).eval()
+    model = model_io.build_model(SMALL).eval()
     calls = []
     for name, m in model.named_modules():
         if isinstance(m, nn.LayerNorm):
@@ -120,7 +122,7 @@ def test_layer_norm_runs_once_per_sub_block():
 
 
 def test_build_model_uses_flax_defaults_and_exact_dims():
-    model = convert.build_model(SMALL)
+    model = model_io.build_model(SMALL)
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     gelus = [m for m in model.modules() if isinstance(m, nn.GELU)]
     assert len(norms) == 2 * SMALL["num_blocks"] + 1 and {m.eps for m in norms} == {1e-6}
@@ -129,7 +131,7 @@ def test_build_model_uses_flax_defaults_and_exact_dims():
     for hidden, tokens, channels in [(100, 29, 7), (49, 57, 343), (1000, 3, 3001), (768, 384, 3072)]:
         arch = dict(SMALL, hidden_dim=hidden, tokens_mlp_dim=tokens, channels_mlp_dim=channels)
         with torch.device("meta"):
-            block = convert.build_model(arch).blocks[0]
+            block = model_io.build_model(arch).blocks[0]
         assert (block.mlp_tokens.fc1.out_features, block.mlp_channels.fc1.out_features) == (tokens, channels)
 
 
@@ -146,9 +148,9 @@ def shaped(arch: dict) -> dict[str, np.ndarray]:
 def test_infers_named_architectures_and_timm_shapes_match(name):
     arch = NAMED[name]
     assert convert.infer_architecture(shaped(arch)) == arch
-    assert convert.describe(arch).startswith(f"Mixer-{name} ")
+    assert model_io.architecture_name(arch).startswith(f"Mixer-{name} ")
     with torch.device("meta"):
-        timm_shapes = {k: tuple(v.shape) for k, v in convert.build_model(arch).state_dict().items()}
+        timm_shapes = {k: tuple(v.shape) for k, v in model_io.build_model(arch).state_dict().items()}
     layout = convert.official_layout(arch)
     assert sorted(timm_shapes) == sorted(t for t, _ in layout.values())
     for key, (timm_key, shape) in layout.items():
@@ -273,7 +275,7 @@ def test_round_trip_npz_safetensors_npz_is_identical(tmp_path):
     params = convert.random_official_params(SMALL, seed=7)
     npz = write_npz(tmp_path / "in.npz", params)
     convert.convert(npz, tmp_path / "model.safetensors")
-    model = convert.load_model(tmp_path / "model.safetensors")
+    model = model_io.load_model(tmp_path / "model.safetensors")
     convert.export_npz(model.state_dict(), tmp_path / "back.npz")
     with np.load(tmp_path / "back.npz", allow_pickle=False) as back:
         assert sorted(back.files) == sorted(params)
@@ -283,18 +285,18 @@ def test_round_trip_npz_safetensors_npz_is_identical(tmp_path):
 
 
 def test_load_model_and_read_architecture(tmp_path):
-    model = convert.build_model(SMALL)
+    model = model_io.build_model(SMALL)
     path = tmp_path / "m.safetensors"
-    convert.save_model(model, SMALL, path)
-    assert convert.read_architecture(path) == SMALL
-    loaded = convert.load_model(path, num_classes=10)
+    model_io.save_model(model, SMALL, path)
+    assert model_io.read_architecture(path) == SMALL
+    loaded = model_io.load_model(path, num_classes=10)
     assert not loaded.training
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(loaded(x), model.eval()(x))
     with pytest.raises(PipelineError, match="head has 10 classes, 1000 were expected"):
-        convert.load_model(path, num_classes=1000)
+        model_io.load_model(path, num_classes=1000)
     with pytest.raises(PipelineError, match="cannot load|needs"):
-        convert.save_model(model, dict(SMALL, num_classes=11), tmp_path / "bad.safetensors")
+        model_io.save_model(model, dict(SMALL, num_classes=11), tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists()
 
 
@@ -303,10 +305,10 @@ def test_files_that_are_not_converted_checkpoints_are_named(tmp_path):
     save_file({"w": torch.zeros(2)}, str(plain))
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 5)
-    for path, message in [(plain, "not a converted Mixer checkpoint"), (garbage, "not a readable safetensors"),
+    for path, message in [(plain, "not a Mixer checkpoint of this pipeline"), (garbage, "not a readable safetensors"),
                           (tmp_path / "absent.safetensors", "file not found")]:
         with pytest.raises(PipelineError, match=message) as err:
-            convert.load_model(path)
+            model_io.load_model(path)
         assert str(path) in str(err.value)
 
 
@@ -332,7 +334,7 @@ def test_cli_writes_model_and_parity_record(tmp_path):
     assert record["npz_sha256"] == sha256_file(npz) and record["safetensors_sha256"] == sha256_file(out)
     assert record["input"]["shape"] == list(convert.parity_input(SMALL).shape)
     images = convert.parity_input(SMALL, num_images=2)
-    model = convert.load_model(out)
+    model = model_io.load_model(out)
     assert np.abs(torch_logits(model, images) - flax_reference.forward(params, images)).max() <= 1e-5
 
 
@@ -357,3 +359,18 @@ def test_synthesized_upstream_is_deterministic_and_converts(tmp_path):
     with pytest.raises(PipelineError, match="config checkpoints.<name>.architecture"):
         synthesize({"patch_size": 4}, 1, tmp_path / "bad.npz")
     assert not (tmp_path / "bad.npz").exists()
+
+
+def test_same_weights_give_the_same_bytes_in_every_process(tmp_path):
+    # safetensors keeps metadata in a hash map whose order varies between processes; model_io stores
+    # one metadata entry so that a file's sha256 can serve as provenance.
+    code = ("import sys, torch; from workflow_scripts import model_io; torch.manual_seed(0); "
+            f"a = {SMALL!r}; model_io.save_model(model_io.build_model(a), a, sys.argv[1])")
+    digests = set()
+    for i in range(6):
+        out = tmp_path / f"m{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, check=True, timeout=120)
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    with safe_open(str(out), framework="np") as f:
+        assert list(f.metadata()) == [model_io.METADATA_KEY]

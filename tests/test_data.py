@@ -32,14 +32,14 @@ def digits_spec(layout: str) -> dict:
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    """Digits prepared in both layouts through the CLI; {layout: spec}."""
+    """Digits prepared in both layouts through the CLI; {layout: dataset_record}."""
     root = tmp_path_factory.mktemp("data")
-    specs = {}
+    records = {}
     for layout in ("imagefolder", "arrays"):
         name = f"digits_{layout}"
         prepare_data.main(["--name", name, "--spec", json.dumps(digits_spec(layout)), "--data-root", str(root)])
-        specs[layout] = data.load_spec(root / name / "dataset.json")
-    return specs
+        records[layout] = data.load_dataset_record(root / name / "dataset.json")
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,11 +71,11 @@ def test_digits_prepared_in_both_layouts(digits):
 
 
 def test_train_and_minival_disjoint_and_cover_train(digits):
-    spec = digits["arrays"]
-    train, minival = data.open_split(spec, "train"), data.open_split(spec, "minival")
-    assert len(train) + len(minival) == spec["splits"]["train"]
-    assert len(minival) == round(0.1 * spec["splits"]["train"])
-    full = data._open_disk_split(spec, "train")
+    dataset_record = digits["arrays"]
+    train, minival = data.open_split(dataset_record, "train"), data.open_split(dataset_record, "minival")
+    assert len(train) + len(minival) == dataset_record["splits"]["train"]
+    assert len(minival) == round(0.1 * dataset_record["splits"]["train"])
+    full = data._open_disk_split(dataset_record, "train")
     held = data.minival_indices(len(full), 0.1, 0)
     assert np.array_equal(minival.images, full.images[held])
     rows = {x.tobytes() + bytes([y]) for x, y in zip(full.images, full.labels)}
@@ -90,9 +90,9 @@ def test_train_and_minival_disjoint_and_cover_train(digits):
 
 
 def test_split_count_change_is_detected(digits, tmp_path):
-    spec = dict(digits["arrays"], splits={"train": 5, "test": 360})
+    dataset_record = dict(digits["arrays"], splits={"train": 5, "test": 360})
     with pytest.raises(PipelineError, match="rerun"):
-        data.open_split(spec, "train")
+        data.open_split(dataset_record, "train")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,13 +201,13 @@ def make_tree(root: Path, classes=("n01", "n02", "n03"), train=3, val=2) -> Path
 
 
 def imagenet_spec(path, expected=None, allow_subset=False, ground_truth=None) -> dict:
-    spec = {"label": "ImageNet", "source": {"kind": "imagefolder", "path": str(path),
+    dataset_record = {"label": "ImageNet", "source": {"kind": "imagefolder", "path": str(path),
                                             "val_ground_truth": ground_truth},
             "minival": {"fraction": 0.2}, "test_split": "val", "steps": 1, "eval_protocol": "paper_table3",
             "allow_subset": allow_subset}
     if expected:
-        spec["expected"] = expected
-    return spec
+        dataset_record["expected"] = expected
+    return dataset_record
 
 
 def test_complete_tree_is_prepared_and_loads(tmp_path):
@@ -216,10 +216,10 @@ def test_complete_tree_is_prepared_and_loads(tmp_path):
                                   tmp_path / "data")
     assert record["classes"] == ["n01", "n02", "n03"] and record["splits"] == {"train": 9, "val": 6}
     assert record["subset"] is False
-    spec = data.load_spec(tmp_path / "data" / "imagenet" / "dataset.json")
-    test = data.open_split(spec, "test")
+    dataset_record = data.load_dataset_record(tmp_path / "data" / "imagenet" / "dataset.json")
+    test = data.open_split(dataset_record, "test")
     assert len(test) == 6 and list(test.labels) == [0, 0, 1, 1, 2, 2]
-    assert len(data.open_split(spec, "train")) + len(data.open_split(spec, "minival")) == 9
+    assert len(data.open_split(dataset_record, "train")) + len(data.open_split(dataset_record, "minival")) == 9
     images, labels = next(iter(data.eval_loader(test, TABLE3, 16, 6, "cpu", 0, 127.5, 127.5)))
     assert images.shape == (6, 3, 16, 16) and images.abs().max() <= 1.0
 
@@ -345,15 +345,15 @@ CIFAR_SPEC = {"label": "CIFAR-10", "source": {"kind": "cifar10", "path": None}, 
 def test_cifar10_download_path(tmp_path, cifar_server):
     _, arrays, label_names = cifar_server
     prepare_data.main(["--name", "cifar10", "--spec", json.dumps(CIFAR_SPEC), "--data-root", str(tmp_path / "d")])
-    spec = data.load_spec(tmp_path / "d" / "cifar10" / "dataset.json")
-    assert spec["layout"] == "arrays" and spec["classes"] == label_names
-    assert spec["splits"] == {"train": 50, "test": 4} and spec["minival"] == {"fraction": 0.02, "seed": 0}
-    test = data.open_split(spec, "test")
+    dataset_record = data.load_dataset_record(tmp_path / "d" / "cifar10" / "dataset.json")
+    assert dataset_record["layout"] == "arrays" and dataset_record["classes"] == label_names
+    assert dataset_record["splits"] == {"train": 50, "test": 4} and dataset_record["minival"] == {"fraction": 0.02, "seed": 0}
+    test = data.open_split(dataset_record, "test")
     assert np.array_equal(test.images, arrays["test_batch"][0]) and np.array_equal(test.labels, arrays["test_batch"][1])
     with np.load(tmp_path / "d" / "cifar10" / "train.npz") as z:
         assert z["images"].dtype == np.uint8 and z["labels"].dtype == np.int64 and z["images"].shape == (50, 32, 32, 3)
         assert np.array_equal(z["images"][:10], arrays["data_batch_1"][0])
-    assert len(data.open_split(spec, "minival")) == 1 and len(data.open_split(spec, "train")) == 49
+    assert len(data.open_split(dataset_record, "minival")) == 1 and len(data.open_split(dataset_record, "train")) == 49
     # An existing torchvision folder (source.path) is used as it is, and verified by md5.
     spec2 = dict(CIFAR_SPEC, source={"kind": "cifar10", "path": str(tmp_path / "d" / "cifar10" / "raw")})
     assert prepare_data.prepare("c2", spec2, tmp_path / "d")["splits"] == {"train": 50, "test": 4}

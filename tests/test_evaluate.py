@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from workflow_scripts import convert, data, evaluate, prepare_data
+from workflow_scripts import data, evaluate, model_io, prepare_data
 from workflow_scripts.common import PipelineError
 
 torch.set_num_threads(1)
@@ -66,27 +66,27 @@ def test_model_output_width_must_match_the_classes():
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    spec = {"label": "Digits", "source": {"kind": "sklearn_digits", "layout": "arrays"},
+    dataset_record = {"label": "Digits", "source": {"kind": "sklearn_digits", "layout": "arrays"},
             "minival": {"fraction": 0.1}, "test_split": "test", "steps": 1, "eval_protocol": "paper_table3"}
-    prepare_data.prepare("digits", spec, root)
+    prepare_data.prepare("digits", dataset_record, root)
     return root / "digits" / "dataset.json"
 
 
 def save_random_model(path, seed, num_classes=10):
     torch.manual_seed(seed)
     arch = dict(ARCH, num_classes=num_classes)
-    model = convert.build_model(arch)
+    model = model_io.build_model(arch)
     nn.init.normal_(model.head.weight)  # timm zero-initialises the head: every logit would tie
-    convert.save_model(model, arch, path)
+    model_io.save_model(model, arch, path)
     return path
 
 
 def reference_top1(model_path, dataset_json, protocol, mean, std) -> float:
     """Top-1 computed directly: protocol transform of the whole test split, one forward, argmax."""
-    split = data.open_split(data.load_spec(dataset_json), "test")
+    split = data.open_split(data.load_dataset_record(dataset_json), "test")
     images = data.EvalTransform(protocol, ARCH["image_size"], mean, std)(torch.from_numpy(split.images))
     with torch.no_grad():
-        pred = convert.load_model(model_path)(images).argmax(1).numpy()
+        pred = model_io.load_model(model_path)(images).argmax(1).numpy()
     return 100.0 * float((pred == split.labels).mean())
 
 
@@ -142,8 +142,9 @@ def test_selection_mode_evaluates_each_seed_once(tmp_path, digits):
         evaluate.main(args + ["--pixel-mean", "0", "--out", str(tmp_path / "bad.json")])
 
 
-def test_bench_prints_the_comparison_last(capsys):
-    evaluate.main(["--bench", "--threads", "1", "--batch-size", "16", "--batches", "1", "--rounds", "3"])
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_evaluation_bench_compares_with_a_bare_loop():
+    from workflow_scripts import bench
+
+    last = bench.evaluation_bench(threads=1, batch_size=16, batches=1, rounds=3)
     assert last["eval_img_s"] > 0 and last["bare_img_s"] > 0
     assert 0.3 < last["ratio"] < 3.0  # median of paired per-round ratios; a per-sample engine would fail

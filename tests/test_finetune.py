@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workflow_scripts import convert, data, finetune, gpu_pool
+from workflow_scripts import data, finetune, gpu_pool, model_io
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARCH = {"patch_size": 4, "hidden_dim": 16, "num_blocks": 1, "tokens_mlp_dim": 8,
@@ -34,7 +34,7 @@ def tiny(tmp_path_factory):
     """A tiny converted checkpoint and a tiny 3-class array dataset whose images encode their index."""
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    convert.save_model(convert.build_model(TINY_ARCH), TINY_ARCH, root / "ckpt.safetensors")
+    model_io.save_model(model_io.build_model(TINY_ARCH), TINY_ARCH, root / "ckpt.safetensors")
     rng = np.random.default_rng(0)
     sizes = {"train": 120, "test": 30}
     for split, n in sizes.items():
@@ -84,7 +84,7 @@ def test_schedule_warms_up_linearly_then_cosine_decays_to_zero():
 
 def tiny_model(num_classes: int = 7) -> torch.nn.Module:
     torch.manual_seed(1)
-    model = convert.build_model(dict(TINY_ARCH, num_classes=num_classes)).train()
+    model = model_io.build_model(dict(TINY_ARCH, num_classes=num_classes)).train()
     torch.nn.init.normal_(model.head.weight, std=0.5)  # timm zero-initialises it: give the body gradients
     return model
 
@@ -161,15 +161,15 @@ def test_step_plan_is_a_pure_function_of_seed_and_step():
 
 
 def test_minival_is_disjoint_from_training_and_deterministic(tiny):
-    spec = data.load_spec(tiny / "dataset.json")
+    dataset_record = data.load_dataset_record(tiny / "dataset.json")
 
     def ids(split):
         return set((split.images[:, 0, 0, 0].astype(int) + 256 * split.images[:, 0, 0, 1].astype(int)).tolist())
 
-    train, minival = data.open_split(spec, "train"), data.open_split(spec, "minival")
+    train, minival = data.open_split(dataset_record, "train"), data.open_split(dataset_record, "minival")
     assert len(minival) == 12 and len(train) == 108
     assert ids(train).isdisjoint(ids(minival)) and ids(train) | ids(minival) == set(range(120))
-    assert ids(data.open_split(spec, "minival")) == ids(minival)
+    assert ids(data.open_split(dataset_record, "minival")) == ids(minival)
     # The engine indexes the training split only (never minival).
     seen = np.concatenate([i for s in range(1, 30) for i, _ in finetune.step_plan(0, s, len(train), 16, 4)])
     assert seen.min() >= 0 and seen.max() < len(train)
@@ -195,8 +195,8 @@ def test_run_writes_model_metrics_and_summary(tiny, tmp_path):
     assert eval_lines[-1]["minival_top1"] == summary["minival_top1"]
     assert train_lines[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert all(m["loss"] > 0 and m["grad_norm"] > 0 and m["img_s"] > 0 for m in train_lines)
-    assert convert.read_architecture(run / "model.safetensors") == dict(TINY_ARCH, num_classes=3)
-    assert convert.load_model(run / "model.safetensors", num_classes=3).head.weight.any()
+    assert model_io.read_architecture(run / "model.safetensors") == dict(TINY_ARCH, num_classes=3)
+    assert model_io.load_model(run / "model.safetensors", num_classes=3).head.weight.any()
     assert not (tmp_path / "resume" / finetune.STATE_FILE).exists()
     assert "finetune" in log and '"step": 20' in log  # progress bar and metric lines in the job log
 
@@ -244,7 +244,7 @@ def test_ddp_two_processes_match_one_process(tiny, tmp_path):
     a, b = (load_file(tmp_path / ranks / "run" / "model.safetensors") for ranks in ("one", "two"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
-    assert any(not torch.equal(a[k], convert.load_model(tiny / "ckpt.safetensors").state_dict()[k])
+    assert any(not torch.equal(a[k], model_io.load_model(tiny / "ckpt.safetensors").state_dict()[k])
                for k in a if not k.startswith("head."))
 
 
@@ -268,7 +268,7 @@ def test_bench_flop_count_matches_torch_flop_counter():
     from workflow_scripts import bench
 
     arch = dict(TINY_ARCH, image_size=16)
-    model = convert.build_model(arch)
+    model = model_io.build_model(arch)
     with FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, 16, 16))
     assert bench.forward_flops(arch) == counter.get_total_flops()

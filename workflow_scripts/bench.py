@@ -1,7 +1,13 @@
-"""Training throughput of the fine-tuning engine against a bare timm + torch loop, in one run.
+"""Every benchmark of the pipeline, each against a bare baseline measured in the same run.
 
-    python -m workflow_scripts.bench [--threads 2] [--steps 6] [--rounds 3]
+    python -m workflow_scripts.bench [training|evaluation|conversion ...] [--threads 2] [--steps 4] [--rounds 5]
 
+With no name, all of them run (`make bench`). Each prints one JSON line last:
+- training: the fine-tuning engine against a bare timm + torch loop (below);
+- evaluation: the evaluation engine against a bare timm forward loop, same model, batches and threads;
+- conversion: converting a synthesized Mixer-B/16 (21843 classes) in child processes, time and memory.
+
+Training:
 The engine is `finetune.train` itself (accumulation, clipping, schedule, the real array data path
 with on-device augmentation, logging) on a synthetic array dataset; its img/s is read from the
 metrics it logs, leaving out the first (warm-up) interval. The bare loop trains the same timm model
@@ -16,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +35,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from workflow_scripts import convert, finetune
+from workflow_scripts import evaluate, finetune, model_io
+from workflow_scripts.convert import random_official_params
 from workflow_scripts.common import PipelineError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +73,7 @@ def write_workload(folder: Path, arch: dict, num_images: int) -> tuple[Path, Pat
     """A converted checkpoint of `arch` and an array dataset of random images, as the pipeline writes them."""
     torch.manual_seed(0)
     checkpoint = folder / "model.safetensors"
-    convert.save_model(convert.build_model(arch), arch, checkpoint)
+    model_io.save_model(model_io.build_model(arch), arch, checkpoint)
     rng = np.random.default_rng(0)
     size, classes = arch["image_size"], arch["num_classes"]
     n_minival = max(classes, num_images // 50)
@@ -93,7 +103,7 @@ def engine_img_s(folder: Path, checkpoint: Path, dataset: Path, protocol: dict, 
 def bare_img_s(arch: dict, protocol: dict, steps: int, device: torch.device) -> float:
     """A bare timm + torch loop over pre-normalised micro-batches already on the device."""
     micro = protocol["micro_batch_size"]
-    model = convert.build_model(arch).to(device).train()
+    model = model_io.build_model(arch).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=protocol["momentum"])
     autocast = finetune.autocast_context(protocol["precision"], device)
     gen = torch.Generator().manual_seed(0)
@@ -153,16 +163,103 @@ def with_utilisation(result: dict, device_name: str) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(REPO / "config.yaml"),
-                        help="config whose protocol block the engine runs")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for both loops")
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per measurement (first is warm-up)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating engine/bare measurements")
-    args = parser.parse_args(argv)
-    if args.steps < 2:
-        raise PipelineError("--steps must be at least 2 (the first step is a warm-up)")
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+EVAL_MIXER = {"patch_size": 4, "hidden_dim": 128, "num_blocks": 4, "tokens_mlp_dim": 64,
+                      "channels_mlp_dim": 512, "num_classes": 10, "image_size": 32}
+
+
+def evaluation_bench(threads: int, batch_size: int = 256, batches: int = 2, rounds: int = 15) -> dict:
+    """Evaluation engine vs a bare timm forward loop on CPU: same model, batches and threads.
+
+    The two alternate (order swapped every round) and the ratio is the median of the per-round
+    ratios, so a load spike from other processes hits both sides of a round alike.
+    """
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = model_io.build_model(EVAL_MIXER).eval()
+    size, classes = EVAL_MIXER["image_size"], EVAL_MIXER["num_classes"]
+    loader = [(torch.randn(batch_size, 3, size, size), torch.randint(0, classes, (batch_size,)))
+              for _ in range(batches)]
+
+    def bare() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for images, _ in loader:
+                model(images)
+        return batch_size * batches / (time.perf_counter() - start)
+
+    def engine() -> float:
+        return evaluate.evaluate_model(model, loader, classes, "cpu")["images_per_s"]
+
+    bare(), engine()  # warm-up
+    eval_img_s, bare_img_s = [], []
+    for i in range(rounds):
+        if i % 2:
+            bare_img_s.append(bare())
+            eval_img_s.append(engine())
+        else:
+            eval_img_s.append(engine())
+            bare_img_s.append(bare())
+    ratios = [e / b for e, b in zip(eval_img_s, bare_img_s)]
+    return {"eval_img_s": round(statistics.median(eval_img_s), 1), "bare_img_s": round(statistics.median(bare_img_s), 1),
+            "ratio": round(statistics.median(ratios), 3), "threads": threads, "batch_size": batch_size,
+            "rounds": rounds, "architecture": EVAL_MIXER}
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+# Mixer-B/16 with the ImageNet-21k head (vit_jax/configs/models.py; ~290 MiB of float32): the cost acceptance case.
+CONVERT_MIXER = {"patch_size": 16, "hidden_dim": 768, "num_blocks": 12, "tokens_mlp_dim": 384,
+                      "channels_mlp_dim": 3072, "num_classes": 21843, "image_size": 224}
+BENCH_MAX_SECONDS = 10.0
+BENCH_MAX_RSS_RATIO = 3.0
+
+
+def conversion_bench(repeats: int = 3) -> dict:
+    """Convert a synthesized B/16 checkpoint in child processes; print time and memory against the budget.
+
+    The best of `repeats` wall times is judged (the machine may be shared); memory is the largest peak.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        npz_path, out, parity = Path(tmp, "bench.npz"), Path(tmp, "bench.safetensors"), Path(tmp, "parity.json")
+        with open(npz_path, "wb") as f:
+            np.savez(f, **random_official_params(CONVERT_MIXER, seed=0))
+        file_mib = npz_path.stat().st_size / 2**20
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "workflow_scripts.convert", str(npz_path), str(out),
+                            "--parity", str(parity)], check=True, stdout=subprocess.DEVNULL)
+            times.append(time.perf_counter() - start)
+            out.unlink()
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak = usage.ru_maxrss / 1024
+        record = json.loads(parity.read_text())
+    seconds, base = min(times), record["rss_at_start_mib"]
+    rows = [
+        ("checkpoint", f"{model_io.architecture_name(CONVERT_MIXER)}, {file_mib:.1f} MiB npz"),
+        ("process seconds, best of runs (with imports)", f"{seconds:.2f}  (runs: {', '.join(f'{t:.2f}' for t in times)})"),
+        ("CPU seconds per run (user + sys)", f"{(usage.ru_utime + usage.ru_stime) / repeats:.2f}"),
+        ("conversion seconds, last run (after imports)", f"{record['convert_seconds']:.2f}"),
+        ("peak RSS MiB (process)", f"{peak:.0f}  = {peak / file_mib:.2f} x file"),
+        ("RSS MiB after imports (torch, timm)", f"{base:.0f}  (peak during imports {record['peak_rss_at_start_mib']:.0f})"),
+        ("conversion memory MiB (peak - after imports)", f"{peak - base:.0f}  = {(peak - base) / file_mib:.2f} x file"),
+        ("max |logit diff| vs the Flax reference", f"{record['max_abs_logit_diff']:.3g}"),
+    ]
+    for name, value in rows:
+        print(f"{name:46s} {value}")
+    ok = seconds < BENCH_MAX_SECONDS and (peak - base) < BENCH_MAX_RSS_RATIO * file_mib
+    print(f"budget (< {BENCH_MAX_SECONDS:g} s, conversion memory < {BENCH_MAX_RSS_RATIO:g} x file): "
+          f"{'met' if ok else 'NOT met'}")
+    return {"convert_seconds": round(seconds, 3), "conversion_memory_x_file": round((peak - base) / file_mib, 3),
+            "peak_rss_x_file": round(peak / file_mib, 3), "max_abs_logit_diff": record["max_abs_logit_diff"],
+            "budget_met": ok}
+
+
+
+def training_bench(args) -> dict:
     base = yaml.safe_load(Path(args.config).read_text())["protocol"]
     # One logging interval per step; no resume checkpoints; minival only after the last step.
     protocol = dict(base, deterministic=False, log_every=1, eval_every=args.steps,
@@ -178,7 +275,30 @@ def main(argv: list[str] | None = None) -> int:
         b16 = compare(MIXER_B16, dict(protocol, precision="bf16"), args.steps, args.rounds, args.threads, device,
                       num_images=protocol["batch_size"] * args.steps)
         report["mixer_b16_224"] = with_utilisation(b16, device_name)
-    print(json.dumps(report))
+    return report
+
+
+BENCHMARKS = {
+    "training": training_bench,
+    "evaluation": lambda args: evaluation_bench(max(1, args.threads)),
+    "conversion": lambda args: conversion_bench(),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", choices=[[], *BENCHMARKS], help="benchmarks to run (default: all)")
+    parser.add_argument("--config", default=str(REPO / "config.yaml"),
+                        help="config whose protocol block the training engine runs")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for both loops")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per measurement (first is warm-up)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating engine/bare measurements")
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        raise PipelineError("--steps must be at least 2 (the first step is a warm-up)")
+    for name in args.names or list(BENCHMARKS):
+        result = BENCHMARKS[name](args)
+        print(json.dumps({"benchmark": name, **result}), flush=True)
     return 0
 
 

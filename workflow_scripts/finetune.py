@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from workflow_scripts import convert, data, evaluate
+from workflow_scripts import data, evaluate, model_io
 from workflow_scripts.common import PipelineError, json_arg, atomic_path, run_cli, sha256_file, write_json
 
 PROTOCOL_KEYS = ("batch_size", "micro_batch_size", "warmup_steps", "momentum", "weight_decay",
@@ -243,16 +243,16 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, out_di
                             "multiple of the GPU count")
     local_micro = num_micro // world_size
 
-    spec = data.load_spec(dataset_json)
-    train_split, minival_split = data.open_split(spec, "train"), data.open_split(spec, "minival")
-    architecture = dict(convert.read_architecture(checkpoint), num_classes=train_split.num_classes)
+    dataset_record = data.load_dataset_record(dataset_json)
+    train_split, minival_split = data.open_split(dataset_record, "train"), data.open_split(dataset_record, "minival")
+    architecture = dict(model_io.read_architecture(checkpoint), num_classes=train_split.num_classes)
     image_size = architecture["image_size"]
-    model = zero_head(convert.load_model(checkpoint), train_split.num_classes).to(device).train()
+    model = zero_head(model_io.load_model(checkpoint), train_split.num_classes).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=protocol["momentum"],
                                 weight_decay=protocol["weight_decay"])
     autocast = autocast_context(protocol["precision"], device)
 
-    fingerprint = {"checkpoint_sha256": sha256_file(checkpoint), "dataset": spec["name"],
+    fingerprint = {"checkpoint_sha256": sha256_file(checkpoint), "dataset": dataset_record["name"],
                    "train_size": len(train_split), "lr": lr, "seed": seed, "steps": steps,
                    "protocol": {k: v for k, v in protocol.items() if k not in EXECUTION_KEYS}}
     state = load_state(resume_dir, fingerprint, device)
@@ -359,7 +359,7 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, out_di
         return None
     final = metrics[-1]
     summary = {
-        "checkpoint": Path(checkpoint).name.removesuffix(".safetensors"), "dataset": spec["name"],
+        "checkpoint": Path(checkpoint).name.removesuffix(".safetensors"), "dataset": dataset_record["name"],
         "lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "micro_batch_size": micro,
         "world_size": world_size, "device": device.type, "device_names": device_names(device, world_size),
         "precision": precision_name(protocol["precision"], device), "inception_crop": protocol["inception_crop"],
@@ -369,7 +369,7 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, out_di
         "resumed_from_step": start_step or None, "protocol": protocol,
         "started_utc": started_utc, "finished_utc": utc_now(),
     }
-    convert.save_model(model, architecture, out_dir / "model.safetensors")  # atomic itself
+    model_io.save_model(model, architecture, out_dir / "model.safetensors")  # atomic itself
     with atomic_path(out_dir / "metrics.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
     write_json(out_dir / "summary.json", summary)

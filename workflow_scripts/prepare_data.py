@@ -171,9 +171,9 @@ def sort_flat_val(val_dir: Path, ground_truth: Path, classes: list[str], out: Pa
     os.replace(tmp, out)
 
 
-def _expected_counts(name: str, spec: dict, found: dict[str, int]) -> tuple[bool, str | None]:
-    """Compare found counts with spec["expected"]; returns (subset, note) or raises."""
-    expected = spec.get("expected") or {}
+def _expected_counts(name: str, dataset_config: dict, found: dict[str, int]) -> tuple[bool, str | None]:
+    """Compare found counts with dataset_config["expected"]; returns (subset, note) or raises."""
+    expected = dataset_config.get("expected") or {}
     short, over = [], []
     for key, label in (("num_classes", "classes"), ("train", "train images"), ("val", "val images")):
         if key not in expected:
@@ -186,16 +186,16 @@ def _expected_counts(name: str, spec: dict, found: dict[str, int]) -> tuple[bool
         )
     if not short:
         return False, None
-    if not spec.get("allow_subset", False):
+    if not dataset_config.get("allow_subset", False):
         raise PipelineError(
             f"dataset '{name}' is incomplete: {', '.join(short)}. Complete the tree, or set "
             f"datasets.{name}.allow_subset: true to run on a subset (the report says so)"
         )
-    return True, f"subset of {spec.get('label', name)}: {', '.join(short)} (allow_subset: true)"
+    return True, f"subset of {dataset_config.get('label', name)}: {', '.join(short)} (allow_subset: true)"
 
 
-def prepare_imagefolder(name: str, spec: dict, out_dir: Path) -> dict:
-    source = spec["source"]
+def prepare_imagefolder(name: str, dataset_config: dict, out_dir: Path) -> dict:
+    source = dataset_config["source"]
     if not source.get("path"):
         raise PipelineError(f"datasets.{name}.source.path is not set; point it at the folder holding train/ and val/")
     src = Path(source["path"]).resolve()
@@ -219,7 +219,7 @@ def prepare_imagefolder(name: str, spec: dict, out_dir: Path) -> dict:
             f"{'...' if len(only_train) > 5 else ''}, only in val: {only_val[:5]}{'...' if len(only_val) > 5 else ''})"
         )
     splits = {"train": sum(train_counts.values()), "val": sum(val_counts.values())}
-    subset, note = _expected_counts(name, spec, {"num_classes": len(classes), **splits})
+    subset, note = _expected_counts(name, dataset_config, {"num_classes": len(classes), **splits})
     return {"layout": "imagefolder", "classes": classes, "splits": splits, "subset": subset, "subset_note": note}
 
 
@@ -269,13 +269,13 @@ def prepare_digits(source: dict, out_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-def describe(name: str, spec: dict, prepared: dict) -> dict:
+def dataset_record(name: str, dataset_config: dict, prepared: dict) -> dict:
     """The dataset.json record; checks the config's split names against what was prepared."""
     splits = prepared["splits"]
-    test_split = spec["test_split"]
+    test_split = dataset_config["test_split"]
     if test_split not in splits:
         raise PipelineError(f"datasets.{name}.test_split: '{test_split}' is not one of {sorted(splits)}")
-    minival = dict(spec["minival"])
+    minival = dict(dataset_config["minival"])
     if "split" in minival:
         if minival["split"] not in splits or minival["split"] in ("train", test_split):
             raise PipelineError(
@@ -288,7 +288,7 @@ def describe(name: str, spec: dict, prepared: dict) -> dict:
         raise PipelineError(f"datasets.{name}.test_split must not be the training split")
     return {
         "name": name,
-        "label": spec.get("label", name),
+        "label": dataset_config.get("label", name),
         "layout": prepared["layout"],
         "root": ".",
         "classes": prepared["classes"],
@@ -302,19 +302,19 @@ def describe(name: str, spec: dict, prepared: dict) -> dict:
     }
 
 
-def prepare(name: str, spec: dict, data_root: str | os.PathLike) -> dict:
+def prepare(name: str, dataset_config: dict, data_root: str | os.PathLike) -> dict:
     out_dir = Path(data_root) / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    kind = spec["source"]["kind"]
+    kind = dataset_config["source"]["kind"]
     if kind == "cifar10":
-        prepared = prepare_cifar10(spec["source"], out_dir)
+        prepared = prepare_cifar10(dataset_config["source"], out_dir)
     elif kind == "imagefolder":
-        prepared = prepare_imagefolder(name, spec, out_dir)
+        prepared = prepare_imagefolder(name, dataset_config, out_dir)
     elif kind == "sklearn_digits":
-        prepared = prepare_digits(spec["source"], out_dir)
+        prepared = prepare_digits(dataset_config["source"], out_dir)
     else:
         raise PipelineError(f"datasets.{name}.source.kind: unknown kind '{kind}'")
-    record = describe(name, spec, prepared)
+    record = dataset_record(name, dataset_config, prepared)
     write_json(out_dir / "dataset.json", record)
     return record
 
@@ -322,10 +322,10 @@ def prepare(name: str, spec: dict, data_root: str | os.PathLike) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True, help="dataset name (config key under datasets)")
-    p.add_argument("--spec", required=True, help="the dataset's config entry as JSON")
+    p.add_argument("--spec", dest="dataset_config", required=True, help="the dataset's config entry as JSON")
     p.add_argument("--data-root", required=True, help="folder that receives <name>/dataset.json and the data")
     args = p.parse_args(argv)
-    record = prepare(args.name, json_arg(args.spec, "--spec"), args.data_root)
+    record = prepare(args.name, json_arg(args.dataset_config, "--spec"), args.data_root)
     print(json.dumps({k: record[k] for k in ("name", "layout", "num_classes", "splits", "subset", "subset_note")}))
     return 0
 

@@ -15,7 +15,8 @@ import torch
 from timm.layers import lecun_normal_
 
 from workflow_scripts.common import json_arg, run_cli, sha256_file
-from workflow_scripts.convert import build_model, check_architecture, describe, export_npz
+from workflow_scripts.convert import export_npz
+from workflow_scripts.model_io import architecture_name, build_model, check_architecture
 
 
 def synthesize(architecture: Mapping, seed: int, out: str | os.PathLike) -> None:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     architecture = json_arg(args.architecture, "--architecture")
     synthesize(architecture, args.seed, args.out)
-    print(f"wrote {args.out}: {describe(architecture)}, seed {args.seed}, sha256 {sha256_file(args.out)}")
+    print(f"wrote {args.out}: {architecture_name(architecture)}, seed {args.seed}, sha256 {sha256_file(args.out)}")
     return 0
 
 
