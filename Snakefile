@@ -35,5 +35,5 @@ include: "rules/report.smk"
 
 rule all:
     input:
-        f"{R}/report/index.html",
+        report_file("index.html"),
     default_target: True

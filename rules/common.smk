@@ -1,24 +1,24 @@
-# Config validation and the helpers the rule files use (they stay thin and take paths, params and
-# resources from here, each running one `python -m workflow_scripts.<stage>` command).
+# The one place that knows the layout and validates the config. Rule files stay thin: they take
+# paths, params and resources from here and run one `python -m workflow_scripts.<stage>` command.
 import json
 import os
 import shlex
 import sys
 from pathlib import Path
 
+import jsonschema
 import yaml
 from snakemake.exceptions import WorkflowError
-import jsonschema
-
-sys.path.insert(0, workflow.basedir)  # the job matrix lives in workflow_scripts/matrix.py (shared with aggregate)
-from workflow_scripts import matrix
-
-# Stages are the workflow_scripts package next to this Snakefile; make it importable by every job,
-# whatever the working directory (--directory) or environment (--sdm conda, SLURM).
-# Without --sdm conda, jobs use the interpreter Snakemake runs in (a .venv works without activating it).
 from snakemake.settings.types import DeploymentMethod
 
+sys.path.insert(0, workflow.basedir)  # workflow_scripts: the pure job matrix and the typed protocol
+from workflow_scripts import matrix  # noqa: E402
 
+
+# ---------------------------------------------------------------------------------------------
+# Every job imports the workflow_scripts package next to this Snakefile, whatever the working
+# directory (--directory) or environment (--sdm conda, SLURM). Without --sdm conda, jobs use the
+# interpreter Snakemake runs in (a .venv works without being activated).
 def _escape(path):
     return shlex.quote(path).replace("{", "{{").replace("}", "}}")  # the prefix is format-expanded
 
@@ -28,30 +28,32 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     _prefix += "export PATH={}:$PATH; ".format(_escape(str(Path(sys.executable).parent)))
 shell.prefix(_prefix)
 
+
+# ---------------------------------------------------------------------------------------------
+# Validation, once, at the Snakemake boundary: the schema, then what a schema cannot express.
 def config_error(key, problem, fix):
     raise WorkflowError(f"config key '{key}': {problem}. Fix: {fix}")
+
+
+def _schema_problem(err):
+    key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extras = sorted(set(err.instance) - set(allowed))
+        keys = [f"{key}.{extra}" if err.absolute_path else extra for extra in extras]
+        return [f"config key '{k}' is not known (misspelled?); allowed here: {allowed}" for k in keys]
+    if err.validator == "required":
+        return [f"config key '{key}': {err.message}; add it (see config.yaml for an example)"]
+    hint = err.schema.get("errorMessage")  # the schema's own explanation, e.g. where a key moved
+    return [f"config key '{key}': {hint or err.message}"]
 
 
 def validate_against_schema(obj, schema_name, source):
     """Check obj against a JSON schema; every problem becomes one line naming the dotted key."""
     schema = yaml.safe_load((Path(workflow.basedir) / "rules" / "schemas" / schema_name).read_text())
-    problems = []
-    for err in jsonschema.Draft202012Validator(schema).iter_errors(obj):
-        key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-        if err.validator == "additionalProperties":
-            allowed = sorted(err.schema.get("properties", {}))
-            for extra in sorted(set(err.instance) - set(allowed)):
-                k = f"{key}.{extra}" if err.absolute_path else extra
-                problems.append(f"config key '{k}' is not known (misspelled?); allowed here: {allowed}")
-        elif err.validator == "required":
-            problems.append(f"config key '{key}': {err.message}; add it (see config.yaml for an example)")
-        else:
-            problems.append(f"config key '{key}': {err.message}")
+    problems = [p for err in jsonschema.Draft202012Validator(schema).iter_errors(obj) for p in _schema_problem(err)]
     if problems:
         raise WorkflowError(f"{source} is not valid:\n  " + "\n  ".join(sorted(problems)))
-
-
-validate_against_schema(config, "config.schema.yaml", "the config (" + ", ".join(map(str, workflow.configfiles)) + ")")
 
 
 def _workflow_file(path):
@@ -60,10 +62,11 @@ def _workflow_file(path):
     return p if p.is_absolute() else Path(workflow.basedir) / p
 
 
-def _load_references():
-    if isinstance(config["references"], dict):
-        return config["references"]
-    path = _workflow_file(config["references"])
+def load_references(value):
+    """report/references.yaml (or an inline mapping), checked against its schema and its sources."""
+    if isinstance(value, dict):
+        return value
+    path = _workflow_file(value)
     if not path.exists():
         config_error("references", f"file {path} does not exist", "point it at report/references.yaml")
     refs = yaml.safe_load(path.read_text())
@@ -77,34 +80,26 @@ def _load_references():
     return refs
 
 
-config["references"] = _load_references()
+def _check_names(key, names, known):
+    for name in names:
+        if name not in known:
+            config_error(key, f"'{name}' is not defined", f"define it or use one of {sorted(known)}")
 
 
-def _check_cross_references():
+def check_cross_references(config):
     ckpts, dsets = config["checkpoints"], config["datasets"]
-    for key, names, known in (
-        ("finetune.checkpoints", config["finetune"]["checkpoints"], ckpts),
-        ("finetune.datasets", config["finetune"]["datasets"], dsets),
-        ("resources.finetune_gpu_overrides", config["resources"]["finetune_gpu_overrides"], ckpts),
-    ):
-        for name in names:
-            if name not in known:
-                config_error(key, f"'{name}' is not defined", f"define it or use one of {sorted(known)}")
+    _check_names("finetune.checkpoints", config["finetune"]["checkpoints"], ckpts)
+    _check_names("finetune.datasets", config["finetune"]["datasets"], dsets)
+    _check_names("resources.finetune_gpu_overrides", config["resources"]["finetune_gpu_overrides"], ckpts)
     for i, entry in enumerate(config["evaluation"]["baseline"]):
-        if entry["checkpoint"] not in ckpts:
-            config_error(f"evaluation.baseline[{i}].checkpoint", f"'{entry['checkpoint']}' is not defined",
-                         f"use one of {sorted(ckpts)}")
-        if entry["dataset"] not in dsets:
-            config_error(f"evaluation.baseline[{i}].dataset", f"'{entry['dataset']}' is not defined",
-                         f"use one of {sorted(dsets)}")
+        _check_names(f"evaluation.baseline[{i}].checkpoint", [entry["checkpoint"]], ckpts)
+        _check_names(f"evaluation.baseline[{i}].dataset", [entry["dataset"]], dsets)
     for name, ds in dsets.items():
-        if ds["eval_protocol"] not in config["evaluation"]["protocols"]:
-            config_error(f"datasets.{name}.eval_protocol", f"'{ds['eval_protocol']}' is not a protocol",
-                         f"use one of {sorted(config['evaluation']['protocols'])}")
+        _check_names(f"datasets.{name}.eval_protocol", [ds["eval_protocol"]], config["evaluation"]["protocols"])
     for name, ck in ckpts.items():
-        if "synthesize" in ck and ck["url"] != f"file:{synthesized_path(name)}":
+        if "synthesize" in ck and ck["url"] != f"file:{upstream_npz(name)}":
             config_error(f"checkpoints.{name}.url", "a synthesized checkpoint is fetched from the file "
-                         "synthesize_upstream writes", f"set it to file:{synthesized_path(name)}")
+                         "synthesize_upstream writes", f"set it to file:{upstream_npz(name)}")
     p = config["protocol"]
     if p["batch_size"] % p["micro_batch_size"]:
         config_error("protocol.micro_batch_size", f"{p['micro_batch_size']} does not divide "
@@ -118,34 +113,105 @@ def _check_cross_references():
                          "pick a micro-batch size that makes batch_size/micro_batch_size a multiple of the GPU count")
 
 
-# ---------------------------------------------------------------------------------------------
-# Paths
-R = config["output_root"]
-D = config["data_root"]
-W = config["weights_dir"]
-
-
-def results_root_of(path):
-    """output_root, recovered from a file two levels below it (R/<stage>/<file>)."""
-    return str(Path(path).parent.parent)
-
-
-def synthesized_path(ckpt):
-    return f"{R}/upstream/{ckpt}.npz"
-
-
-def run_dir(ckpt, dataset, lr, seed):
-    return f"{R}/finetune/{ckpt}/{dataset}/lr{lr}_s{seed}"
+validate_against_schema(config, "config.schema.yaml", "the config (" + ", ".join(map(str, workflow.configfiles)) + ")")
+config["references"] = load_references(config["references"])
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs and params (the only logic the rule files need)
+# Paths: the layout of every file the workflow reads or writes. Each helper takes wildcard
+# values, or the wildcard patterns themselves ("{ckpt}") when a rule declares its files.
+results_root = config["output_root"]
+data_root = config["data_root"]
+weights_dir = config["weights_dir"]
+
+
+def upstream_npz(ckpt):
+    """Where synthesize_upstream writes a stand-in checkpoint (the demo's file: URLs point here)."""
+    return f"{results_root}/upstream/{ckpt}.npz"
+
+
+def downloaded_npz(ckpt):
+    return f"{weights_dir}/{ckpt}.npz"
+
+
+def download_record(ckpt):
+    return f"{weights_dir}/{ckpt}.download.json"
+
+
+def converted_model(ckpt):
+    return f"{results_root}/converted/{ckpt}.safetensors"
+
+
+def parity_record(ckpt):
+    return f"{results_root}/converted/{ckpt}.parity.json"
+
+
+def dataset_json(dataset):
+    return f"{data_root}/{dataset}/dataset.json"
+
+
+def run_file(ckpt, dataset, lr, seed, name):
+    """A file of one fine-tuning run: model.safetensors, metrics.jsonl or summary.json."""
+    return f"{results_root}/finetune/{ckpt}/{dataset}/lr{lr}_s{seed}/{name}"
+
+
+def resume_dir(ckpt, dataset, lr, seed):
+    """Resume state: deliberately not an output (Snakemake deletes the outputs of a failed job)."""
+    return f"{results_root}/.resume/{ckpt}/{dataset}/lr{lr}_s{seed}"
+
+
+def selection_json(ckpt, dataset):
+    return f"{results_root}/selection/{ckpt}/{dataset}.json"
+
+
+def evaluation_json(ckpt, dataset):
+    return f"{results_root}/evaluate/{ckpt}/{dataset}.json"
+
+
+def baseline_json(ckpt, dataset, protocol):
+    return f"{results_root}/baseline/{ckpt}/{dataset}/{protocol}.json"
+
+
+def aggregate_file(name):
+    return f"{results_root}/aggregate/{name}"
+
+
+def report_file(name):
+    return f"{results_root}/report/{name}"
+
+
+def logs_dir():
+    return f"{results_root}/logs"
+
+
+def log_file(rule, job):
+    return f"{logs_dir()}/{rule}/{job}.log"
+
+
+def benchmark_file(rule, job):
+    return f"{results_root}/benchmarks/{rule}/{job}.tsv"
+
+
+# The job name of each kind of job in its log and benchmark paths.
+RUN_JOB = "{ckpt}/{dataset}/lr{lr}_s{seed}"
+PAIR_JOB = "{ckpt}/{dataset}"
+BASELINE_JOB = "{ckpt}/{dataset}/{protocol}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs, params and commands (the only logic the rule files need)
 def as_json(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+def gpu_job(command):
+    """A shell command run on the GPUs the job reserves (resources.gpu), through gpu_pool's locks."""
+    lock_dir = _escape(config["gpu_lock_dir"])
+    return f"python -m workflow_scripts.gpu_pool --gpus {{resources.gpu}} --lock-dir {lock_dir} -- {command}"
+
+
 def synthesize_input(wildcards):
-    return [synthesized_path(wildcards.ckpt)] if "synthesize" in config["checkpoints"][wildcards.ckpt] else []
+    return [upstream_npz(wildcards.ckpt)] if "synthesize" in config["checkpoints"][wildcards.ckpt] else []
 
 
 def download_args(wildcards):
@@ -158,17 +224,10 @@ def download_args(wildcards):
     return " ".join(args)
 
 
-def summaries_of_pair(wildcards):
-    f = config["finetune"]
-    return [
-        f"{run_dir(wildcards.ckpt, wildcards.dataset, matrix.lr_str(lr), seed)}/summary.json"
-        for lr in f["base_lrs"]
-        for seed in f["seeds"]
-    ]
-
-
-def models_of_pair(wildcards):
-    return [s.replace("summary.json", "model.safetensors") for s in summaries_of_pair(wildcards)]
+def pair_runs(wildcards, name):
+    """One file (summary.json or model.safetensors) of every run of a (checkpoint, dataset) sweep."""
+    runs = matrix.pair_runs(config, wildcards.ckpt, wildcards.dataset)
+    return [run_file(*run, name) for run in runs]
 
 
 def eval_protocol_of(dataset):
@@ -179,18 +238,16 @@ def eval_protocol_of(dataset):
 def aggregate_inputs(wildcards):
     runs = matrix.finetune_runs(config)
     return {
-        "summaries": [f"{run_dir(*r)}/summary.json" for r in runs],
-        "metrics": [f"{run_dir(*r)}/metrics.jsonl" for r in runs],
-        "selections": [f"{R}/selection/{ck}/{ds}.json" for ck, ds in matrix.pairs(config)],
-        "evaluations": [f"{R}/evaluate/{ck}/{ds}.json" for ck, ds in matrix.pairs(config)],
-        "baselines": [f"{R}/baseline/{ck}/{ds}/{p}.json" for ck, ds, p in matrix.baseline_runs(config)],
-        "parity": [f"{R}/converted/{ck}.parity.json" for ck in matrix.used_checkpoints(config)],
-        "downloads": [f"{W}/{ck}.download.json" for ck in matrix.used_checkpoints(config)],
+        "summaries": [run_file(*r, "summary.json") for r in runs],
+        "metrics": [run_file(*r, "metrics.jsonl") for r in runs],
+        "selections": [selection_json(ck, ds) for ck, ds in matrix.pairs(config)],
+        "evaluations": [evaluation_json(ck, ds) for ck, ds in matrix.pairs(config)],
+        "baselines": [baseline_json(*b) for b in matrix.baseline_runs(config)],
+        "parity": [parity_record(ck) for ck in matrix.used_checkpoints(config)],
+        "downloads": [download_record(ck) for ck in matrix.used_checkpoints(config)],
         # dataset.json carries the subset flag the report puts in its headline
-        "datasets": [f"{D}/{ds}/dataset.json" for ds in matrix.used_datasets(config)],
+        "datasets": [dataset_json(ds) for ds in matrix.used_datasets(config)],
     }
-
-
 
 
 # The command line that started this run, for the report's provenance section. An environment
@@ -198,5 +255,4 @@ def aggregate_inputs(wildcards):
 # differs, and jobs Snakemake starts itself (e.g. on SLURM) inherit the original command this way.
 os.environ.setdefault("MIXER_COMMAND_LINE", shlex.join(["snakemake"] + sys.argv[1:]))
 
-_check_cross_references()
-
+check_cross_references(config)

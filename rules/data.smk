@@ -4,17 +4,16 @@
 rule prepare_data:
     """Fetch or validate a dataset and describe it in dataset.json (read by fine-tuning and evaluation)."""
     output:
-        f"{D}/{{dataset}}/dataset.json",
+        dataset_json("{dataset}"),
     params:
-        spec=lambda wc: as_json(config["datasets"][wc.dataset]),
-        data_root=lambda wc, output: str(Path(output[0]).parent.parent),
+        dataset_config=lambda wc: as_json(config["datasets"][wc.dataset]),
     retries: 2
     log:
-        f"{R}/logs/prepare_data/{{dataset}}.log",
+        log_file("prepare_data", "{dataset}"),
     benchmark:
-        f"{R}/benchmarks/prepare_data/{{dataset}}.tsv"
+        benchmark_file("prepare_data", "{dataset}")
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.prepare_data --name {wildcards.dataset} --spec {params.spec:q}"
-        " --data-root {params.data_root:q} > {log} 2>&1"
+        "python -m workflow_scripts.prepare_data --name {wildcards.dataset}"
+        " --dataset-config {params.dataset_config:q} --out {output} > {log} 2>&1"

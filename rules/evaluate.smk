@@ -1,17 +1,18 @@
 # Model selection on minival, one test evaluation of the selected runs, and the evaluation-pipeline
-# baseline (released ImageNet-1k checkpoints evaluated as they are, with every protocol).
+# baseline (released checkpoints evaluated as they are, with every protocol). The two evaluations
+# share one rule body: they differ by what they evaluate and where the result goes.
 
 
 rule select_lr:
     """Pick the base LR by mean minival top-1 over seeds; reads training summaries only, never test."""
     input:
-        summaries_of_pair,
+        lambda wc: pair_runs(wc, "summary.json"),
     output:
-        f"{R}/selection/{{ckpt}}/{{dataset}}.json",
+        selection_json("{ckpt}", "{dataset}"),
     log:
-        f"{R}/logs/select_lr/{{ckpt}}/{{dataset}}.log",
+        log_file("select_lr", PAIR_JOB),
     benchmark:
-        f"{R}/benchmarks/select_lr/{{ckpt}}/{{dataset}}.tsv"
+        benchmark_file("select_lr", PAIR_JOB)
     conda:
         "../envs/pipeline.yaml"
     shell:
@@ -22,23 +23,20 @@ rule select_lr:
 rule evaluate:
     """Evaluate the selected LR's runs (every seed) on the test split, once."""
     input:
-        selection=f"{R}/selection/{{ckpt}}/{{dataset}}.json",
-        data=f"{D}/{{dataset}}/dataset.json",
-        models=models_of_pair,
+        selection=selection_json("{ckpt}", "{dataset}"),
+        data=dataset_json("{dataset}"),
+        summaries=lambda wc: pair_runs(wc, "summary.json"),
+        models=lambda wc: pair_runs(wc, "model.safetensors"),
     output:
-        report(
-            f"{R}/evaluate/{{ckpt}}/{{dataset}}.json",
-            caption="../report/evaluate.rst",
-            category="Evaluation",
-        ),
+        report(evaluation_json("{ckpt}", "{dataset}"), caption="../report/evaluate.rst", category="Evaluation"),
     params:
+        what=lambda wc, input: f"--selection {input.selection} --summaries {input.summaries} --models {input.models}",
         protocol_name=lambda wc: eval_protocol_of(wc.dataset)[0],
         protocol=lambda wc: eval_protocol_of(wc.dataset)[1],
         batch_size=config["evaluation"]["batch_size"],
         num_workers=config["protocol"]["num_workers"],
         pixel_mean=config["protocol"]["pixel_mean"],
         pixel_std=config["protocol"]["pixel_std"],
-        lock_dir=config["gpu_lock_dir"],
     threads: config["resources"]["evaluate"]["cpus"]
     resources:
         gpu=config["resources"]["evaluate"]["gpu"],
@@ -46,48 +44,31 @@ rule evaluate:
         mem_mb=config["resources"]["evaluate"]["mem_mb"],
         runtime=config["resources"]["evaluate"]["runtime_min"],
     log:
-        f"{R}/logs/evaluate/{{ckpt}}/{{dataset}}.log",
+        log_file("evaluate", PAIR_JOB),
     benchmark:
-        f"{R}/benchmarks/evaluate/{{ckpt}}/{{dataset}}.tsv"
+        benchmark_file("evaluate", PAIR_JOB)
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.gpu_pool --gpus {resources.gpu} --lock-dir {params.lock_dir:q} --"
-        " python -m workflow_scripts.evaluate --selection {input.selection} --data {input.data}"
-        " --protocol-name {params.protocol_name} --protocol {params.protocol:q}"
-        " --batch-size {params.batch_size} --num-workers {params.num_workers} --threads {threads}"
-        " --pixel-mean {params.pixel_mean} --pixel-std {params.pixel_std} --out {output} > {log} 2>&1"
+        gpu_job(
+            "python -m workflow_scripts.evaluate {params.what} --data {input.data}"
+            " --protocol-name {params.protocol_name} --protocol {params.protocol:q}"
+            " --batch-size {params.batch_size} --num-workers {params.num_workers} --threads {threads}"
+            " --pixel-mean {params.pixel_mean} --pixel-std {params.pixel_std} --out {output} > {log} 2>&1"
+        )
 
 
-rule baseline:
-    """Evaluate a released checkpoint directly (no fine-tuning) with one evaluation protocol."""
+use rule evaluate as baseline with:
     input:
-        model=f"{R}/converted/{{ckpt}}.safetensors",
-        data=f"{D}/{{dataset}}/dataset.json",
+        model=converted_model("{ckpt}"),
+        data=dataset_json("{dataset}"),
     output:
-        f"{R}/baseline/{{ckpt}}/{{dataset}}/{{protocol}}.json",
+        baseline_json("{ckpt}", "{dataset}", "{protocol}"),
     params:
+        what=lambda wc, input: f"--model {input.model}",
+        protocol_name=lambda wc: wc.protocol,
         protocol=lambda wc: as_json(config["evaluation"]["protocols"][wc.protocol]),
-        batch_size=config["evaluation"]["batch_size"],
-        num_workers=config["protocol"]["num_workers"],
-        pixel_mean=config["protocol"]["pixel_mean"],
-        pixel_std=config["protocol"]["pixel_std"],
-        lock_dir=config["gpu_lock_dir"],
-    threads: config["resources"]["evaluate"]["cpus"]
-    resources:
-        gpu=config["resources"]["evaluate"]["gpu"],
-        gpu_model=config["resources"]["gpu_model"],
-        mem_mb=config["resources"]["evaluate"]["mem_mb"],
-        runtime=config["resources"]["evaluate"]["runtime_min"],
     log:
-        f"{R}/logs/baseline/{{ckpt}}/{{dataset}}/{{protocol}}.log",
+        log_file("baseline", BASELINE_JOB),
     benchmark:
-        f"{R}/benchmarks/baseline/{{ckpt}}/{{dataset}}/{{protocol}}.tsv"
-    conda:
-        "../envs/pipeline.yaml"
-    shell:
-        "python -m workflow_scripts.gpu_pool --gpus {resources.gpu} --lock-dir {params.lock_dir:q} --"
-        " python -m workflow_scripts.evaluate --model {input.model} --data {input.data} --split test"
-        " --protocol-name {wildcards.protocol} --protocol {params.protocol:q}"
-        " --batch-size {params.batch_size} --num-workers {params.num_workers} --threads {threads}"
-        " --pixel-mean {params.pixel_mean} --pixel-std {params.pixel_std} --out {output} > {log} 2>&1"
+        benchmark_file("baseline", BASELINE_JOB)

@@ -1,22 +1,21 @@
-# Fine-tuning: one job per checkpoint x dataset x base LR x seed. Resume state lives under
-# R/.resume (not an output: Snakemake deletes the outputs of a failed job), so a rerun continues.
+# Fine-tuning: one job per checkpoint x dataset x base LR x seed. Resume state lives outside the
+# outputs (Snakemake deletes the outputs of a failed job), so a rerun continues where it stopped.
 
 
 rule finetune:
     """Fine-tune with the paper's protocol on the training split; minival top-1 picks the LR later."""
     input:
-        checkpoint=f"{R}/converted/{{ckpt}}.safetensors",
-        data=f"{D}/{{dataset}}/dataset.json",
+        checkpoint=converted_model("{ckpt}"),
+        data=dataset_json("{dataset}"),
     output:
-        model=f"{R}/finetune/{{ckpt}}/{{dataset}}/lr{{lr}}_s{{seed}}/model.safetensors",
-        metrics=f"{R}/finetune/{{ckpt}}/{{dataset}}/lr{{lr}}_s{{seed}}/metrics.jsonl",
-        summary=f"{R}/finetune/{{ckpt}}/{{dataset}}/lr{{lr}}_s{{seed}}/summary.json",
+        model=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "model.safetensors"),
+        metrics=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "metrics.jsonl"),
+        summary=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "summary.json"),
     params:
-        out_dir=lambda wc: run_dir(wc.ckpt, wc.dataset, wc.lr, wc.seed),
-        resume_dir=lambda wc: f"{R}/.resume/{wc.ckpt}/{wc.dataset}/lr{wc.lr}_s{wc.seed}",
+        out_dir=lambda wc, output: str(Path(output.model).parent),
+        resume_dir=lambda wc: resume_dir(wc.ckpt, wc.dataset, wc.lr, wc.seed),
         steps=lambda wc: config["datasets"][wc.dataset]["steps"],
         protocol=as_json(config["protocol"]),
-        lock_dir=config["gpu_lock_dir"],
     threads: config["resources"]["finetune"]["cpus"]
     resources:
         gpu=lambda wc: matrix.finetune_gpus(config, wc.ckpt),
@@ -24,14 +23,15 @@ rule finetune:
         mem_mb=config["resources"]["finetune"]["mem_mb"],
         runtime=config["resources"]["finetune"]["runtime_min"],
     log:
-        f"{R}/logs/finetune/{{ckpt}}/{{dataset}}/lr{{lr}}_s{{seed}}.log",
+        log_file("finetune", RUN_JOB),
     benchmark:
-        f"{R}/benchmarks/finetune/{{ckpt}}/{{dataset}}/lr{{lr}}_s{{seed}}.tsv"
+        benchmark_file("finetune", RUN_JOB)
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.gpu_pool --gpus {resources.gpu} --lock-dir {params.lock_dir:q} --"
-        " python -m workflow_scripts.finetune --checkpoint {input.checkpoint} --data {input.data}"
-        " --out-dir {params.out_dir} --resume-dir {params.resume_dir} --lr {wildcards.lr}"
-        " --seed {wildcards.seed} --steps {params.steps} --protocol {params.protocol:q}"
-        " --threads {threads} > {log} 2>&1"
+        gpu_job(
+            "python -m workflow_scripts.finetune --checkpoint {input.checkpoint} --data {input.data}"
+            " --out-dir {params.out_dir} --resume-dir {params.resume_dir} --lr {wildcards.lr}"
+            " --seed {wildcards.seed} --steps {params.steps} --protocol {params.protocol:q}"
+            " --threads {threads} > {log} 2>&1"
+        )

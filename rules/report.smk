@@ -6,22 +6,22 @@ rule aggregate:
     input:
         unpack(aggregate_inputs),
     output:
-        runs=report(f"{R}/aggregate/runs.csv", caption="../report/runs.rst", category="Tables"),
+        runs=report(aggregate_file("runs.csv"), caption="../report/runs.rst", category="Tables"),
         comparison=report(
-            f"{R}/aggregate/comparison.csv", caption="../report/comparison.rst", category="Tables"
+            aggregate_file("comparison.csv"), caption="../report/comparison.rst", category="Tables"
         ),
-        markdown=f"{R}/aggregate/comparison.md",
-        latex=f"{R}/aggregate/comparison.tex",
-        summary=f"{R}/aggregate/summary.json",
-        config=f"{R}/aggregate/config.json",
+        markdown=aggregate_file("comparison.md"),
+        latex=aggregate_file("comparison.tex"),
+        summary=aggregate_file("summary.json"),
+        config=aggregate_file("config.json"),
     params:
         config=as_json(config),
-        results_root=lambda wc, output: results_root_of(output.runs),
+        results_root=results_root,
         out_dir=lambda wc, output: str(Path(output.runs).parent),
     log:
-        f"{R}/logs/aggregate/aggregate.log",
+        log_file("aggregate", "aggregate"),
     benchmark:
-        f"{R}/benchmarks/aggregate/aggregate.tsv"
+        benchmark_file("aggregate", "aggregate")
     conda:
         "../envs/pipeline.yaml"
     shell:
@@ -33,17 +33,17 @@ rule notebook:
     """Execute the analysis notebook with papermill on the aggregated results, then render it to HTML."""
     input:
         notebook=workflow.source_path("../notebooks/analysis.ipynb"),
-        runs=f"{R}/aggregate/runs.csv",
-        comparison=f"{R}/aggregate/comparison.csv",
+        runs=aggregate_file("runs.csv"),
+        comparison=aggregate_file("comparison.csv"),
     output:
-        ipynb=f"{R}/report/analysis.ipynb",
-        html=report(f"{R}/report/analysis.html", caption="../report/notebook.rst", category="Report"),
+        ipynb=report_file("analysis.ipynb"),
+        html=report(report_file("analysis.html"), caption="../report/notebook.rst", category="Report"),
     params:
-        results_root=lambda wc, input: results_root_of(input.runs),
+        results_root=results_root,
     log:
-        f"{R}/logs/notebook/notebook.log",
+        log_file("notebook", "notebook"),
     benchmark:
-        f"{R}/benchmarks/notebook/notebook.tsv"
+        benchmark_file("notebook", "notebook")
     conda:
         "../envs/pipeline.yaml"
     shell:
@@ -55,17 +55,17 @@ rule notebook:
 rule report:
     """Render the self-contained HTML report: paper vs reproduction, curves, parity, provenance."""
     input:
-        aggregate=f"{R}/aggregate/summary.json",
-        notebook=f"{R}/report/analysis.html",
+        aggregate=aggregate_file("summary.json"),
+        notebook=report_file("analysis.html"),
     output:
-        report(f"{R}/report/index.html", caption="../report/report.rst", category="Report"),
+        report(report_file("index.html"), caption="../report/report.rst", category="Report"),
     params:
-        results_root=lambda wc, input: results_root_of(input.aggregate),
+        results_root=results_root,
         aggregate_dir=lambda wc, input: str(Path(input.aggregate).parent),
     log:
-        f"{R}/logs/report/report.log",
+        log_file("report", "report"),
     benchmark:
-        f"{R}/benchmarks/report/report.tsv"
+        benchmark_file("report", "report")
     conda:
         "../envs/pipeline.yaml"
     shell:

@@ -4,14 +4,14 @@
 rule synthesize_upstream:
     """Write a small random-init Mixer in the official .npz layout (demo checkpoints, via the inverse export)."""
     output:
-        f"{R}/upstream/{{ckpt}}.npz",
+        upstream_npz("{ckpt}"),
     params:
         architecture=lambda wc: as_json(config["checkpoints"][wc.ckpt]["architecture"]),
         seed=lambda wc: config["checkpoints"][wc.ckpt]["synthesize"]["seed"],
     log:
-        f"{R}/logs/synthesize_upstream/{{ckpt}}.log",
+        log_file("synthesize_upstream", "{ckpt}"),
     benchmark:
-        f"{R}/benchmarks/synthesize_upstream/{{ckpt}}.tsv"
+        benchmark_file("synthesize_upstream", "{ckpt}")
     conda:
         "../envs/pipeline.yaml"
     shell:
@@ -24,17 +24,17 @@ rule download_weights:
     input:
         synthesize_input,
     output:
-        npz=f"{W}/{{ckpt}}.npz",
-        record=f"{W}/{{ckpt}}.download.json",
+        npz=downloaded_npz("{ckpt}"),
+        record=download_record("{ckpt}"),
     params:
         url=lambda wc: config["checkpoints"][wc.ckpt]["url"],
         lock=config["weights_lock"],
         extra=download_args,
     retries: 3
     log:
-        f"{R}/logs/download_weights/{{ckpt}}.log",
+        log_file("download_weights", "{ckpt}"),
     benchmark:
-        f"{R}/benchmarks/download_weights/{{ckpt}}.tsv"
+        benchmark_file("download_weights", "{ckpt}")
     conda:
         "../envs/pipeline.yaml"
     shell:
@@ -45,20 +45,16 @@ rule download_weights:
 rule convert_weights:
     """Official Flax .npz -> timm safetensors; strict key/shape checks; parity vs a NumPy reference."""
     input:
-        f"{W}/{{ckpt}}.npz",
+        downloaded_npz("{ckpt}"),
     output:
-        model=f"{R}/converted/{{ckpt}}.safetensors",
-        parity=report(
-            f"{R}/converted/{{ckpt}}.parity.json",
-            caption="../report/parity.rst",
-            category="Conversion",
-        ),
+        model=converted_model("{ckpt}"),
+        parity=report(parity_record("{ckpt}"), caption="../report/parity.rst", category="Conversion"),
     params:
         architecture=lambda wc: as_json(config["checkpoints"][wc.ckpt]["architecture"]),
     log:
-        f"{R}/logs/convert_weights/{{ckpt}}.log",
+        log_file("convert_weights", "{ckpt}"),
     benchmark:
-        f"{R}/benchmarks/convert_weights/{{ckpt}}.tsv"
+        benchmark_file("convert_weights", "{ckpt}")
     conda:
         "../envs/pipeline.yaml"
     shell:

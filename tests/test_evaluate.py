@@ -68,7 +68,7 @@ def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     dataset_record = {"label": "Digits", "source": {"kind": "sklearn_digits", "layout": "arrays"},
             "minival": {"fraction": 0.1}, "test_split": "test", "steps": 1, "eval_protocol": "paper_table3"}
-    prepare_data.prepare("digits", dataset_record, root)
+    prepare_data.prepare("digits", dataset_record, root / "digits" / "dataset.json")
     return root / "digits" / "dataset.json"
 
 
@@ -113,21 +113,26 @@ def test_baseline_head_must_match_the_dataset(tmp_path, digits):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_selection_mode_evaluates_each_seed_once(tmp_path, digits):
-    runs = []
-    for seed in (0, 1):
-        run = tmp_path / f"lr0.03_s{seed}"
+def test_selection_mode_evaluates_each_seed_of_the_selected_lr_once(tmp_path, digits):
+    runs, summaries, models = [], [], []
+    for lr, seed in ((0.01, 0), (0.03, 1), (0.01, 1), (0.03, 0)):  # the sweep, in no particular order
+        run = tmp_path / f"lr{lr}_s{seed}"
         run.mkdir()
-        save_random_model(run / "model.safetensors", 10 + seed)
+        save_random_model(run / "model.safetensors", int(100 * lr) + seed)
         (run / "summary.json").write_text(json.dumps(
-            {"checkpoint": "ck", "dataset": "digits", "lr": 0.03, "seed": seed, "minival_top1": 50.0,
+            {"checkpoint": "ck", "dataset": "digits", "lr": lr, "seed": seed, "minival_top1": 50.0,
              "protocol": {"pixel_mean": 127.5, "pixel_std": 127.5}}))
-        runs.append(str(run))
+        summaries.append(str(run / "summary.json"))
+        models.append(str(run / "model.safetensors"))
+        if lr == 0.03:
+            runs.append(str(run))
+    runs.sort()
     selection = tmp_path / "selection.json"
     selection.write_text(json.dumps({"checkpoint": "ck", "dataset": "digits", "selected_lr": 0.03,
-                                     "selected_runs": runs}))
+                                     "selected_seeds": [0, 1]}))
     out = tmp_path / "evaluate.json"
-    args = ["--selection", str(selection), "--data", str(digits), "--protocol-name", "paper_table3",
+    args = ["--selection", str(selection), "--summaries", *summaries, "--models", *models,
+            "--data", str(digits), "--protocol-name", "paper_table3",
             "--protocol", json.dumps(TABLE3), "--batch-size", "100", "--num-workers", "0", "--threads", "1"]
     evaluate.main(args + ["--out", str(out)])
     result = json.loads(out.read_text())

@@ -30,7 +30,7 @@ def test_selects_the_best_mean_over_seeds(tmp_path):
     select_lr.main(["--checkpoint", "ck", "--dataset", "ds", "--runs", *paths[::-1], "--out", str(out)])
     sel = json.loads(out.read_text())
     assert sel["selected_lr"] == 0.01
-    assert sel["selected_runs"] == [str(tmp_path / "lr0.01_s0"), str(tmp_path / "lr0.01_s1")]
+    assert sel["selected_seeds"] == [0, 1]
     assert [c["lr"] for c in sel["candidates"]] == [0.01, 0.03, 0.06]
     assert sel["candidates"][0] == {"lr": 0.01, "seeds": [0, 1], "minival_top1_per_seed": [90.0, 92.0],
                                     "minival_top1_mean": 91.0}

@@ -110,22 +110,37 @@ def _normalisation(summary: dict, path: Path, mean: float | None, std: float | N
     return pair
 
 
-def evaluate_selection(selection_path, dataset_record: dict, protocol: dict, batch_size: int, num_workers: int,
-                       device, mean: float | None = None, std: float | None = None) -> dict:
-    """Evaluate each selected run (one per seed) on the test split once; mean and std over seeds."""
+def selected_runs(selection: dict, summaries: list, models: list) -> list[tuple[dict, str, str]]:
+    """(summary, summary path, model path) of the runs at the selected LR, from all runs of the sweep.
+
+    `summaries` and `models` are the files of every run of the sweep, in the same order.
+    """
+    if len(summaries) != len(models):
+        raise PipelineError(f"{len(summaries)} summaries but {len(models)} models; give one of each per run")
+    chosen = []
+    for summary_path, model_path in zip(summaries, models):
+        summary = read_json(summary_path)
+        if float(summary["lr"]) == float(selection["selected_lr"]):
+            chosen.append((summary, str(summary_path), str(model_path)))
+    if not chosen:
+        raise PipelineError(f"no run of lr {selection['selected_lr']} among the {len(summaries)} summaries given; "
+                            "pass every run of the sweep (--summaries/--models)")
+    return sorted(chosen, key=lambda run: run[0]["seed"])
+
+
+def evaluate_selection(selection_path, summaries: list, models: list, dataset_record: dict, protocol: dict,
+                       batch_size: int, num_workers: int, device, mean: float | None = None,
+                       std: float | None = None) -> dict:
+    """Evaluate each run of the selected LR (one per seed) on the test split once; mean and std over seeds."""
     selection = read_json(selection_path)
-    if not selection.get("selected_runs"):
-        raise PipelineError(f"{selection_path}: no selected_runs; rerun select_lr")
     split = data.open_split(dataset_record, "test")
     runs = []
-    for run_dir in selection["selected_runs"]:
-        summary_path = Path(run_dir) / "summary.json"
-        summary = read_json(summary_path)
-        run_mean, run_std = _normalisation(summary, summary_path, mean, std)
-        result = evaluate_checkpoint(Path(run_dir) / "model.safetensors", dataset_record, split, protocol, batch_size,
+    for summary, summary_path, model_path in selected_runs(selection, summaries, models):
+        run_mean, run_std = _normalisation(summary, Path(summary_path), mean, std)
+        result = evaluate_checkpoint(model_path, dataset_record, split, protocol, batch_size,
                                      num_workers, run_mean, run_std, device)
         runs.append({"seed": summary["seed"], "lr": summary["lr"], **result})
-        print(f"{run_dir}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+        print(f"{model_path}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
               f"({result['images_per_s']:.0f} img/s)", flush=True)
     top1, top5 = [r["top1"] for r in runs], [r["top5"] for r in runs]
     return {
@@ -146,8 +161,10 @@ def evaluate_selection(selection_path, dataset_record: dict, protocol: dict, bat
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--selection", help="select_lr output: evaluate its selected runs")
+    mode.add_argument("--selection", help="select_lr output: evaluate the runs of its selected LR")
     mode.add_argument("--model", help="a converted checkpoint to evaluate as it is")
+    p.add_argument("--summaries", nargs="+", default=[], help="--selection: summary.json of every run of the sweep")
+    p.add_argument("--models", nargs="+", default=[], help="--selection: model.safetensors of the same runs, same order")
     p.add_argument("--data", required=True, help="dataset.json")
     p.add_argument("--split", default="test", choices=["test"], help="always the dataset's test split")
     p.add_argument("--protocol-name", required=True)
@@ -164,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol = {"name": args.protocol_name, **json_arg(args.protocol, "--protocol")}
     device = _device()
     if args.selection:
-        result = evaluate_selection(args.selection, dataset_record, protocol, args.batch_size, args.num_workers, device,
+        result = evaluate_selection(args.selection, args.summaries, args.models, dataset_record, protocol, args.batch_size, args.num_workers, device,
                                     args.pixel_mean, args.pixel_std)
     else:
         if args.pixel_mean is None or args.pixel_std is None:

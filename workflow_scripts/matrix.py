@@ -18,6 +18,11 @@ def finetune_runs(config: dict) -> list[tuple[str, str, str, int]]:
             for lr in f["base_lrs"] for seed in f["seeds"]]
 
 
+def pair_runs(config: dict, ckpt: str, dataset: str) -> list[tuple[str, str, str, int]]:
+    """The runs of one (checkpoint, dataset) LR sweep, in finetune_runs order."""
+    return [run for run in finetune_runs(config) if run[:2] == (ckpt, dataset)]
+
+
 def pairs(config: dict) -> list[tuple[str, str]]:
     """Every (checkpoint, dataset) that gets an LR selection and one test evaluation."""
     f = config["finetune"]

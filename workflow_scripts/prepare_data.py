@@ -302,8 +302,9 @@ def dataset_record(name: str, dataset_config: dict, prepared: dict) -> dict:
     }
 
 
-def prepare(name: str, dataset_config: dict, data_root: str | os.PathLike) -> dict:
-    out_dir = Path(data_root) / name
+def prepare(name: str, dataset_config: dict, out_json: str | os.PathLike) -> dict:
+    """Prepare the data in the folder of out_json (dataset.json), then write out_json last."""
+    out_dir = Path(out_json).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     kind = dataset_config["source"]["kind"]
     if kind == "cifar10":
@@ -315,17 +316,17 @@ def prepare(name: str, dataset_config: dict, data_root: str | os.PathLike) -> di
     else:
         raise PipelineError(f"datasets.{name}.source.kind: unknown kind '{kind}'")
     record = dataset_record(name, dataset_config, prepared)
-    write_json(out_dir / "dataset.json", record)
+    write_json(out_json, record)
     return record
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True, help="dataset name (config key under datasets)")
-    p.add_argument("--spec", dest="dataset_config", required=True, help="the dataset's config entry as JSON")
-    p.add_argument("--data-root", required=True, help="folder that receives <name>/dataset.json and the data")
+    p.add_argument("--dataset-config", required=True, help="the dataset's config entry as JSON")
+    p.add_argument("--out", required=True, help="dataset.json to write; the data goes into its folder")
     args = p.parse_args(argv)
-    record = prepare(args.name, json_arg(args.dataset_config, "--spec"), args.data_root)
+    record = prepare(args.name, json_arg(args.dataset_config, "--dataset-config"), args.out)
     print(json.dumps({k: record[k] for k in ("name", "layout", "num_classes", "splits", "subset", "subset_note")}))
     return 0
 

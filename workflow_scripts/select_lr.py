@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 from .common import PipelineError, read_json, run_cli, write_json
 
@@ -46,13 +45,13 @@ def choose_lr(minival_top1: dict[float, dict[int, float]]) -> tuple[float, list[
 
 def select(checkpoint: str, dataset: str, summary_paths: list[str]) -> dict:
     table: dict[float, dict[int, float]] = {}
-    run_dirs: dict[tuple[float, int], str] = {}
+    seen: dict[tuple[float, int], str] = {}
     for path in summary_paths:
         lr, seed, top1 = read_minival(path, checkpoint, dataset)
-        if (lr, seed) in run_dirs:
-            raise PipelineError(f"{path}: lr {lr} seed {seed} also in {run_dirs[(lr, seed)]}")
+        if (lr, seed) in seen:
+            raise PipelineError(f"{path}: lr {lr} seed {seed} also in {seen[(lr, seed)]}")
         table.setdefault(lr, {})[seed] = top1
-        run_dirs[(lr, seed)] = str(Path(path).parent)
+        seen[(lr, seed)] = str(path)
     selected_lr, candidates = choose_lr(table)
     return {
         "checkpoint": checkpoint,
@@ -60,7 +59,7 @@ def select(checkpoint: str, dataset: str, summary_paths: list[str]) -> dict:
         "criterion": CRITERION,
         "candidates": candidates,
         "selected_lr": selected_lr,
-        "selected_runs": [run_dirs[(selected_lr, s)] for s in sorted(table[selected_lr])],
+        "selected_seeds": sorted(table[selected_lr]),
     }
 
 
