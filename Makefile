@@ -27,13 +27,15 @@ demo: $(STAMP)
 	test $$status -eq 0 && echo "Report: $(abspath demo_results/report/index.html)"; \
 	exit $$status
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m workflow_scripts.bench
 
 lint: $(STAMP)
+	$(BIN)/ruff check workflow_scripts tests
+	$(BIN)/snakefmt --check Snakefile rules
 	$(BIN)/snakemake --lint
 
 dry-run: $(STAMP)

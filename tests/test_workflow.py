@@ -131,3 +131,14 @@ def test_every_rule_has_log_benchmark_and_conda():
         for directive in ("log:", "benchmark:", "conda:", "shell:"):
             assert directive in body, f"rule {name} lacks {directive}"
         assert "run:" not in body, f"rule {name} has logic in a run: block"
+
+
+def test_a_skip_fails_the_suite_in_ci(tmp_path):
+    (tmp_path / "test_skipping.py").write_text("import pytest\n\ndef test_x():\n    pytest.skip('no browser')\n")
+    (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    run = lambda ci: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path,
+        env=dict(os.environ, CI=ci), capture_output=True, text=True, timeout=120)
+    in_ci, locally = run("true"), run("")
+    assert in_ci.returncode == 1 and "skipped in CI" in in_ci.stdout and "no browser" in in_ci.stdout
+    assert locally.returncode == 0 and "1 skipped" in locally.stdout
