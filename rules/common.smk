@@ -91,15 +91,45 @@ def check_cross_references(config):
     _check_names("finetune.checkpoints", config["finetune"]["checkpoints"], ckpts)
     _check_names("finetune.datasets", config["finetune"]["datasets"], dsets)
     _check_names("resources.finetune_gpu_overrides", config["resources"]["finetune_gpu_overrides"], ckpts)
-    for i, entry in enumerate(config["evaluation"]["baseline"]):
-        _check_names(f"evaluation.baseline[{i}].checkpoint", [entry["checkpoint"]], ckpts)
-        _check_names(f"evaluation.baseline[{i}].dataset", [entry["dataset"]], dsets)
+    for name, members in config["averages"].items():
+        _check_names(f"averages.{name}", members, dsets)
     for name, ds in dsets.items():
         _check_names(f"datasets.{name}.eval_protocol", [ds["eval_protocol"]], config["evaluation"]["protocols"])
+        _check_synthesized_dataset(name, ds)
     for name, ck in ckpts.items():
         if "synthesize" in ck and ck["url"] != f"file:{upstream_npz(name)}":
             config_error(f"checkpoints.{name}.url", "a synthesized checkpoint is fetched from the file "
                          "synthesize_upstream writes", f"set it to file:{upstream_npz(name)}")
+        _check_head_dataset(name, ck, dsets)
+    _check_batch_split(config)
+
+
+def _check_head_dataset(name, ck, dsets):
+    if "head_dataset" not in ck:
+        return
+    _check_names(f"checkpoints.{name}.head_dataset", [ck["head_dataset"]], dsets)
+    expected = dsets[ck["head_dataset"]].get("expected", {}).get("num_classes")
+    if expected is not None and expected != ck["architecture"]["num_classes"]:
+        config_error(f"checkpoints.{name}.head_dataset", f"the head has {ck['architecture']['num_classes']} "
+                     f"classes but dataset '{ck['head_dataset']}' expects {expected}",
+                     "name the dataset this released head classifies, or remove the key")
+
+
+def _check_synthesized_dataset(name, ds):
+    if "synthesize" not in ds["source"]:
+        return
+    tree = upstream_data(name)
+    wanted = {"path": tree, "val_ground_truth": f"{tree}/val_ground_truth.txt"}
+    for key, value in wanted.items():
+        if ds["source"].get(key) != value:
+            config_error(f"datasets.{name}.source.{key}", "a synthesized dataset is read from the tree "
+                         "synthesize_data writes", f"set it to {value}")
+    if ds.get("real_labels") not in (None, f"file:{tree}/real.json"):
+        config_error(f"datasets.{name}.real_labels", "the synthesized tree carries its own ReaL-style labels",
+                     f"set it to file:{tree}/real.json")
+
+
+def _check_batch_split(config):
     p = config["protocol"]
     if p["batch_size"] % p["micro_batch_size"]:
         config_error("protocol.micro_batch_size", f"{p['micro_batch_size']} does not divide "
@@ -128,6 +158,11 @@ weights_dir = config["weights_dir"]
 def upstream_npz(ckpt):
     """Where synthesize_upstream writes a stand-in checkpoint (the demo's file: URLs point here)."""
     return f"{results_root}/upstream/{ckpt}.npz"
+
+
+def upstream_data(dataset):
+    """Where synthesize_data writes a stand-in dataset tree in ImageNet's on-disk layout (demo)."""
+    return f"{results_root}/upstream_data/{dataset}"
 
 
 def downloaded_npz(ckpt):
@@ -212,6 +247,11 @@ def gpu_job(command):
 
 def synthesize_input(wildcards):
     return [upstream_npz(wildcards.ckpt)] if "synthesize" in config["checkpoints"][wildcards.ckpt] else []
+
+
+def synthesize_data_input(wildcards):
+    synthesized = "synthesize" in config["datasets"][wildcards.dataset]["source"]
+    return [upstream_data(wildcards.dataset) + "/manifest.json"] if synthesized else []
 
 
 def download_args(wildcards):

@@ -1,8 +1,27 @@
-# Datasets: CIFAR-10 (torchvision), ImageNet (a tree on disk, validated), digits (demo).
+# Datasets: CIFAR-10 (torchvision), ImageNet-style trees (validated), digits and stand-in trees (demo).
+
+
+rule synthesize_data:
+    """Write a stand-in dataset tree in ImageNet's on-disk layout (demo), with ReaL-style relabels."""
+    output:
+        manifest=upstream_data("{dataset}") + "/manifest.json",
+    params:
+        seed=lambda wc: config["datasets"][wc.dataset]["source"]["synthesize"]["seed"],
+        tree=lambda wc: upstream_data(wc.dataset),
+    log:
+        log_file("synthesize_data", "{dataset}"),
+    benchmark:
+        benchmark_file("synthesize_data", "{dataset}")
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.synthesize_data --seed {params.seed} --out-dir {params.tree} > {log} 2>&1"
 
 
 rule prepare_data:
     """Fetch or validate a dataset and describe it in dataset.json (read by fine-tuning and evaluation)."""
+    input:
+        synthesize_data_input,
     output:
         dataset_json("{dataset}"),
     params:

@@ -142,3 +142,21 @@ def test_a_skip_fails_the_suite_in_ci(tmp_path):
     in_ci, locally = run("true"), run("")
     assert in_ci.returncode == 1 and "skipped in CI" in in_ci.stdout and "no browser" in in_ci.stdout
     assert locally.returncode == 0 and "1 skipped" in locally.stdout
+
+
+def long_functions(max_lines: int = 60) -> list[str]:
+    """Functions of workflow_scripts/ longer than max_lines (decorators and docstring included)."""
+    import ast
+
+    found = []
+    for path in sorted((REPO / "workflow_scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if node.end_lineno - start + 1 > max_lines:
+                    found.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - start + 1} lines)")
+    return found
+
+
+def test_no_function_in_workflow_scripts_is_over_60_lines():
+    assert long_functions() == []

@@ -1,6 +1,13 @@
 """The study's job matrix as pure functions of the config: the Snakefile plans jobs with them and
 the aggregate stage reads results with them, so both always agree on what a run consists of.
 
+Vocabulary:
+- a *pair* is a (checkpoint, dataset) the study fine-tunes: an LR sweep, one selection, one test
+  evaluation. A checkpoint is not fine-tuned on its `head_dataset` (the dataset its released head
+  already classifies, e.g. ImageNet for the ImageNet-1k checkpoints).
+- a *released* result is a (checkpoint, head_dataset): the released model evaluated as it is, by the
+  baseline stage, once per evaluation protocol.
+
 Kept free of heavy imports: Snakemake imports this module when it parses the workflow.
 """
 from __future__ import annotations
@@ -11,38 +18,56 @@ def lr_str(lr: float) -> str:
     return f"{lr:g}"
 
 
-def finetune_runs(config: dict) -> list[tuple[str, str, str, int]]:
-    """Every fine-tuning job: (checkpoint, dataset, lr string, seed)."""
-    f = config["finetune"]
-    return [(ck, ds, lr_str(lr), seed) for ck in f["checkpoints"] for ds in f["datasets"]
-            for lr in f["base_lrs"] for seed in f["seeds"]]
-
-
-def pair_runs(config: dict, ckpt: str, dataset: str) -> list[tuple[str, str, str, int]]:
-    """The runs of one (checkpoint, dataset) LR sweep, in finetune_runs order."""
-    return [run for run in finetune_runs(config) if run[:2] == (ckpt, dataset)]
+def head_dataset(config: dict, ckpt: str) -> str | None:
+    """The dataset whose classes the checkpoint's released head already predicts (None: none)."""
+    return config["checkpoints"][ckpt].get("head_dataset")
 
 
 def pairs(config: dict) -> list[tuple[str, str]]:
-    """Every (checkpoint, dataset) that gets an LR selection and one test evaluation."""
+    """Every (checkpoint, dataset) that is fine-tuned: an LR sweep, a selection and one test evaluation."""
     f = config["finetune"]
-    return [(ck, ds) for ck in f["checkpoints"] for ds in f["datasets"]]
+    return [(ck, ds) for ck in f["checkpoints"] for ds in f["datasets"] if ds != head_dataset(config, ck)]
+
+
+def pair_runs(config: dict, ckpt: str, dataset: str) -> list[tuple[str, str, str, int]]:
+    """The runs of one pair's LR sweep: (checkpoint, dataset, lr string, seed), LRs from the dataset's grid."""
+    lrs = config["datasets"][dataset]["base_lrs"]
+    return [(ckpt, dataset, lr_str(lr), seed) for lr in lrs for seed in config["finetune"]["seeds"]]
+
+
+def finetune_runs(config: dict) -> list[tuple[str, str, str, int]]:
+    """Every fine-tuning job: (checkpoint, dataset, lr string, seed)."""
+    return [run for ck, ds in pairs(config) for run in pair_runs(config, ck, ds)]
+
+
+def released(config: dict) -> list[tuple[str, str]]:
+    """Every (checkpoint, head_dataset) of the study: the released model is the result, evaluated as it is."""
+    f = config["finetune"]
+    return [(ck, head_dataset(config, ck)) for ck in f["checkpoints"] if head_dataset(config, ck) in f["datasets"]]
 
 
 def baseline_runs(config: dict) -> list[tuple[str, str, str]]:
-    """Released checkpoints evaluated as they are: (checkpoint, dataset, evaluation protocol)."""
-    ev = config["evaluation"]
-    return [(b["checkpoint"], b["dataset"], p) for b in ev["baseline"] for p in ev["protocols"]]
+    """Released checkpoints evaluated as they are: (checkpoint, dataset, evaluation protocol), every protocol."""
+    return [(ck, ds, p) for ck, ds in released(config) for p in config["evaluation"]["protocols"]]
+
+
+def results(config: dict) -> list[tuple[str, str, str]]:
+    """Every (checkpoint, dataset) with a test result, and where it comes from: "finetune" or "released"."""
+    return ([(ck, ds, "finetune") for ck, ds in pairs(config)]
+            + [(ck, ds, "released") for ck, ds in released(config)])
+
+
+def real_results(config: dict) -> list[tuple[str, str, str]]:
+    """The results that also get a ReaL-style top-1: those of datasets with `real_labels`."""
+    return [r for r in results(config) if config["datasets"][r[1]].get("real_labels")]
 
 
 def used_checkpoints(config: dict) -> list[str]:
-    names = list(config["finetune"]["checkpoints"])
-    return names + [b["checkpoint"] for b in config["evaluation"]["baseline"] if b["checkpoint"] not in names]
+    return list(config["finetune"]["checkpoints"])
 
 
 def used_datasets(config: dict) -> list[str]:
-    names = list(config["finetune"]["datasets"])
-    return names + [b["dataset"] for b in config["evaluation"]["baseline"] if b["dataset"] not in names]
+    return list(config["finetune"]["datasets"])
 
 
 def finetune_gpus(config: dict, ckpt: str) -> int:
