@@ -12,7 +12,6 @@ rule finetune:
         metrics=f"{R}/finetune/{{ckpt}}/{{dataset}}/lr{{lr}}_s{{seed}}/metrics.jsonl",
         summary=f"{R}/finetune/{{ckpt}}/{{dataset}}/lr{{lr}}_s{{seed}}/summary.json",
     params:
-        out_dir=lambda wc: run_dir(wc.ckpt, wc.dataset, wc.lr, wc.seed),
         resume_dir=lambda wc: f"{R}/.resume/{wc.ckpt}/{wc.dataset}/lr{wc.lr}_s{wc.seed}",
         steps=lambda wc: config["datasets"][wc.dataset]["steps"],
         protocol=as_json(config["protocol"]),
@@ -32,6 +31,7 @@ rule finetune:
     shell:
         "python -m workflow_scripts.gpu_pool --gpus {resources.gpu} --lock-dir {params.lock_dir:q} --"
         " python -m workflow_scripts.finetune --checkpoint {input.checkpoint} --data {input.data}"
-        " --out-dir {params.out_dir} --resume-dir {params.resume_dir} --lr {wildcards.lr}"
+        " --model-out {output.model} --metrics-out {output.metrics} --summary-out {output.summary}"
+        " --resume-dir {params.resume_dir} --lr {wildcards.lr}"
         " --seed {wildcards.seed} --steps {params.steps} --protocol {params.protocol:q}"
         " --threads {threads} > {log} 2>&1"
