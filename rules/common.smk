@@ -13,6 +13,8 @@ from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, workflow.basedir)  # workflow_scripts: the pure job matrix and the typed protocol
 from workflow_scripts import matrix  # noqa: E402
+from workflow_scripts.common import PipelineError  # noqa: E402
+from workflow_scripts.protocol import Protocol  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,17 +132,13 @@ def _check_synthesized_dataset(name, ds):
 
 
 def _check_batch_split(config):
-    p = config["protocol"]
-    if p["batch_size"] % p["micro_batch_size"]:
-        config_error("protocol.micro_batch_size", f"{p['micro_batch_size']} does not divide "
-                     f"protocol.batch_size {p['batch_size']}", "choose a divisor of the batch size")
-    accum = p["batch_size"] // p["micro_batch_size"]
+    """The batch split of every checkpoint's fine-tuning jobs (the check lives in protocol.Protocol)."""
+    protocol = Protocol.from_config(config["protocol"])
     for ck in config["finetune"]["checkpoints"]:
-        gpus = matrix.finetune_gpus(config, ck)
-        if gpus > 1 and accum % gpus:
-            config_error("protocol.micro_batch_size", f"{accum} micro-batches per step cannot be shared "
-                         f"evenly by the {gpus} GPUs of checkpoint {ck}",
-                         "pick a micro-batch size that makes batch_size/micro_batch_size a multiple of the GPU count")
+        try:
+            protocol.micro_batches_per_process(matrix.finetune_gpus(config, ck))
+        except PipelineError as e:
+            raise WorkflowError(f"the config is not valid: {e} (checkpoint {ck})") from None
 
 
 validate_against_schema(config, "config.schema.yaml", "the config (" + ", ".join(map(str, workflow.configfiles)) + ")")

@@ -12,7 +12,6 @@ rule finetune:
         metrics=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "metrics.jsonl"),
         summary=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "summary.json"),
     params:
-        out_dir=lambda wc, output: str(Path(output.model).parent),
         resume_dir=lambda wc: resume_dir(wc.ckpt, wc.dataset, wc.lr, wc.seed),
         steps=lambda wc: config["datasets"][wc.dataset]["steps"],
         protocol=as_json(config["protocol"]),
@@ -31,7 +30,8 @@ rule finetune:
     shell:
         gpu_job(
             "python -m workflow_scripts.finetune --checkpoint {input.checkpoint} --data {input.data}"
-            " --out-dir {params.out_dir} --resume-dir {params.resume_dir} --lr {wildcards.lr}"
+            " --model-out {output.model} --metrics-out {output.metrics} --summary-out {output.summary}"
+            " --resume-dir {params.resume_dir} --lr {wildcards.lr}"
             " --seed {wildcards.seed} --steps {params.steps} --protocol {params.protocol:q}"
             " --threads {threads} > {log} 2>&1"
         )

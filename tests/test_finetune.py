@@ -1,7 +1,9 @@
-"""The fine-tuning engine: each piece of the protocol, resume after SIGKILL, DDP on CPU, NaN guard."""
+"""The fine-tuning engine: each piece of the protocol, the whole loop against a plain PyTorch reference,
+byte-identical reruns, resume after SIGKILL, DDP on CPU, NaN guard."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workflow_scripts import data, finetune, gpu_pool, model_io
+from workflow_scripts import convert, data, finetune, gpu_pool, model_io, synthesize_upstream
+from workflow_scripts.common import PipelineError, sha256_file
+from workflow_scripts.protocol import Protocol
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARCH = {"patch_size": 4, "hidden_dim": 16, "num_blocks": 1, "tokens_mlp_dim": 8,
@@ -52,11 +56,17 @@ def tiny(tmp_path_factory):
 
 
 def run_finetune(tiny: Path, out: Path, *, steps: int = 20, lr: float = 0.1, protocol: dict | None = None,
-                 ranks: int = 1, wait: bool = True):
-    """The CLI as the finetune rule calls it, on the CPU; with ranks > 1 under torchrun, as gpu_pool runs it."""
-    cmd = [sys.executable, "-m", "workflow_scripts.finetune", "--checkpoint", str(tiny / "ckpt.safetensors"),
-           "--data", str(tiny / "dataset.json"), "--out-dir", str(out / "run"), "--resume-dir",
-           str(out / "resume"), "--lr", str(lr), "--seed", "0", "--steps", str(steps),
+                 ranks: int = 1, wait: bool = True, checkpoint: Path | None = None):
+    """The CLI as the finetune rule calls it, on the CPU; with ranks > 1 under torchrun, as gpu_pool runs it.
+
+    Writes out/run/{model.safetensors, metrics.jsonl, summary.json}; resume state goes to out/resume.
+    """
+    run = out / "run"
+    cmd = [sys.executable, "-m", "workflow_scripts.finetune",
+           "--checkpoint", str(checkpoint or tiny / "ckpt.safetensors"), "--data", str(tiny / "dataset.json"),
+           "--model-out", str(run / "model.safetensors"), "--metrics-out", str(run / "metrics.jsonl"),
+           "--summary-out", str(run / "summary.json"), "--resume-dir", str(out / "resume"),
+           "--lr", str(lr), "--seed", "0", "--steps", str(steps),
            "--protocol", json.dumps(protocol or PROTOCOL), "--threads", "1"]
     if ranks > 1:
         cmd = gpu_pool.torchrun_command(cmd, ranks)
@@ -71,15 +81,65 @@ def run_finetune(tiny: Path, out: Path, *, steps: int = 20, lr: float = 0.1, pro
 # ---------------------------------------------------------------------------------------------
 # Pure pieces of the protocol
 
-def test_schedule_warms_up_linearly_then_cosine_decays_to_zero():
+def warmup_cosine(s: int, base: float, total: int, warmup: int) -> float:
+    """vit_jax/utils.py create_learning_rate_schedule ("cosine") at optax's update count s, written out."""
+    return base * min(1, s / warmup) * 0.5 * (1 + math.cos(math.pi * np.clip((s - warmup) / (total - warmup), 0, 1)))
+
+
+def test_update_k_uses_the_official_schedule_at_k_minus_1():
+    # optax counts updates from 0: update k (1-based) runs at lr_fn(k - 1), so update 1 runs at LR 0.
     base, total, warmup = 0.03, 1000, 100
-    assert finetune.lr_at(0, base, total, warmup) == 0.0
-    assert finetune.lr_at(50, base, total, warmup) == pytest.approx(base / 2)
-    assert finetune.lr_at(warmup, base, total, warmup) == pytest.approx(base)
-    assert finetune.lr_at(550, base, total, warmup) == pytest.approx(base / 2)  # half-way through the cosine
-    assert finetune.lr_at(325, base, total, warmup) == pytest.approx(base * 0.5 * (1 + math.cos(math.pi / 4)))
-    assert finetune.lr_at(total, base, total, warmup) == pytest.approx(0.0, abs=1e-12)
-    assert finetune.lr_at(10, base, total, 0) == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 0.01)))
+    assert finetune.lr_at(1, base, total, warmup) == 0.0
+    # first, inside warmup, end of warmup, middle of the decay, last
+    for k in (1, 51, warmup + 1, warmup + (total - warmup) // 2 + 1, total):
+        assert finetune.lr_at(k, base, total, warmup) == pytest.approx(warmup_cosine(k - 1, base, total, warmup),
+                                                                       rel=1e-12, abs=0), k
+    assert finetune.lr_at(51, base, total, warmup) == pytest.approx(base / 2)
+    assert finetune.lr_at(warmup + 1, base, total, warmup) == pytest.approx(base)  # first update at the full LR
+    assert finetune.lr_at(551, base, total, warmup) == pytest.approx(base / 2)  # half-way through the cosine
+    assert 0 < finetune.lr_at(total, base, total, warmup) < 1e-5 * base  # lr_fn(total - 1): not yet 0
+    # Without warmup vit_jax applies no warmup factor: update 1 runs at the full LR.
+    assert finetune.lr_at(1, base, total, 0) == pytest.approx(base)
+    assert finetune.lr_at(11, base, total, 0) == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 0.01)))
+
+
+def test_protocol_is_the_config_block_typed():
+    protocol = Protocol.from_config(PROTOCOL)
+    assert protocol.as_dict() == PROTOCOL and list(protocol.as_dict()) == list(Protocol.key_names())
+    with pytest.raises(PipelineError, match=r"protocol\.threads missing"):
+        Protocol.from_config({k: v for k, v in PROTOCOL.items() if k != "threads"})
+    with pytest.raises(PipelineError, match=r"protocol\.batch_sise not known"):
+        Protocol.from_config(dict(PROTOCOL, batch_sise=16))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        protocol.batch_size = 32
+
+
+def test_fingerprint_leaves_out_only_the_execution_keys():
+    execution = {"micro_batch_size": 8, "checkpoint_every": 1, "eval_every": 2, "log_every": 3,
+                 "num_workers": 4, "threads": 5}
+    assert set(Protocol.execution_keys()) == set(execution)
+    fingerprint = Protocol.from_config(PROTOCOL).fingerprint()
+    assert Protocol.from_config(dict(PROTOCOL, **execution)).fingerprint() == fingerprint
+    for key in set(PROTOCOL) - set(execution):
+        changed = dict(PROTOCOL, **{key: not PROTOCOL[key] if isinstance(PROTOCOL[key], bool) else "other"})
+        assert Protocol.from_config(changed).fingerprint() != fingerprint, key
+
+
+def test_batch_split_check_names_the_micro_batch_size_and_the_fix():
+    protocol = Protocol.from_config(dict(PROTOCOL, batch_size=24, micro_batch_size=8))
+    assert protocol.micro_batches_per_process(1) == 3 and protocol.micro_batches_per_process(3) == 1
+    with pytest.raises(PipelineError, match=r"protocol\.micro_batch_size 8: the 3 micro-batches .* 2 GPUs.*e\.g\. 6\)"):
+        protocol.micro_batches_per_process(2)
+    with pytest.raises(PipelineError, match=r"protocol\.micro_batch_size 5 does not divide protocol\.batch_size 24"):
+        Protocol.from_config(dict(PROTOCOL, batch_size=24, micro_batch_size=5)).micro_batches_per_process(1)
+    with pytest.raises(PipelineError, match=r"none exists"):
+        protocol.micro_batches_per_process(5)
+
+
+def test_protocol_module_does_not_import_torch():
+    # Snakemake imports it while parsing the workflow.
+    code = "import sys, workflow_scripts.protocol; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
 def tiny_model(num_classes: int = 7) -> torch.nn.Module:
@@ -193,12 +253,97 @@ def test_run_writes_model_metrics_and_summary(tiny, tmp_path):
     assert [m["step"] for m in train_lines] == [5, 10, 15, 20]
     assert [m["step"] for m in eval_lines] == [10, 20]
     assert eval_lines[-1]["minival_top1"] == summary["minival_top1"]
-    assert train_lines[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
-    assert all(m["loss"] > 0 and m["grad_norm"] > 0 and m["img_s"] > 0 for m in train_lines)
+    # The lr of line k is that of update k; the last update runs at lr_fn(19), not 0.
+    for m in train_lines:
+        assert m["lr"] == pytest.approx(warmup_cosine(m["step"] - 1, 0.1, 20, PROTOCOL["warmup_steps"]), rel=1e-12)
+    assert all(m["loss"] > 0 and m["grad_norm"] > 0 for m in train_lines)
+    # Wall-clock values live in summary.json (and the job log), never in metrics.jsonl.
+    assert all(set(m) == {"step", "loss", "lr", "grad_norm"} for m in train_lines)
+    assert [t["step"] for t in summary["timings"]] == [5, 10, 15, 20]
+    assert all(t["img_s"] > 0 and t["elapsed_s"] > 0 for t in summary["timings"])
     assert model_io.read_architecture(run / "model.safetensors") == dict(TINY_ARCH, num_classes=3)
     assert model_io.load_model(run / "model.safetensors", num_classes=3).head.weight.any()
     assert not (tmp_path / "resume" / finetune.STATE_FILE).exists()
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "model.safetensors", "summary.json"]
     assert "finetune" in log and '"step": 20' in log  # progress bar and metric lines in the job log
+    assert '"img_s"' in log and '"elapsed_s"' in log
+
+
+def test_same_computation_gives_the_same_bytes(tiny, tmp_path):
+    """The demo's deterministic path twice in fresh folders: synthesize -> convert -> fine-tune."""
+    digests = []
+    for attempt in ("first", "second"):
+        folder = tmp_path / attempt
+        synthesize_upstream.synthesize(TINY_ARCH, 1, folder / "upstream.npz")
+        convert.convert(folder / "upstream.npz", folder / "converted.safetensors", TINY_ARCH)
+        code, log = run_finetune(tiny, folder, steps=10, checkpoint=folder / "converted.safetensors")
+        assert code == 0, log
+        files = [folder / "converted.safetensors", folder / "run" / "model.safetensors",
+                 folder / "run" / "metrics.jsonl"]
+        digests.append({f.name: sha256_file(f) for f in files})
+    assert digests[0] == digests[1]
+    # Not vacuous: the fine-tuned model differs from the converted one (and has another head).
+    assert digests[0]["model.safetensors"] != digests[0]["converted.safetensors"]
+
+
+def reference_weights(tiny: Path, protocol: dict, steps: int, lr: float, seed: int = 0) -> dict:
+    """The protocol as a plain PyTorch loop, independent of finetune's loop: the same samples
+    (step_plan) and augmentation, the mean cross-entropy over the full batch, clip_grad_norm_,
+    momentum SGD at the official schedule (update k at warmup_cosine(k - 1))."""
+    dataset_record = data.load_dataset_record(tiny / "dataset.json")
+    train = data.open_split(dataset_record, "train")
+    images, labels = torch.from_numpy(train.images), torch.from_numpy(train.labels)
+    augment = data.TrainAugment(TINY_ARCH["image_size"], protocol["inception_crop"],
+                                protocol["inception_crop_min_area"], protocol["random_flip"],
+                                protocol["pixel_mean"], protocol["pixel_std"])
+    model = model_io.load_model(tiny / "ckpt.safetensors")
+    model.reset_classifier(3)
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=protocol["momentum"])
+    batch = protocol["batch_size"]
+    for step in range(1, steps + 1):
+        [(indices, aug_seeds)] = finetune.step_plan(seed, step, len(train), batch, batch)
+        indices = torch.as_tensor(indices)
+        loss = torch.nn.functional.cross_entropy(model(augment(images[indices], aug_seeds)), labels[indices])
+        optimizer.zero_grad()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), protocol["grad_clip_norm"])
+        assert 0 < norm < protocol["grad_clip_norm"] / 10  # clipping never acts: it cannot hide a scale error
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(step - 1, lr, steps, protocol["warmup_steps"])
+        optimizer.step()
+    return model.state_dict()
+
+
+def test_whole_loop_matches_a_plain_pytorch_reference(tiny, tmp_path):
+    """finetune.train end to end (micro-batch sizes 4 and 8, 1 and 2 DDP processes) against the
+    reference: the loop's own loss scale, accumulation, DDP averaging and schedule are all checked."""
+    steps, lr = 6, 0.1
+    protocol = dict(PROTOCOL, warmup_steps=2, grad_clip_norm=100.0, log_every=1, eval_every=steps,
+                    checkpoint_every=steps)
+    runs = {"micro4": (4, 1), "micro8": (8, 1), "micro4_ddp2": (4, 2)}
+    weights = {}
+    for name, (micro, ranks) in runs.items():
+        code, log = run_finetune(tiny, tmp_path / name, steps=steps, lr=lr, ranks=ranks,
+                                 protocol=dict(protocol, micro_batch_size=micro))
+        assert code == 0, log
+        metrics = (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()
+        assert all(m["grad_norm"] < protocol["grad_clip_norm"] / 10 for m in map(json.loads, metrics) if "grad_norm" in m)
+        weights[name] = load_file(tmp_path / name / "run" / "model.safetensors")
+    reference = reference_weights(tiny, protocol, steps, lr)
+    initial = model_io.load_model(tiny / "ckpt.safetensors").state_dict()
+    assert weights["micro4"].keys() == reference.keys()
+    for key, expected in reference.items():
+        for name in runs:
+            torch.testing.assert_close(weights[name][key], expected, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m, name=name, key=key: f"{name}, {key}: {m}")
+    # Not vacuous: the weights moved by far more than the tolerance (the head from zero, the body from
+    # the checkpoint; every body tensor moved, typically by 1e-2 here).
+    moved = sorted((reference[k] - initial[k]).abs().max().item() for k in reference if not k.startswith("head."))
+    assert moved[0] > 0 and moved[len(moved) // 2] > 1e-3
+    assert reference["head.weight"].abs().max() > 1e-3
 
 
 def test_sigkill_then_rerun_gives_bitwise_the_same_weights(tiny, tmp_path):
@@ -249,8 +394,8 @@ def test_ddp_two_processes_match_one_process(tiny, tmp_path):
 
 
 def test_nan_loss_stops_with_the_step(tiny, tmp_path):
-    # An infinite learning rate: update 1 runs on the zero head (finite loss) and makes the weights
-    # non-finite, so the loss of update 2 is NaN.
+    # An infinite base learning rate: update 1 (schedule factor 0, inf * 0 = NaN) runs on the zero
+    # head with a finite loss and makes the weights NaN, so the loss of update 2 is NaN.
     code, log = run_finetune(tiny, tmp_path, steps=20, lr=float("inf"))
     assert code == 2, log
     assert "NaN/inf at step 2 " in log

@@ -89,7 +89,7 @@ def test_conda_env_pins_match_requirements():
         (lambda c: c["finetune"].update(datasets=["cifar100"]),
          "config key 'finetune.datasets': 'cifar100' is not defined"),
         (lambda c: c["protocol"].update(micro_batch_size=100),
-         "config key 'protocol.micro_batch_size': 100 does not divide"),
+         "protocol.micro_batch_size 100 does not divide protocol.batch_size 512"),
         (lambda c: c["datasets"]["cifar10"].update(eval_protocol="tta"),
          "config key 'datasets.cifar10.eval_protocol': 'tta' is not a protocol"),
         (lambda c: c["checkpoints"]["mixer_b16_in21k"].update(sha256="abc"),

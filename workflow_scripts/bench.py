@@ -38,6 +38,7 @@ import yaml
 from workflow_scripts import evaluate, finetune, model_io
 from workflow_scripts.convert import random_official_params
 from workflow_scripts.common import PipelineError, run_cli
+from workflow_scripts.protocol import Protocol
 
 REPO = Path(__file__).resolve().parents[1]
 # The small Mixer of the CPU benchmark (0.57 M parameters, 32 px) and Mixer-B/16 (vit_jax configs).
@@ -92,10 +93,10 @@ def write_workload(folder: Path, arch: dict, num_images: int) -> tuple[Path, Pat
 def engine_img_s(folder: Path, checkpoint: Path, dataset: Path, protocol: dict, steps: int, threads: int) -> float:
     """finetune.train's own training throughput, without its first (warm-up) logging interval."""
     run = folder / f"run{time.monotonic_ns()}"
-    finetune.train(checkpoint, dataset, run / "out", run / "resume", lr=0.01, seed=0, steps=steps,
-                   protocol=protocol, threads=threads)
-    lines = [json.loads(line) for line in (run / "out" / "metrics.jsonl").read_text().splitlines()]
-    timed = [m for m in lines if "img_s" in m][1:]
+    outputs = finetune.Outputs(run / "model.safetensors", run / "metrics.jsonl", run / "summary.json")
+    summary = finetune.train(checkpoint, dataset, outputs, run / "resume", lr=0.01, seed=0, steps=steps,
+                             protocol=Protocol.from_config(protocol), threads=threads)
+    timed = summary["timings"][1:]
     images = protocol["batch_size"] * protocol["log_every"] * len(timed)
     return images / sum(protocol["batch_size"] * protocol["log_every"] / m["img_s"] for m in timed)
 

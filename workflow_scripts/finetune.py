@@ -1,16 +1,18 @@
 """Fine-tune a converted Mixer with the paper's protocol; resumable, DDP when started by torchrun.
 
     python -m workflow_scripts.finetune --checkpoint R/converted/CKPT.safetensors \
-        --data D/DATASET/dataset.json --out-dir RUN_DIR --resume-dir RESUME_DIR \
+        --data D/DATASET/dataset.json --model-out RUN/model.safetensors --metrics-out RUN/metrics.jsonl \
+        --summary-out RUN/summary.json --resume-dir RESUME_DIR \
         --lr 0.03 --seed 0 --steps 10000 --protocol '{...config protocol block...}' --threads 8
 
-Protocol (FACTS.md; every constant comes from the config's protocol block): momentum SGD, a new
-zero-initialised head, effective batch `batch_size` reached by accumulating micro-batches, the
-accumulated gradient clipped to global norm `grad_clip_norm`, linear warmup then cosine decay to 0.
-Training uses the train split minus minival; each step's samples and augmentation seeds are a pure
-function of (seed, step), so a resumed or multi-GPU run sees exactly the same data.
+Protocol (the config's protocol block, `protocol.Protocol`; google-research/vision_transformer
+vit_jax/train.py): momentum SGD, a new zero-initialised head, effective batch `batch_size` reached by
+accumulating micro-batches, the accumulated gradient clipped to global norm `grad_clip_norm`, linear
+warmup then cosine decay to 0 (`lr_at`). Training uses the train split minus minival; each step's
+samples and augmentation seeds are a pure function of (seed, step), so a resumed or multi-GPU run
+sees exactly the same data.
 
-Writes RUN_DIR/{model.safetensors, metrics.jsonl, summary.json} (docs/design.md), all at the end.
+Writes exactly the three files named on the command line (docs/design.md), all at the end.
 Every `checkpoint_every` steps the full training state goes to RESUME_DIR/state.pt, which is not a
 Snakemake output (Snakemake deletes the outputs of a failed job); a rerun continues from it.
 """
@@ -26,8 +28,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -38,37 +41,37 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from workflow_scripts import data, evaluate, model_io
-from workflow_scripts.common import PipelineError, json_arg, atomic_path, run_cli, sha256_file, write_json
+from workflow_scripts.common import PipelineError, atomic_path, json_arg, run_cli, sha256_file, write_json
+from workflow_scripts.protocol import Protocol
 
-PROTOCOL_KEYS = ("batch_size", "micro_batch_size", "warmup_steps", "momentum", "weight_decay",
-                 "grad_clip_norm", "inception_crop", "inception_crop_min_area", "random_flip",
-                 "pixel_mean", "pixel_std", "precision", "deterministic", "checkpoint_every",
-                 "eval_every", "log_every", "num_workers", "threads")
-# Keys that change how a run executes but not what it computes: a run may resume across them
-# (e.g. a smaller micro_batch_size after an out-of-memory error).
-EXECUTION_KEYS = ("micro_batch_size", "checkpoint_every", "eval_every", "log_every", "num_workers", "threads")
 # Minival during fine-tuning uses the official code's evaluation preprocessing (plain resize).
 MINIVAL_PROTOCOL = {"name": "official", "resize": "direct"}
 STATE_FILE = "state.pt"
+# Part of the resume fingerprint: a state.pt written by an engine with another schedule or state
+# layout is not resumed from.
+STATE_VERSION = 2
 
 
 # ---------------------------------------------------------------------------------------------
 # The protocol's pieces (pure functions the tests check one by one)
 
 def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int) -> float:
-    """Learning rate of update `step` (1..total_steps), as vit_jax/utils.py create_learning_rate_schedule
-    with decay_type="cosine":
+    """Learning rate of update `step` (1..total_steps), exactly as the official code applies its schedule.
 
-        progress = clip((step - warmup) / (total - warmup), 0, 1)
-        lr = base * 0.5 * (1 + cos(pi * progress)) * min(1, step / warmup)
+    vit_jax/train.py gives lr_fn = utils.create_learning_rate_schedule(total_steps, base_lr, "cosine",
+    warmup_steps) to optax.sgd, and optax evaluates a schedule at its update count, which starts at 0
+    (google-deepmind/optax optax/_src/transform.py, scale_by_schedule): update k uses lr_fn(k - 1).
+    So update 1 has learning rate 0 and the last update lr_fn(total - 1), just above 0. With
+    s = step - 1 (vit_jax/utils.py create_learning_rate_schedule):
 
-    i.e. linear warmup from 0 to base over `warmup_steps`, then cosine decay to 0 at `total_steps`.
-    As in vit_jax/train.py, updates are numbered from 1 and update `step` uses lr_at(step).
+        progress = clip((s - warmup) / (total - warmup), 0, 1)
+        lr = base * 0.5 * (1 + cos(pi * progress)) * min(1, s / warmup)    (no warmup factor if warmup = 0)
     """
-    progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
+    s = step - 1
+    progress = min(max((s - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
     lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     if warmup_steps:
-        lr *= min(1.0, step / warmup_steps)
+        lr *= min(1.0, s / warmup_steps)
     return lr
 
 
@@ -132,17 +135,47 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
 
 
 # ---------------------------------------------------------------------------------------------
-# Setup helpers
+# Setup: the process, the data, the model
 
-def parse_protocol(text: str) -> dict:
-    protocol = json_arg(text, "--protocol")
-    missing = [k for k in PROTOCOL_KEYS if k not in protocol]
-    if missing:
-        raise PipelineError(f"--protocol lacks {missing}; add them to the config's protocol block (see config.yaml)")
-    if protocol["batch_size"] % protocol["micro_batch_size"]:
-        raise PipelineError(f"protocol.micro_batch_size {protocol['micro_batch_size']} does not divide "
-                            f"protocol.batch_size {protocol['batch_size']}; choose a divisor")
-    return protocol
+@dataclass(frozen=True)
+class Outputs:
+    """The three files a run writes, all at the end (the finetune rule's outputs)."""
+
+    model: Path
+    metrics: Path
+    summary: Path
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process's share of the job: its DDP rank among world_size (torchrun's env) and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def world_size_of_job() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_process(protocol: Protocol, seed: int, threads: int) -> Process:
+    """Device, DDP process group (nccl on CUDA, gloo on CPU), CPU threads, determinism, torch seed."""
+    world_size, rank = world_size_of_job(), int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.set_num_threads(max(1, (protocol.threads or threads) // world_size))
+    if protocol.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(seed)
+    return Process(rank, world_size, device)
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -165,18 +198,147 @@ def device_names(device: torch.device, world_size: int) -> list[str]:
     return [platform.processor() or platform.machine()]
 
 
-def minival_metrics(model: nn.Module, loader, num_classes: int, device: torch.device) -> dict:
-    result = evaluate.evaluate_model(model, loader, num_classes, device)  # bf16 on CUDA, like training
-    model.train()
-    return {"minival_top1": result["top1"], "minival_top5": result["top5"], "minival_loss": result["loss"]}
+def training_batches(split: data.Split, protocol: Protocol, image_size: int, seed: int, first_step: int,
+                     steps: int, process: Process) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's augmented micro-batches of updates first_step..steps, on its device: rank r takes
+    micro-batches r, r + world_size, ... of each update's step_plan."""
+    def plan() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for step in range(first_step, steps + 1):
+            micro_batches = step_plan(seed, step, len(split), protocol.batch_size, protocol.micro_batch_size)
+            yield from micro_batches[process.rank::process.world_size]
+
+    augment = data.TrainAugment(image_size, protocol.inception_crop, protocol.inception_crop_min_area,
+                                protocol.random_flip, protocol.pixel_mean, protocol.pixel_std)
+    return iter(data.train_loader(split, augment, plan(), process.device, protocol.num_workers))
+
+
+def minival_loader(split: data.Split, protocol: Protocol, image_size: int, device: torch.device):
+    return data.eval_loader(split, MINIVAL_PROTOCOL, image_size, protocol.micro_batch_size, device,
+                            protocol.num_workers, protocol.pixel_mean, protocol.pixel_std)
+
+
+def model_and_optimizer(checkpoint: str | os.PathLike, num_classes: int, protocol: Protocol,
+                        device: torch.device) -> tuple[nn.Module, dict, torch.optim.Optimizer]:
+    """The checkpoint with a zero head for `num_classes`, its architecture record, and momentum SGD."""
+    architecture = dict(model_io.read_architecture(checkpoint), num_classes=num_classes)
+    model = zero_head(model_io.load_model(checkpoint), num_classes).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=protocol.momentum,
+                                weight_decay=protocol.weight_decay)
+    return model, architecture, optimizer
+
+
+def data_parallel(model: nn.Module, process: Process) -> nn.Module:
+    if process.world_size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[process.device.index] if process.device.type == "cuda" else None)
 
 
 def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's records: metrics, timings, the interval meter, the NaN/inf check
+
+@dataclass
+class RunState:
+    """What the run has recorded so far; a resumed run starts from the saved one."""
+
+    start_step: int          # updates already done when this process started (0 unless resumed)
+    metrics: list[dict]      # the lines of metrics.jsonl: no wall-clock values (byte-identical reruns)
+    timings: list[dict]      # one {"step", "img_s", "elapsed_s"} per training line (summary.json)
+    elapsed_before: float    # training seconds of the attempts before a resume
+    started_utc: str
+
+
+class IntervalMeter:
+    """The updates since the last training line: loss and gradient-norm sums and the first non-finite
+    step, kept on the device (read only when logging: no per-update host sync); and the wall clock."""
+
+    def __init__(self, device: torch.device, steps: int, start_step: int):
+        self.loss, self.grad_norm = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.first_bad_step = torch.full((), steps + 1, dtype=torch.int64, device=device)
+        self.steps, self.last_step, self.images = steps, start_step, 0
+        self.loop_start = self.last_log = time.perf_counter()
+        self.eval_seconds = 0.0
+
+    def add(self, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor, images: int) -> None:
+        self.loss += loss_sum
+        self.grad_norm += grad_norm
+        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+        self.first_bad_step = torch.where(finite, self.first_bad_step, self.first_bad_step.clamp(max=step))
+        self.images += images
+
+    def check_finite(self, world_size: int, base_lr: float) -> None:
+        bad = self.first_bad_step.clone()
+        if world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        if bad.item() <= self.steps:
+            raise PipelineError(f"the loss or gradient became NaN/inf at step {bad.item()} "
+                                f"(lr {base_lr}); lower the learning rate or check the data")
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (minival) out of the training throughput."""
+        self.eval_seconds += seconds
+        self.last_log += seconds
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.loop_start
+
+    def read(self, step: int, world_size: int) -> tuple[float, float, float]:
+        """(mean loss per image, mean gradient norm per update, images/s) since the last read; resets."""
+        if world_size > 1:
+            dist.all_reduce(self.loss)
+        now = time.perf_counter()
+        result = (self.loss.item() / self.images, self.grad_norm.item() / (step - self.last_step),
+                  self.images / (now - self.last_log))
+        self.loss.zero_()
+        self.grad_norm.zero_()
+        self.images, self.last_step, self.last_log = 0, step, now
+        return result
+
+
+def print_line(line: dict) -> None:
+    """One JSON line in the job log (above the progress bar)."""
+    tqdm.write(json.dumps(line), file=sys.stdout)
+    sys.stdout.flush()
+
+
+def log_training(run: RunState, meter: IntervalMeter, step: int, lr: float, process: Process,
+                 progress: tqdm) -> None:
+    loss, grad_norm, img_s = meter.read(step, process.world_size)
+    line = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+    timing = {"step": step, "img_s": img_s, "elapsed_s": run.elapsed_before + meter.seconds()}
+    run.metrics.append(line)
+    run.timings.append(timing)
+    if process.rank == 0:
+        print_line({**line, **timing})
+        progress.set_postfix(loss=f"{loss:.4f}")
+
+
+def log_minival(run: RunState, meter: IntervalMeter, step: int, model: nn.Module, loader, num_classes: int,
+                device: torch.device) -> None:
+    """Minival top-1/top-5/loss of the model now (bf16 on CUDA, like training); rank 0 only."""
+    start = time.perf_counter()
+    result = evaluate.evaluate_model(model, loader, num_classes, device)
+    model.train()
+    line = {"step": step, "minival_top1": result["top1"], "minival_top5": result["top5"],
+            "minival_loss": result["loss"]}
+    run.metrics.append(line)
+    print_line(line)
+    meter.exclude(time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------
 # Resume state
+
+def run_fingerprint(checkpoint: str | os.PathLike, dataset_record: dict, train_size: int, lr: float,
+                    seed: int, steps: int, protocol: Protocol) -> dict:
+    """What decides the result; a state.pt with another fingerprint belongs to another run."""
+    return {"state_version": STATE_VERSION, "checkpoint_sha256": sha256_file(checkpoint),
+            "dataset": dataset_record["name"], "train_size": train_size, "lr": lr, "seed": seed,
+            "steps": steps, "protocol": protocol.fingerprint()}
+
 
 def load_state(resume_dir: Path, fingerprint: dict, device: torch.device) -> dict | None:
     path = resume_dir / STATE_FILE
@@ -190,7 +352,26 @@ def load_state(resume_dir: Path, fingerprint: dict, device: torch.device) -> dic
     return state
 
 
-def save_state(resume_dir: Path, state: dict) -> None:
+def resume(resume_dir: Path, fingerprint: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+           process: Process, started_utc: str) -> RunState:
+    """The saved state of this run, loaded into model and optimizer; a fresh RunState without one."""
+    state = load_state(resume_dir, fingerprint, process.device)
+    if state is None:
+        return RunState(0, [], [], 0.0, started_utc)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state["rng"])
+    if process.rank == 0:
+        print(f"finetune: resuming from step {state['step']} ({resume_dir / STATE_FILE})", file=sys.stderr)
+    return RunState(state["step"], state["metrics"], state["timings"], state["elapsed_s"], state["started_utc"])
+
+
+def save_checkpoint(resume_dir: Path, fingerprint: dict, step: int, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, run: RunState, meter: IntervalMeter) -> None:
+    state = {"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "rng": rng_state(), "metrics": run.metrics,
+             "timings": run.timings, "elapsed_s": run.elapsed_before + meter.seconds(),
+             "started_utc": run.started_utc}
     with atomic_path(resume_dir / STATE_FILE) as tmp:
         torch.save(state, tmp)
 
@@ -209,170 +390,94 @@ def restore_rng(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The end: summary and outputs
+
+def out_of_memory_error(protocol: Protocol, device: torch.device) -> PipelineError:
+    micro = protocol.micro_batch_size
+    return PipelineError(
+        f"CUDA out of memory with micro-batches of {micro} images on {device}; set protocol.micro_batch_size "
+        f"to a smaller divisor of {protocol.batch_size} (e.g. {max(1, micro // 2)}) and rerun: the job "
+        "resumes from its last checkpoint with the same result")
+
+
+def run_summary(checkpoint: str | os.PathLike, dataset_record: dict, lr: float, seed: int, steps: int,
+                protocol: Protocol, process: Process, run: RunState, meter: IntervalMeter) -> dict:
+    """summary.json: the run's record, with its timings (metrics.jsonl has none)."""
+    loop_seconds, final = meter.seconds(), run.metrics[-1]  # the last line is the final minival
+    return {
+        "checkpoint": Path(checkpoint).name.removesuffix(".safetensors"), "dataset": dataset_record["name"],
+        "lr": lr, "seed": seed, "steps": steps, "batch_size": protocol.batch_size,
+        "micro_batch_size": protocol.micro_batch_size, "world_size": process.world_size,
+        "device": process.device.type, "device_names": device_names(process.device, process.world_size),
+        "precision": precision_name(protocol.precision, process.device), "inception_crop": protocol.inception_crop,
+        "minival_top1": final["minival_top1"], "minival_top5": final["minival_top5"],
+        "minival_loss": final["minival_loss"], "train_seconds": run.elapsed_before + loop_seconds,
+        "img_s": (steps - run.start_step) * protocol.batch_size / max(loop_seconds - meter.eval_seconds, 1e-9),
+        "resumed_from_step": run.start_step or None, "protocol": protocol.as_dict(),
+        "started_utc": run.started_utc, "finished_utc": utc_now(), "timings": run.timings,
+    }
+
+
+def write_outputs(outputs: Outputs, model: nn.Module, architecture: dict, metrics: list[dict],
+                  summary: dict) -> None:
+    model_io.save_model(model, architecture, outputs.model)  # atomic itself, byte-deterministic
+    with atomic_path(outputs.metrics) as tmp:
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    write_json(outputs.summary, summary)
+
+
+# ---------------------------------------------------------------------------------------------
 # The training run
 
-def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, out_dir: str | os.PathLike,
-          resume_dir: str | os.PathLike, lr: float, seed: int, steps: int, protocol: dict,
+def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outputs: Outputs,
+          resume_dir: str | os.PathLike, lr: float, seed: int, steps: int, protocol: Protocol,
           threads: int) -> dict | None:
-    """Fine-tune and write out_dir/{model.safetensors, metrics.jsonl, summary.json}.
-
-    Returns the summary on rank 0 (None on the other DDP ranks, which write nothing).
-    """
-    started_utc = utc_now()
-    out_dir, resume_dir = Path(out_dir), Path(resume_dir)
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.set_num_threads(max(1, (protocol["threads"] or threads) // world_size))
-    if protocol["deterministic"]:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    torch.manual_seed(seed)
-
-    batch_size, micro = protocol["batch_size"], protocol["micro_batch_size"]
-    num_micro = batch_size // micro
-    if num_micro % world_size:
-        raise PipelineError(f"{num_micro} micro-batches per step cannot be shared by {world_size} processes; "
-                            "choose protocol.micro_batch_size so that batch_size / micro_batch_size is a "
-                            "multiple of the GPU count")
-    local_micro = num_micro // world_size
-
+    """Fine-tune and write `outputs`. Returns the summary on rank 0 (None on the other DDP ranks,
+    which write nothing)."""
+    started_utc, resume_dir = utc_now(), Path(resume_dir)
+    local_micro = protocol.micro_batches_per_process(world_size_of_job())  # before any process setup
+    process = setup_process(protocol, seed, threads)
     dataset_record = data.load_dataset_record(dataset_json)
     train_split, minival_split = data.open_split(dataset_record, "train"), data.open_split(dataset_record, "minival")
-    architecture = dict(model_io.read_architecture(checkpoint), num_classes=train_split.num_classes)
-    image_size = architecture["image_size"]
-    model = zero_head(model_io.load_model(checkpoint), train_split.num_classes).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=protocol["momentum"],
-                                weight_decay=protocol["weight_decay"])
-    autocast = autocast_context(protocol["precision"], device)
-
-    fingerprint = {"checkpoint_sha256": sha256_file(checkpoint), "dataset": dataset_record["name"],
-                   "train_size": len(train_split), "lr": lr, "seed": seed, "steps": steps,
-                   "protocol": {k: v for k, v in protocol.items() if k not in EXECUTION_KEYS}}
-    state = load_state(resume_dir, fingerprint, device)
-    start_step, metrics, elapsed_before = 0, [], 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"])
-        start_step, metrics, elapsed_before = state["step"], state["metrics"], state["elapsed_s"]
-        started_utc = state["started_utc"]
-        if rank == 0:
-            print(f"finetune: resuming from step {start_step} ({resume_dir / STATE_FILE})", file=sys.stderr)
-    ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-                 if world_size > 1 else model)
-
-    def my_micro_batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for step in range(start_step + 1, steps + 1):
-            yield from step_plan(seed, step, len(train_split), batch_size, micro)[rank::world_size]
-
-    augment = data.TrainAugment(image_size, protocol["inception_crop"], protocol["inception_crop_min_area"],
-                                protocol["random_flip"], protocol["pixel_mean"], protocol["pixel_std"])
-    batches = iter(data.train_loader(train_split, augment, my_micro_batches(), device, protocol["num_workers"]))
-    minival_loader = data.eval_loader(minival_split, MINIVAL_PROTOCOL, image_size, micro, device,
-                                      protocol["num_workers"], protocol["pixel_mean"], protocol["pixel_std"]
-                                      ) if rank == 0 else None  # only rank 0 evaluates
-
-    # Device-side accumulators, read only when logging (no per-step host sync).
-    interval_loss = torch.zeros((), device=device)
-    interval_grad_norm = torch.zeros((), device=device)
-    first_bad_step = torch.full((), steps + 1, dtype=torch.int64, device=device)
-
-    def check_finite() -> None:
-        bad = first_bad_step.clone()
-        if world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-        if bad.item() <= steps:
-            raise PipelineError(f"the loss or gradient became NaN/inf at step {bad.item()} "
-                                f"(lr {lr}); lower the learning rate or check the data")
-
-    progress = tqdm(total=steps, initial=start_step, desc="finetune", unit="step", file=sys.stderr,
-                    disable=rank != 0, mininterval=5.0)
-    loop_start = last_log = time.perf_counter()
-    eval_seconds, images_since_log, last_log_step = 0.0, 0, start_step
+    model, architecture, optimizer = model_and_optimizer(checkpoint, train_split.num_classes, protocol, process.device)
+    fingerprint = run_fingerprint(checkpoint, dataset_record, len(train_split), lr, seed, steps, protocol)
+    run = resume(resume_dir, fingerprint, model, optimizer, process, started_utc)
+    ddp_model, image_size = data_parallel(model, process), architecture["image_size"]
+    batches = training_batches(train_split, protocol, image_size, seed, run.start_step + 1, steps, process)
+    minival = minival_loader(minival_split, protocol, image_size, process.device) if process.rank == 0 else None
+    autocast = autocast_context(protocol.precision, process.device)
+    # Each micro-batch's summed loss times world_size / batch_size: after DDP's average over the
+    # processes, the gradient is that of the mean loss over the whole batch.
+    loss_scale = process.world_size / protocol.batch_size
+    meter = IntervalMeter(process.device, steps, run.start_step)
+    progress = tqdm(total=steps, initial=run.start_step, desc="finetune", unit="step", file=sys.stderr,
+                    disable=process.rank != 0, mininterval=5.0)
     try:
-        for step in range(start_step + 1, steps + 1):
-            loss_sum, grad_norm = train_step(
-                ddp_model, optimizer, batches, local_micro, lr_at(step, lr, steps, protocol["warmup_steps"]),
-                protocol["grad_clip_norm"], world_size / batch_size, autocast)
-            interval_loss += loss_sum
-            interval_grad_norm += grad_norm
-            first_bad_step = torch.where(torch.isfinite(loss_sum) & torch.isfinite(grad_norm),
-                                         first_bad_step, first_bad_step.clamp(max=step))
-            images_since_log += batch_size
+        for step in range(run.start_step + 1, steps + 1):
+            step_lr = lr_at(step, lr, steps, protocol.warmup_steps)
+            loss_sum, grad_norm = train_step(ddp_model, optimizer, batches, local_micro, step_lr,
+                                             protocol.grad_clip_norm, loss_scale, autocast)
+            meter.add(step, loss_sum, grad_norm, protocol.batch_size)
             progress.update(1)
-
-            if step % protocol["log_every"] == 0 or step == steps:
-                check_finite()
-                if world_size > 1:
-                    dist.all_reduce(interval_loss)
-                now = time.perf_counter()
-                line = {"step": step, "loss": interval_loss.item() / images_since_log,
-                        "lr": lr_at(step, lr, steps, protocol["warmup_steps"]),
-                        "grad_norm": interval_grad_norm.item() / (step - last_log_step),
-                        "img_s": images_since_log / (now - last_log),
-                        "elapsed_s": elapsed_before + now - loop_start}
-                metrics.append(line)
-                if rank == 0:
-                    tqdm.write(json.dumps(line), file=sys.stdout)
-                    sys.stdout.flush()
-                    progress.set_postfix(loss=f"{line['loss']:.4f}")
-                interval_loss.zero_()
-                interval_grad_norm.zero_()
-                images_since_log, last_log_step, last_log = 0, step, now
-
-            if rank == 0 and (step % protocol["eval_every"] == 0 or step == steps):
-                eval_start = time.perf_counter()
-                line = {"step": step, **minival_metrics(model, minival_loader, minival_split.num_classes, device)}
-                metrics.append(line)
-                tqdm.write(json.dumps(line), file=sys.stdout)
-                sys.stdout.flush()
-                eval_seconds += time.perf_counter() - eval_start
-                last_log += time.perf_counter() - eval_start  # img_s counts training time only
-
-            if step % protocol["checkpoint_every"] == 0 and step < steps:
-                check_finite()
-                if rank == 0:
-                    save_state(resume_dir, {
-                        "fingerprint": fingerprint, "step": step, "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "rng": rng_state(), "metrics": metrics,
-                        "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
-                        "started_utc": started_utc})
+            if step % protocol.log_every == 0 or step == steps:
+                meter.check_finite(process.world_size, lr)
+                log_training(run, meter, step, step_lr, process, progress)
+            if process.rank == 0 and (step % protocol.eval_every == 0 or step == steps):
+                log_minival(run, meter, step, model, minival, minival_split.num_classes, process.device)
+            if step % protocol.checkpoint_every == 0 and step < steps:
+                meter.check_finite(process.world_size, lr)
+                if process.rank == 0:
+                    save_checkpoint(resume_dir, fingerprint, step, model, optimizer, run, meter)
     except torch.OutOfMemoryError:
-        raise PipelineError(
-            f"CUDA out of memory with micro-batches of {micro} images on {device}; set "
-            f"protocol.micro_batch_size to a smaller divisor of {batch_size} (e.g. {max(1, micro // 2)}) "
-            "and rerun: the job resumes from its last checkpoint with the same result") from None
+        raise out_of_memory_error(protocol, process.device) from None
     finally:
         progress.close()
-    loop_seconds = time.perf_counter() - loop_start
-
-    if world_size > 1:
+    if process.world_size > 1:
         dist.destroy_process_group()
-    if rank != 0:
+    if process.rank != 0:
         return None
-    final = metrics[-1]
-    summary = {
-        "checkpoint": Path(checkpoint).name.removesuffix(".safetensors"), "dataset": dataset_record["name"],
-        "lr": lr, "seed": seed, "steps": steps, "batch_size": batch_size, "micro_batch_size": micro,
-        "world_size": world_size, "device": device.type, "device_names": device_names(device, world_size),
-        "precision": precision_name(protocol["precision"], device), "inception_crop": protocol["inception_crop"],
-        "minival_top1": final["minival_top1"], "minival_top5": final["minival_top5"],
-        "minival_loss": final["minival_loss"], "train_seconds": elapsed_before + loop_seconds,
-        "img_s": (steps - start_step) * batch_size / max(loop_seconds - eval_seconds, 1e-9),
-        "resumed_from_step": start_step or None, "protocol": protocol,
-        "started_utc": started_utc, "finished_utc": utc_now(),
-    }
-    model_io.save_model(model, architecture, out_dir / "model.safetensors")  # atomic itself
-    with atomic_path(out_dir / "metrics.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    write_json(out_dir / "summary.json", summary)
+    summary = run_summary(checkpoint, dataset_record, lr, seed, steps, protocol, process, run, meter)
+    write_outputs(outputs, model, architecture, run.metrics, summary)
     (resume_dir / STATE_FILE).unlink(missing_ok=True)  # the outputs now hold everything
     return summary
 
@@ -381,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="converted .safetensors (convert_weights)")
     parser.add_argument("--data", required=True, help="dataset.json written by prepare_data")
-    parser.add_argument("--out-dir", required=True, help="run folder for model, metrics and summary")
+    parser.add_argument("--model-out", required=True, help="fine-tuned model (.safetensors) to write")
+    parser.add_argument("--metrics-out", required=True, help="metrics.jsonl to write (no wall-clock values)")
+    parser.add_argument("--summary-out", required=True, help="summary.json to write (the record with timings)")
     parser.add_argument("--resume-dir", required=True, help="folder for resume state (not a Snakemake output)")
     parser.add_argument("--lr", type=float, required=True, help="base learning rate")
     parser.add_argument("--seed", type=int, required=True)
@@ -392,8 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag, path in (("--checkpoint", args.checkpoint), ("--data", args.data)):
         if not Path(path).is_file():
             raise PipelineError(f"{flag} {path}: file not found (did the stage that writes it run?)")
-    train(args.checkpoint, args.data, args.out_dir, args.resume_dir, args.lr, args.seed, args.steps,
-          parse_protocol(args.protocol), args.threads)
+    protocol = Protocol.from_config(json_arg(args.protocol, "--protocol"))
+    outputs = Outputs(Path(args.model_out), Path(args.metrics_out), Path(args.summary_out))
+    train(args.checkpoint, args.data, outputs, args.resume_dir, args.lr, args.seed, args.steps, protocol,
+          args.threads)
     return 0
 
 
