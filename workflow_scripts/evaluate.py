@@ -14,11 +14,12 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import data, model_io
-from .common import PipelineError, json_arg, read_json, run_cli, write_json
+from .common import PipelineError, atomic_path, json_arg, read_json, run_cli, write_json
 
 INTERPOLATION = "bilinear, half-pixel centres, no antialias (as tf.image.resize in the official code)"
 
@@ -26,6 +27,8 @@ INTERPOLATION = "bilinear, half-pixel centres, no antialias (as tf.image.resize 
 def evaluate_model(model: torch.nn.Module, loader, num_classes: int, device) -> dict:
     """Top-1/top-5 (%), mean cross-entropy, per-class top-1, confusion matrix (<= 100 classes), img/s.
 
+    Also `predictions`: {"top5": (N, k) int16/int32 class indices, best first, k = min(5, classes);
+    "labels": (N,) int64}, numpy, in loader order (not JSON: `main` writes it with --predictions-out).
     Counts accumulate on the device without per-batch host syncs; bf16 autocast on CUDA, fp32 on CPU.
     """
     device = torch.device(device)
@@ -36,6 +39,8 @@ def evaluate_model(model: torch.nn.Module, loader, num_classes: int, device) -> 
     topk_hits = torch.zeros((), dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if num_classes <= 100 else None
+    index_dtype = torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
+    top_per_batch, labels_per_batch = [], []  # stay on the device; moved to the host once at the end
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model.eval()
     start = time.perf_counter()
@@ -52,6 +57,8 @@ def evaluate_model(model: torch.nn.Module, loader, num_classes: int, device) -> 
             per_class += is_label.sum(0)
             per_class_hits += (is_label & (top[:, :1] == labels[:, None])).sum(0)
             topk_hits += (top == labels[:, None]).any(1).sum()
+            top_per_batch.append(top.to(index_dtype))
+            labels_per_batch.append(labels)
             if confusion is not None:
                 confusion += (is_label[:, :, None] & (top[:, :1] == classes)[:, None, :]).sum(0)
     if device.type == "cuda":
@@ -71,6 +78,8 @@ def evaluate_model(model: torch.nn.Module, loader, num_classes: int, device) -> 
         "per_class_top1": [100.0 * h / c if c else None for h, c in zip(hits.tolist(), counts.tolist())],
         "confusion": None if confusion is None else confusion.cpu().tolist(),
         "images_per_s": n / seconds,
+        "predictions": {"top5": torch.cat(top_per_batch).cpu().numpy(),
+                        "labels": torch.cat(labels_per_batch).cpu().numpy()},
     }
 
 
@@ -158,6 +167,26 @@ def evaluate_selection(selection_path, summaries: list, models: list, dataset_re
     }
 
 
+def write_predictions(path, split: data.Split, runs: list[dict]) -> None:
+    """The per-image predictions of evaluation results (one per model, same split) as one .npz, atomically.
+
+    Keys: `top5` (runs, N, k) int16/int32 class indices, best first, in split order; `labels` (N,);
+    `models` (runs,) str; `seeds` (runs,) int64 when every run has one; `file_names` (N,) str, each
+    image's base name, for image-folder splits (an array split has none: its order is the sample index).
+    """
+    for run in runs:  # the loader yields the split in order; its labels prove it
+        if not np.array_equal(run["predictions"]["labels"], split.labels):
+            raise PipelineError(f"{run['model']}: predictions are not in the order of split '{split.name}'")
+    arrays = {"top5": np.stack([run["predictions"]["top5"] for run in runs]), "labels": split.labels,
+              "models": np.array([str(run["model"]) for run in runs])}
+    if all("seed" in run for run in runs):
+        arrays["seeds"] = np.array([run["seed"] for run in runs], dtype=np.int64)
+    if split.files is not None:
+        arrays["file_names"] = np.array([Path(f).name for f in split.files])
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group(required=True)
@@ -175,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pixel-mean", type=float, help="pixel normalisation (default: the run's training protocol)")
     p.add_argument("--pixel-std", type=float)
     p.add_argument("--out", required=True, help="output JSON")
+    p.add_argument("--predictions-out", help="also write each image's top-5 classes here (.npz, see write_predictions)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     dataset_record = data.load_dataset_record(args.data)
@@ -189,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_checkpoint(args.model, dataset_record, data.open_split(dataset_record, "test"), protocol, args.batch_size,
                                      args.num_workers, args.pixel_mean, args.pixel_std, device)
         print(f"{args.model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+    runs = result["runs"] if args.selection else [result]
+    if args.predictions_out:
+        write_predictions(args.predictions_out, data.open_split(dataset_record, "test"), runs)
+    for run in runs:
+        del run["predictions"]  # numpy arrays: they go to --predictions-out, not into the JSON
     write_json(args.out, result)
     return 0
 
