@@ -136,7 +136,7 @@ def _check_batch_split(config):
     protocol = Protocol.from_config(config["protocol"])
     for ck in config["finetune"]["checkpoints"]:
         try:
-            protocol.micro_batches_per_process(matrix.finetune_gpus(config, ck))
+            protocol.micro_batches_per_process(max(1, matrix.finetune_gpus(config, ck)))  # 0 = CPU
         except PipelineError as e:
             raise WorkflowError(f"the config is not valid: {e} (checkpoint {ck})") from None
 
@@ -161,6 +161,11 @@ def upstream_npz(ckpt):
 def upstream_data(dataset):
     """Where synthesize_data writes a stand-in dataset tree in ImageNet's on-disk layout (demo)."""
     return f"{results_root}/upstream_data/{dataset}"
+
+
+def upstream_data_manifest(dataset):
+    """Written last by synthesize_data: the tree is complete."""
+    return f"{upstream_data(dataset)}/manifest.json"
 
 
 def downloaded_npz(ckpt):
@@ -203,6 +208,32 @@ def evaluation_json(ckpt, dataset):
 
 def baseline_json(ckpt, dataset, protocol):
     return f"{results_root}/baseline/{ckpt}/{dataset}/{protocol}.json"
+
+
+def predictions_file(result_json):
+    """Per-image top-5 predictions stored beside an evaluation result (ReaL is computed from them)."""
+    return result_json.removesuffix(".json") + ".predictions.npz"
+
+
+def real_labels_json(dataset):
+    return f"{weights_dir}/real_labels/{dataset}.json"
+
+
+def real_labels_record(dataset):
+    return f"{weights_dir}/real_labels/{dataset}.download.json"
+
+
+def real_json(ckpt, dataset):
+    """The ReaL-style top-1 of one (checkpoint, dataset) result."""
+    return f"{results_root}/real/{ckpt}/{dataset}.json"
+
+
+def result_json(ckpt, dataset, source):
+    """The test result of a (checkpoint, dataset): its evaluation, or the released model's baseline
+    with the dataset's own evaluation protocol."""
+    if source == "finetune":
+        return evaluation_json(ckpt, dataset)
+    return baseline_json(ckpt, dataset, config["datasets"][dataset]["eval_protocol"])
 
 
 def aggregate_file(name):
@@ -249,7 +280,7 @@ def synthesize_input(wildcards):
 
 def synthesize_data_input(wildcards):
     synthesized = "synthesize" in config["datasets"][wildcards.dataset]["source"]
-    return [upstream_data(wildcards.dataset) + "/manifest.json"] if synthesized else []
+    return [upstream_data_manifest(wildcards.dataset)] if synthesized else []
 
 
 def download_args(wildcards):
@@ -273,6 +304,19 @@ def eval_protocol_of(dataset):
     return name, as_json(config["evaluation"]["protocols"][name])
 
 
+def real_input(wildcards):
+    """The predictions, ReaL labels and dataset record a ReaL job reads."""
+    source = {(ck, ds): src for ck, ds, src in matrix.real_results(config)}[wildcards.ckpt, wildcards.dataset]
+    result = result_json(wildcards.ckpt, wildcards.dataset, source)
+    return {"predictions": predictions_file(result), "labels": real_labels_json(wildcards.dataset),
+            "data": dataset_json(wildcards.dataset)}
+
+
+def real_labels_download_args(wildcards):
+    expected = config["datasets"][wildcards.dataset].get("real_labels_sha256")
+    return f"--sha256 {expected}" if expected else ""
+
+
 def aggregate_inputs(wildcards):
     runs = matrix.finetune_runs(config)
     return {
@@ -285,6 +329,7 @@ def aggregate_inputs(wildcards):
         "downloads": [download_record(ck) for ck in matrix.used_checkpoints(config)],
         # dataset.json carries the subset flag the report puts in its headline
         "datasets": [dataset_json(ds) for ds in matrix.used_datasets(config)],
+        "reals": [real_json(ck, ds) for ck, ds, _ in matrix.real_results(config)],
     }
 
 

@@ -1,13 +1,14 @@
-# Datasets: CIFAR-10 (torchvision), ImageNet-style trees (validated), digits and stand-in trees (demo).
+# Datasets: CIFAR-10/100, Pets, Flowers (torchvision), ImageNet-style trees (validated), digits and
+# stand-in trees (demo).
 
 
 rule synthesize_data:
     """Write a stand-in dataset tree in ImageNet's on-disk layout (demo), with ReaL-style relabels."""
     output:
-        manifest=upstream_data("{dataset}") + "/manifest.json",
+        manifest=upstream_data_manifest("{dataset}"),
     params:
         seed=lambda wc: config["datasets"][wc.dataset]["source"]["synthesize"]["seed"],
-        tree=lambda wc: upstream_data(wc.dataset),
+        tree=lambda wc, output: str(Path(output.manifest).parent),
     log:
         log_file("synthesize_data", "{dataset}"),
     benchmark:

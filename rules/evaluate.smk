@@ -28,7 +28,8 @@ rule evaluate:
         summaries=lambda wc: pair_runs(wc, "summary.json"),
         models=lambda wc: pair_runs(wc, "model.safetensors"),
     output:
-        report(evaluation_json("{ckpt}", "{dataset}"), caption="../report/evaluate.rst", category="Evaluation"),
+        result=report(evaluation_json("{ckpt}", "{dataset}"), caption="../report/evaluate.rst", category="Evaluation"),
+        predictions=predictions_file(evaluation_json("{ckpt}", "{dataset}")),
     params:
         what=lambda wc, input: f"--selection {input.selection} --summaries {input.summaries} --models {input.models}",
         protocol_name=lambda wc: eval_protocol_of(wc.dataset)[0],
@@ -54,7 +55,8 @@ rule evaluate:
             "python -m workflow_scripts.evaluate {params.what} --data {input.data}"
             " --protocol-name {params.protocol_name} --protocol {params.protocol:q}"
             " --batch-size {params.batch_size} --num-workers {params.num_workers} --threads {threads}"
-            " --pixel-mean {params.pixel_mean} --pixel-std {params.pixel_std} --out {output} > {log} 2>&1"
+            " --pixel-mean {params.pixel_mean} --pixel-std {params.pixel_std}"
+            " --out {output.result} --predictions-out {output.predictions} > {log} 2>&1"
         )
 
 
@@ -63,7 +65,8 @@ use rule evaluate as baseline with:
         model=converted_model("{ckpt}"),
         data=dataset_json("{dataset}"),
     output:
-        baseline_json("{ckpt}", "{dataset}", "{protocol}"),
+        result=baseline_json("{ckpt}", "{dataset}", "{protocol}"),
+        predictions=predictions_file(baseline_json("{ckpt}", "{dataset}", "{protocol}")),
     params:
         what=lambda wc, input: f"--model {input.model}",
         protocol_name=lambda wc: wc.protocol,
@@ -72,3 +75,44 @@ use rule evaluate as baseline with:
         log_file("baseline", BASELINE_JOB),
     benchmark:
         benchmark_file("baseline", BASELINE_JOB)
+
+
+rule download_real_labels:
+    """Fetch a dataset's ReaL labels (real.json) through the checkpoints' download code, sha256 pinned."""
+    input:
+        synthesize_data_input,
+    output:
+        labels=real_labels_json("{dataset}"),
+        record=real_labels_record("{dataset}"),
+    params:
+        url=lambda wc: config["datasets"][wc.dataset]["real_labels"],
+        lock=config["weights_lock"],
+        extra=real_labels_download_args,
+    retries: 3
+    log:
+        log_file("download_real_labels", "{dataset}"),
+    benchmark:
+        benchmark_file("download_real_labels", "{dataset}")
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.download --config-key datasets.{wildcards.dataset}.real_labels --format json"
+        " --url {params.url:q} --out {output.labels} --record {output.record} --lock {params.lock:q}"
+        " {params.extra} > {log} 2>&1"
+
+
+rule real:
+    """ReaL-style top-1 of a test result from its stored predictions (the model is not run again)."""
+    input:
+        unpack(real_input),
+    output:
+        real_json("{ckpt}", "{dataset}"),
+    log:
+        log_file("real", PAIR_JOB),
+    benchmark:
+        benchmark_file("real", PAIR_JOB)
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m workflow_scripts.real --predictions {input.predictions} --real-labels {input.labels}"
+        " --data {input.data} --out {output} > {log} 2>&1"
