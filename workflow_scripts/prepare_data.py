@@ -1,32 +1,41 @@
 """Fetch or validate one dataset and describe it in D/{dataset}/dataset.json (written last).
 
 Source kinds (config `datasets.<name>.source.kind`):
-- cifar10: torchvision's CIFAR-10 (its own download and md5 checks), or an existing torchvision
-  CIFAR-10 folder (`source.path`); stored as uint8 arrays (train.npz, test.npz).
+- cifar10, cifar100: torchvision's CIFAR10 / CIFAR100 (its own download and md5 checks), or an existing
+  torchvision folder (`source.path`); stored as uint8 arrays (train.npz, test.npz).
+- pets, flowers: torchvision's OxfordIIITPet (trainval -> train, test) and Flowers102 (train + val ->
+  train, test), downloaded or at `source.path`; the JPEG files are linked, not re-encoded, into an
+  image-folder tree <split>/<label:03d>_<class>/<file>, so the sorted folders are torchvision's labels.
 - imagefolder: an ImageNet-style tree at `source.path` (train/<wnid>/*, val/<wnid>/*), or a flat
-  val folder plus `source.val_ground_truth`, sorted here into val/<wnid>/ with symlinks. The tree is
-  checked against `expected` counts; a shortfall is an error unless `allow_subset: true`.
+  val folder plus `source.val_ground_truth`, sorted here into val/<wnid>/ with symlinks.
 - sklearn_digits (demo): scikit-learn's bundled 8x8 digits, split train/val/test (stratified, fixed
   seed), written as a PNG image-folder tree (the ImageNet code path) or as arrays (the CIFAR-10 one).
+Every kind's class and image counts are checked against `expected` when the config gives it; a
+shortfall is an error unless `allow_subset: true`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
 import urllib.error
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
-from .common import PipelineError, json_arg, atomic_path, run_cli, write_json
+from .common import PipelineError, atomic_path, json_arg, run_cli, write_json
 from .data import DEFAULT_MINIVAL_SEED, IMAGE_SUFFIXES
 
 # The demo's digits split: stratified fractions of the 1,797 images, with a fixed seed.
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_VAL_FRACTION = 0.1
 DIGITS_SPLIT_SEED = 0
+# The folders torchvision's OxfordIIITPet and Flowers102 keep their files in, below the root they are given.
+PETS_FOLDER = "oxford-iiit-pet"
+FLOWERS_FOLDER = "flowers-102"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,32 +46,144 @@ def write_arrays(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         np.savez(f, images=np.ascontiguousarray(images, dtype=np.uint8), labels=np.asarray(labels, dtype=np.int64))
 
 
-def prepare_cifar10(source: dict, out_dir: Path) -> dict:
-    from torchvision.datasets import CIFAR10
-
+# ---------------------------------------------------------------------------------------------
+# torchvision's datasets: its own download and md5 checks, or an existing folder (source.path)
+def _source_fix(name: str, source: dict, root: Path) -> str:
+    """How to repair a missing, broken or incomplete torchvision folder; names the config key."""
     if source.get("path"):
-        root = Path(source["path"])
-        if root.name == CIFAR10.base_folder:  # accept the extracted folder itself as well as its parent
+        return f"point datasets.{name}.source.path ({source['path']}) at an intact copy, or set it to null to download"
+    return (f"delete {root} and rerun to download it again (datasets.{name}.source.path is null), "
+            f"or set datasets.{name}.source.path to an intact copy")
+
+
+def open_torchvision(name: str, source: dict, out_dir: Path, base_folder: str, origin: str,
+                     open_splits: Callable[[str, bool], dict], extracted: tuple[str, ...] = ()) -> tuple[Path, dict]:
+    """(root, open_splits(root, download)): torchvision's datasets, every failure one PipelineError.
+
+    Downloads go to out_dir/raw. torchvision checksums the archives but not the files it extracts
+    from them (`extracted`, folders inside base_folder): they count only once a marker says the
+    extraction finished, so a killed extraction is redone from the verified archives on rerun.
+    """
+    if source.get("path"):
+        root, download = Path(source["path"]).resolve(), False
+        if root.name == base_folder:  # accept the extracted folder itself as well as its parent
             root = root.parent
-        download = False
     else:
         root, download = out_dir / "raw", True
+    marker = root / f".{base_folder}.extracted"
+    if download and extracted and not marker.exists():
+        for folder in extracted:
+            shutil.rmtree(root / base_folder / folder, ignore_errors=True)
     try:
-        train = CIFAR10(str(root), train=True, download=download)
-        test = CIFAR10(str(root), train=False, download=False)
+        splits = open_splits(str(root), download)
     except (urllib.error.URLError, OSError) as e:
+        if download:
+            raise PipelineError(
+                f"datasets.{name}: downloading {origin} into {root} failed ({e}); check the network and rerun, "
+                f"or set datasets.{name}.source.path to a folder holding {base_folder}/"
+            ) from None
+        raise PipelineError(f"{root / base_folder}: {e}; {_source_fix(name, source, root)}") from None
+    except RuntimeError as e:  # torchvision: files missing, or an md5 mismatch
         raise PipelineError(
-            f"downloading CIFAR-10 from {CIFAR10.url} into {root} failed ({e}); check the network or set "
-            f"source.path to a folder that holds {CIFAR10.base_folder}/"
+            f"{root / base_folder}: {e} (torchvision's check of the files and their md5); "
+            f"{_source_fix(name, source, root)}"
         ) from None
-    except RuntimeError as e:  # torchvision: missing files or an md5 mismatch
-        fix = "set source.path to a folder holding an intact copy" if not download else "delete it and rerun"
-        raise PipelineError(f"{root / CIFAR10.base_folder}: {e} (torchvision's md5 check); {fix}") from None
-    splits = {}
-    for name, ds in (("train", train), ("test", test)):
-        write_arrays(out_dir / f"{name}.npz", ds.data, np.asarray(ds.targets, dtype=np.int64))
-        splits[name] = len(ds.targets)
-    return {"layout": "arrays", "classes": list(train.classes), "splits": splits}
+    if download and extracted:
+        marker.touch()
+    return root, splits
+
+
+def prepare_cifar(name: str, dataset_config: dict, out_dir: Path) -> dict:
+    """CIFAR-10 or CIFAR-100 (by source.kind) through torchvision; stored as uint8 arrays."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    source = dataset_config["source"]
+    cifar = CIFAR100 if source["kind"] == "cifar100" else CIFAR10
+
+    def open_splits(root: str, download: bool) -> dict:
+        return {"train": cifar(root, train=True, download=download), "test": cifar(root, train=False)}
+
+    _, splits = open_torchvision(name, source, out_dir, cifar.base_folder, cifar.url, open_splits)
+    for split, ds in splits.items():
+        write_arrays(out_dir / f"{split}.npz", ds.data, np.asarray(ds.targets, dtype=np.int64))
+    return {"layout": "arrays", "classes": list(splits["train"].classes),
+            "splits": {split: len(ds.targets) for split, ds in splits.items()}}
+
+
+def _labelled_files(ds) -> list[tuple[Path, int]]:
+    """(image file, label) of a torchvision OxfordIIITPet or Flowers102 split, in its order."""
+    files = ds._images if hasattr(ds, "_images") else getattr(ds, "_image_files", None)
+    labels = getattr(ds, "_labels", None)
+    if files is None or labels is None or not len(files) == len(labels) == len(ds):
+        import torchvision
+
+        raise PipelineError(
+            f"torchvision {torchvision.__version__}: {type(ds).__name__} no longer lists its files as "
+            f"_images/_image_files and _labels; install the torchvision version pinned in requirements.txt"
+        )
+    return [(Path(f), int(label)) for f, label in zip(files, labels)]
+
+
+def class_folder_names(class_names: list[str], count: int) -> list[str]:
+    """'<label:03d>_<name>' per label 0..count-1: sorted folders are the label order, names readable."""
+    return [f"{i:03d}_{re.sub(r'[^a-z0-9]+', '_', class_names[i].lower()).strip('_')}" for i in range(count)]
+
+
+def link_image_splits(name: str, source: dict, root: Path, splits: dict[str, list], class_names: list[str],
+                      out_dir: Path) -> dict:
+    """Link each split's images (torchvision datasets, concatenated) into out_dir/<split>/<class>/."""
+    samples = {split: [s for ds in datasets for s in _labelled_files(ds)] for split, datasets in splits.items()}
+    fix = _source_fix(name, source, root)
+    missing = [path for items in samples.values() for path, _ in items if not path.is_file()]
+    if missing:
+        total = sum(map(len, samples.values()))
+        raise PipelineError(
+            f"{root}: {len(missing):,} of the {total:,} images the split files list are missing "
+            f"(first: {missing[0]}); {fix}"
+        )
+    count = min(len({label for _, label in samples["train"]}), len(class_names))
+    for split, items in samples.items():
+        if {label for _, label in items} != set(range(count)):
+            raise PipelineError(
+                f"{root}: the {split} split does not have images of every label 0..{count - 1} "
+                f"(of {len(class_names)} classes); {fix}"
+            )
+    classes = class_folder_names(class_names, count)
+    for split, items in samples.items():
+        link_class_tree(out_dir / split, ((classes[label], path.resolve()) for path, label in items))
+    counts = {split: sum(scan_class_tree(out_dir / split).values()) for split in samples}
+    return {"layout": "imagefolder", "classes": classes, "splits": counts}
+
+
+def prepare_pets(name: str, dataset_config: dict, out_dir: Path) -> dict:
+    """Oxford-IIIT Pet: the trainval split is the training set, test the test set (37 breeds)."""
+    from torchvision.datasets import OxfordIIITPet
+
+    source = dataset_config["source"]
+
+    def open_splits(root: str, download: bool) -> dict:
+        trainval = OxfordIIITPet(root, split="trainval", download=download)
+        return {"train": [trainval], "test": [OxfordIIITPet(root, split="test")]}
+
+    origin = " and ".join(url for url, _ in OxfordIIITPet._RESOURCES)
+    root, splits = open_torchvision(name, source, out_dir, PETS_FOLDER, origin, open_splits,
+                                    extracted=("images", "annotations"))
+    return link_image_splits(name, source, root, splits, splits["train"][0].classes, out_dir)
+
+
+def prepare_flowers(name: str, dataset_config: dict, out_dir: Path) -> dict:
+    """Oxford Flowers-102: train + val are the training set, test the test set (102 classes)."""
+    from torchvision.datasets import Flowers102
+
+    source = dataset_config["source"]
+
+    def open_splits(root: str, download: bool) -> dict:
+        train = Flowers102(root, split="train", download=download)
+        return {"train": [train, Flowers102(root, split="val")], "test": [Flowers102(root, split="test")]}
+
+    root, splits = open_torchvision(name, source, out_dir, FLOWERS_FOLDER, Flowers102._download_url_prefix,
+                                    open_splits, extracted=("jpg",))
+    return link_image_splits(name, source, root, splits, Flowers102.classes, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,17 +274,15 @@ def _replace_with_symlink(link: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
-def sort_flat_val(val_dir: Path, ground_truth: Path, classes: list[str], out: Path) -> None:
-    """Build out/<wnid>/<file> symlinks to the flat validation images (written beside, then renamed)."""
-    files = _flat_images(val_dir)
-    labels = read_ground_truth(ground_truth, files, classes)
-    tmp = out.with_name(f".{out.name}.sorting")
+def link_class_tree(out: Path, links: Iterable[tuple[str, Path]]) -> None:
+    """out/<class>/<file name> symlinks to (class, target file) pairs; built beside out, then renamed onto it."""
+    tmp = out.with_name(f".{out.name}.linking")
     if tmp.exists():
         shutil.rmtree(tmp)
-    for wnid in sorted(set(labels.values())):
-        (tmp / wnid).mkdir(parents=True)
-    for name, wnid in labels.items():
-        (tmp / wnid / name).symlink_to(val_dir.resolve() / name)
+    tmp.mkdir(parents=True)
+    for cls, target in links:
+        (tmp / cls).mkdir(exist_ok=True)
+        (tmp / cls / target.name).symlink_to(target)
     if out.is_symlink():
         out.unlink()
     elif out.exists():
@@ -171,15 +290,29 @@ def sort_flat_val(val_dir: Path, ground_truth: Path, classes: list[str], out: Pa
     os.replace(tmp, out)
 
 
+def sort_flat_val(val_dir: Path, ground_truth: Path, classes: list[str], out: Path) -> None:
+    """Build out/<wnid>/<file> symlinks to the flat validation images."""
+    files = _flat_images(val_dir)
+    labels = read_ground_truth(ground_truth, files, classes)
+    link_class_tree(out, ((wnid, val_dir.resolve() / name) for name, wnid in labels.items()))
+
+
 def _expected_counts(name: str, dataset_config: dict, found: dict[str, int]) -> tuple[bool, str | None]:
-    """Compare found counts with dataset_config["expected"]; returns (subset, note) or raises."""
+    """Compare found counts ({"num_classes", <split>: images}) with dataset_config["expected"].
+
+    Returns (subset, note) or raises.
+    """
     expected = dataset_config.get("expected") or {}
+    unknown = sorted(set(expected) - set(found))
+    if unknown:
+        raise PipelineError(
+            f"datasets.{name}.expected: {unknown} not prepared (have {sorted(found)}); fix the key names"
+        )
     short, over = [], []
-    for key, label in (("num_classes", "classes"), ("train", "train images"), ("val", "val images")):
-        if key not in expected:
-            continue
-        if found[key] != expected[key]:
-            (short if found[key] < expected[key] else over).append(f"{found[key]:,} of {expected[key]:,} {label}")
+    for key, count in found.items():
+        if key in expected and count != expected[key]:
+            label = "classes" if key == "num_classes" else f"{key} images"
+            (short if count < expected[key] else over).append(f"{count:,} of {expected[key]:,} {label}")
     if over:
         raise PipelineError(
             f"dataset '{name}': more than expected ({', '.join(over)}); fix datasets.{name}.expected or the tree"
@@ -188,7 +321,8 @@ def _expected_counts(name: str, dataset_config: dict, found: dict[str, int]) -> 
         return False, None
     if not dataset_config.get("allow_subset", False):
         raise PipelineError(
-            f"dataset '{name}' is incomplete: {', '.join(short)}. Complete the tree, or set "
+            f"dataset '{name}' is incomplete: {', '.join(short)}. Complete the data at "
+            f"datasets.{name}.source.path, or set "
             f"datasets.{name}.allow_subset: true to run on a subset (the report says so)"
         )
     return True, f"subset of {dataset_config.get('label', name)}: {', '.join(short)} (allow_subset: true)"
@@ -219,8 +353,7 @@ def prepare_imagefolder(name: str, dataset_config: dict, out_dir: Path) -> dict:
             f"{'...' if len(only_train) > 5 else ''}, only in val: {only_val[:5]}{'...' if len(only_val) > 5 else ''})"
         )
     splits = {"train": sum(train_counts.values()), "val": sum(val_counts.values())}
-    subset, note = _expected_counts(name, dataset_config, {"num_classes": len(classes), **splits})
-    return {"layout": "imagefolder", "classes": classes, "splits": splits, "subset": subset, "subset_note": note}
+    return {"layout": "imagefolder", "classes": classes, "splits": splits}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +376,8 @@ def digits_splits() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     return images, labels, ordered
 
 
-def prepare_digits(source: dict, out_dir: Path) -> dict:
+def prepare_digits(name: str, dataset_config: dict, out_dir: Path) -> dict:
+    source = dataset_config["source"]
     images, labels, splits = digits_splits()
     classes = [str(c) for c in range(10)]
     if source.get("layout", "imagefolder") == "arrays":
@@ -302,19 +436,26 @@ def dataset_record(name: str, dataset_config: dict, prepared: dict) -> dict:
     }
 
 
+PREPARE_BY_KIND = {
+    "cifar10": prepare_cifar,
+    "cifar100": prepare_cifar,
+    "pets": prepare_pets,
+    "flowers": prepare_flowers,
+    "imagefolder": prepare_imagefolder,
+    "sklearn_digits": prepare_digits,
+}
+
+
 def prepare(name: str, dataset_config: dict, out_json: str | os.PathLike) -> dict:
     """Prepare the data in the folder of out_json (dataset.json), then write out_json last."""
     out_dir = Path(out_json).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     kind = dataset_config["source"]["kind"]
-    if kind == "cifar10":
-        prepared = prepare_cifar10(dataset_config["source"], out_dir)
-    elif kind == "imagefolder":
-        prepared = prepare_imagefolder(name, dataset_config, out_dir)
-    elif kind == "sklearn_digits":
-        prepared = prepare_digits(dataset_config["source"], out_dir)
-    else:
-        raise PipelineError(f"datasets.{name}.source.kind: unknown kind '{kind}'")
+    if kind not in PREPARE_BY_KIND:
+        raise PipelineError(f"datasets.{name}.source.kind: unknown kind '{kind}' (one of {sorted(PREPARE_BY_KIND)})")
+    prepared = PREPARE_BY_KIND[kind](name, dataset_config, out_dir)
+    found = {"num_classes": len(prepared["classes"]), **prepared["splits"]}
+    prepared["subset"], prepared["subset_note"] = _expected_counts(name, dataset_config, found)
     record = dataset_record(name, dataset_config, prepared)
     write_json(out_json, record)
     return record
