@@ -50,13 +50,19 @@ def prepare_cifar10(source: dict, out_dir: Path) -> dict:
     try:
         train = CIFAR10(str(root), train=True, download=download)
         test = CIFAR10(str(root), train=False, download=False)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError) as e:  # torchvision does not retry; DNS, refused, 404 all land here
+        key = f"datasets.{out_dir.name}.source.path"
+        if not download:
+            raise PipelineError(f"reading CIFAR-10 from {root} failed ({e}); check {key}") from None
         raise PipelineError(
-            f"downloading CIFAR-10 from {CIFAR10.url} into {root} failed ({e}); check the network or set "
-            f"source.path to a folder that holds {CIFAR10.base_folder}/"
+            f"downloading CIFAR-10 from {CIFAR10.url} into {root} failed ({getattr(e, 'reason', e)}). Point {key} "
+            f"at a local copy: the {CIFAR10.base_folder}/ folder extracted from {CIFAR10.filename} (from a mirror), "
+            f"or the folder holding it; or put {CIFAR10.filename} (md5 {CIFAR10.tgz_md5}) into {root} and rerun"
         ) from None
     except RuntimeError as e:  # torchvision: missing files or an md5 mismatch
-        fix = "set source.path to a folder holding an intact copy" if not download else "delete it and rerun"
+        key = f"datasets.{out_dir.name}.source.path"
+        fix = (f"rerun to download it again, or point {key} at an intact local copy" if download
+               else f"point {key} at an intact copy (the {CIFAR10.base_folder}/ folder or the folder holding it)")
         raise PipelineError(f"{root / CIFAR10.base_folder}: {e} (torchvision's md5 check); {fix}") from None
     splits = {}
     for name, ds in (("train", train), ("test", test)):
