@@ -252,8 +252,9 @@ def _download_http(url: str, part: Path, *, key: str, retries: int, timeout: flo
             delay = max(min(backoff * 2 ** max(failures - 1, 0), MAX_BACKOFF_S), e.retry_after or 0)
             if failures > retries or now - stalled_since + delay > budget:
                 keep = f"; the {size} bytes kept in {part} are resumed by a rerun" if size else ""
+                wait = f"; the server asks to wait {e.retry_after:.0f} s" if e.retry_after else ""
                 raise PipelineError(f"{e} (gave up after {failures} attempts without progress, "
-                                    f"{now - stalled_since:.0f} s){keep}; {url_fix(key)}") from None
+                                    f"{now - stalled_since:.0f} s{wait}){keep}; {url_fix(key)}") from None
             print(f"{e}; retrying in {delay:.1f} s", flush=True)
             time.sleep(delay)
 
