@@ -40,9 +40,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 from workflow_scripts.common import PipelineError, read_json, run_cli, sha256_file, write_json
 
@@ -321,7 +321,7 @@ def verify_against_lock(lock_path: Path, url: str, sha256: str, size: int, key: 
         entry = lock.get(url)
         if entry is None:
             lock[url] = {"sha256": sha256, "bytes": size,
-                         "recorded_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                         "recorded_utc": datetime.now(UTC).isoformat(timespec="seconds")}
             write_json(lock_path, lock)
             print(f"{url}: sha256 {sha256} recorded in {lock_path} (commit it to pin this file)", flush=True)
             return "recorded"
