@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,7 +28,12 @@ def npz_bytes(seed: int, size: int = 200_000) -> bytes:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Serves server.files[path] with Range support; server.behaviour[path] injects faults."""
+    """Serves server.files[path] with Range support; server.behaviour[path] injects faults.
+
+    Behaviours: ok, error_once (503 then ok), busy_once (429 with Retry-After: 1, then ok), always_503,
+    cut_once (the first body is cut), truncate (ignores Range, cuts every body), ignore_range (200 to a
+    Range request), wrong_offset (a 206 that starts 7 bytes before the byte asked for).
+    """
 
     def do_GET(self):
         srv = self.server
@@ -36,12 +42,26 @@ class Handler(BaseHTTPRequestHandler):
         data = srv.files.get(self.path)
         if data is None:
             return self.send_error(404)
-        if behaviour == "error_once" and not srv.faulted.get(self.path):
+        first = not srv.faulted.get(self.path)
+        if behaviour == "always_503" or (behaviour == "error_once" and first):
             srv.faulted[self.path] = True
             return self.send_error(503)
+        if behaviour == "busy_once" and first:
+            srv.faulted[self.path] = True
+            self.send_response(429)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         start, rng = 0, self.headers.get("Range")
-        if rng and behaviour != "truncate":
+        if rng and behaviour not in ("truncate", "ignore_range"):
             start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= len(data):  # RFC 9110: 416 with the current length
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                return self.end_headers()
+            if behaviour == "wrong_offset":
+                start -= 7
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
@@ -138,9 +158,10 @@ def test_config_sha256_is_always_verified(server, tmp_path):
 
 
 def test_http_404_is_not_retried(server, tmp_path):
-    with pytest.raises(PipelineError, match=r"HTTP 404 .* for http://127\.0\.0\.1:\d+/missing\.npz"):
-        download.fetch(server.url + "/missing.npz", tmp_path / "m.npz", retries=3, **FAST)
+    with pytest.raises(PipelineError, match=r"HTTP 404 .* for http://127\.0\.0\.1:\d+/missing\.npz") as err:
+        download.fetch(server.url + "/missing.npz", tmp_path / "m.npz", key="checkpoints.ck", **FAST)
     assert len(server.requests) == 1 and leftovers(tmp_path) == []
+    assert "fix checkpoints.ck.url: point it at a local file or a mirror" in str(err.value)
 
 
 def test_server_error_is_retried(server, tmp_path):
@@ -160,13 +181,14 @@ def test_truncated_body_gives_up_with_bytes_got_and_expected(server, tmp_path):
     assert len(server.requests) == 4 and not (tmp_path / "t.npz").exists()
 
 
-def test_connection_refused(tmp_path):
+def test_connection_refused_fails_at_once(tmp_path, capsys):
+    """Nothing listens there: a retry seconds later meets the same refusal (Snakemake's rule retry remains)."""
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(PipelineError, match=f"cannot connect to http://127.0.0.1:{port}/x.npz: .*refused"):
-        download.fetch(f"http://127.0.0.1:{port}/x.npz", tmp_path / "x.npz", retries=1, **FAST)
-    assert leftovers(tmp_path) == []
+        download.fetch(f"http://127.0.0.1:{port}/x.npz", tmp_path / "x.npz", timeout=5.0, backoff=1.0)
+    assert leftovers(tmp_path) == [] and "retrying" not in capsys.readouterr().out
 
 
 def test_a_web_page_is_not_an_npz(server, tmp_path):
@@ -237,3 +259,114 @@ def test_cli_writes_the_record(tmp_path):
                    tmp_path / "w" / "x.json", "--lock", lock, "--sha256", "0" * 64)
     assert proc.returncode == 2 and proc.stderr.startswith("error: checkpoint ck (config checkpoints.ck):")
     assert not (tmp_path / "w" / "x.npz").exists() and not (tmp_path / "w" / "x.json").exists()
+
+
+def test_unresolvable_host_fails_fast_naming_the_config_key(tmp_path):
+    """No network or a misspelt host: one attempt, then the key to fix and the accepted url forms (.invalid never
+    resolves, RFC 6761)."""
+    start = time.monotonic()
+    proc = run_cli("--checkpoint", "ck", "--url", "http://nonexistent.invalid/x.npz", "--out", tmp_path / "x.npz",
+                   "--record", tmp_path / "x.json", "--lock", tmp_path / "weights.lock")
+    assert time.monotonic() - start < 10
+    assert proc.returncode == 2 and "cannot resolve the host name of http://nonexistent.invalid/x.npz" in proc.stderr
+    assert "fix checkpoints.ck.url: point it at a local file or a mirror" in proc.stderr
+    for form in ("https://", "file:///", "file:relative", "plain path"):
+        assert form in proc.stderr, form
+    assert "retrying" not in proc.stdout and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_retry_after_is_honoured(server, tmp_path):
+    server.files["/b.npz"], server.behaviour["/b.npz"] = npz_bytes(9), "busy_once"
+    start = time.monotonic()
+    download.fetch(server.url + "/b.npz", tmp_path / "b.npz", **FAST)
+    assert time.monotonic() - start >= 1.0 and len(server.requests) == 2
+
+
+def test_transient_errors_give_up_within_the_budget(server, tmp_path):
+    server.files["/u.npz"], server.behaviour["/u.npz"] = npz_bytes(10), "always_503"
+    start = time.monotonic()
+    with pytest.raises(PipelineError, match=r"HTTP 503 .*gave up after \d+ attempts without progress") as err:
+        download.fetch(server.url + "/u.npz", tmp_path / "u.npz", key="checkpoints.ck", timeout=5.0, backoff=0.05,
+                       budget=0.5)
+    assert time.monotonic() - start < 3 and 3 <= len(server.requests) <= 6
+    assert "fix checkpoints.ck.url" in str(err.value) and leftovers(tmp_path) == []
+    # The defaults bound a job's retrying to about a minute before Snakemake's retry of the rule.
+    worst = download.RETRY_BUDGET_S + download.SOCKET_TIMEOUT_S + download.MAX_BACKOFF_S
+    assert worst <= 75
+
+
+def test_part_left_by_a_killed_process_is_resumed(server, tmp_path, capsys):
+    data = npz_bytes(11, 1 << 20)
+    server.files["/k.npz"] = data
+    dest = tmp_path / "k.npz"
+    (tmp_path / "k.npz.part").write_bytes(data[:300_000])
+    download.fetch(server.url + "/k.npz", dest, **FAST)
+    assert dest.read_bytes() == data and server.requests == [("/k.npz", "bytes=300000-")]
+    assert "resuming from 300000 bytes" in capsys.readouterr().out and leftovers(tmp_path) == ["k.npz"]
+
+
+def test_server_that_ignores_range_overwrites_the_part(server, tmp_path, capsys):
+    data = npz_bytes(12)
+    server.files["/i.npz"], server.behaviour["/i.npz"] = data, "ignore_range"
+    (tmp_path / "i.npz.part").write_bytes(b"stale bytes that must not stay in front")
+    download.fetch(server.url + "/i.npz", tmp_path / "i.npz", **FAST)
+    assert (tmp_path / "i.npz").read_bytes() == data and len(server.requests) == 1
+    assert "ignored the resume request" in capsys.readouterr().out
+
+
+def test_416_complete_part_is_verified_and_too_long_part_starts_over(server, tmp_path, capsys):
+    data = npz_bytes(13)
+    server.files["/f.npz"] = data
+    # Killed after the last byte, before the rename: the .part is the whole file; no byte is fetched again.
+    (tmp_path / "a.npz.part").write_bytes(data)
+    record = download.fetch(server.url + "/f.npz", tmp_path / "a.npz", **FAST)
+    assert record["bytes"] == len(data) and server.requests == [("/f.npz", f"bytes={len(data)}-")]
+    assert "are the whole file (HTTP 416" in capsys.readouterr().out
+    # A .part longer than the file cannot be part of it: deleted, the whole file requested again.
+    server.requests.clear()
+    (tmp_path / "b.npz.part").write_bytes(data + b"junk")
+    download.fetch(server.url + "/f.npz", tmp_path / "b.npz", **FAST)
+    assert (tmp_path / "b.npz").read_bytes() == data
+    assert server.requests == [("/f.npz", f"bytes={len(data) + 4}-"), ("/f.npz", None)]
+    assert leftovers(tmp_path) == ["a.npz", "b.npz"]
+
+
+def test_206_at_the_wrong_offset_starts_over(server, tmp_path, capsys):
+    data = npz_bytes(14)
+    server.files["/o.npz"], server.behaviour["/o.npz"] = data, "wrong_offset"
+    (tmp_path / "o.npz.part").write_bytes(data[:1000])
+    download.fetch(server.url + "/o.npz", tmp_path / "o.npz", **FAST)
+    assert (tmp_path / "o.npz").read_bytes() == data
+    assert server.requests == [("/o.npz", "bytes=1000-"), ("/o.npz", None)]
+    assert "resumed at byte 993, not at byte 1000" in capsys.readouterr().out
+
+
+def test_resumed_part_of_an_older_file_is_downloaded_again(server, tmp_path, capsys):
+    """A .part from before the upstream file changed: old head + new tail fails the CRC check; one fresh try."""
+    old, new = npz_bytes(15), npz_bytes(16)
+    assert len(old) == len(new)
+    server.files["/v.npz"] = new
+    (tmp_path / "v.npz.part").write_bytes(old[: len(old) // 2])
+    record = download.fetch(server.url + "/v.npz", tmp_path / "v.npz", **FAST)
+    assert (tmp_path / "v.npz").read_bytes() == new and record["sha256"] == sha256_file_of_bytes(new)
+    assert server.requests == [("/v.npz", f"bytes={len(old) // 2}-"), ("/v.npz", None)]
+    assert "may mix two versions" in capsys.readouterr().out
+
+
+def test_cifar10_download_failure_names_the_source_path_key(tmp_path, monkeypatch):
+    """torchvision's own CIFAR-10 download (prepare_data): the error says which key points at a local copy."""
+    from torchvision.datasets import CIFAR10
+
+    from workflow_scripts import prepare_data
+
+    monkeypatch.setattr(CIFAR10, "url", "http://nonexistent.invalid/cifar-10-python.tar.gz")
+    spec = {"label": "CIFAR-10", "source": {"kind": "cifar10", "path": None}, "minival": {"fraction": 0.02},
+            "test_split": "test", "steps": 1, "eval_protocol": "official"}
+    start = time.monotonic()
+    with pytest.raises(PipelineError) as err:
+        prepare_data.prepare("cifar10", spec, tmp_path / "d" / "cifar10" / "dataset.json")
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert "nonexistent.invalid" in message and "datasets.cifar10.source.path" in message
+    assert "cifar-10-batches-py" in message and str(tmp_path / "d" / "cifar10" / "raw") in message
+    assert not (tmp_path / "d" / "cifar10" / "dataset.json").exists()

@@ -5,25 +5,44 @@ python -m workflow_scripts.download --checkpoint NAME --url URL --out NPZ --reco
 
 URL forms: http(s)://..., file:///absolute/path, file:relative/path (relative to the working directory), or a
 plain local path (a mirror on an air-gapped cluster). The file is written to OUT.part and renamed only when it
-is complete and verified; an interrupted HTTP download resumes from the .part file (HTTP Range).
-sha256: a --sha256 from the config is always verified; otherwise the lock file's entry for the URL is; with
-no entry, the observed sha256 is recorded there (commit the lock file to pin it).
+is complete and verified. sha256: a --sha256 from the config is always verified; otherwise the lock file's
+entry for the URL is; with no entry, the observed sha256 is recorded there (commit the lock file to pin it).
+
+Failures. What retrying cannot fix fails at once: a host name that does not resolve, a refused connection, an
+unreachable network or host, a rejected TLS certificate, HTTP 4xx other than 408/429, a file that is not an
+npz or does not match its checksum. Transient failures (timeouts, a cut connection, HTTP 5xx, 408, 429) are
+retried with exponential backoff (honouring Retry-After) until RETRY_BUDGET_S seconds pass without a new byte;
+then the job fails and Snakemake's `retries:` of the rule starts it again, resuming. Every final error names
+the config key to fix (checkpoints.<name>.url, .sha256 or .size_mib, or the lock file).
+
+Resuming an interrupted download (a .part left by this or an earlier, killed process; HTTP Range):
+- 206 from the byte we have: appended. 200 (the server ignores Range), or 206 from byte 0: the .part is
+  overwritten from byte 0. 206 from any other byte: the .part is deleted and the file requested again whole.
+- 416 (nothing to send from there): if Content-Range gives the file's size and it equals the .part's, the .part
+  is the whole file (a process killed before the rename) and is verified like any download; otherwise the
+  .part is deleted and the file requested again whole.
+- A resumed .part that fails verification (it may mix two versions of the file) is deleted and downloaded
+  once more from byte 0 before the job fails.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
+import http.client
 import os
 import re
+import socket
+import ssl
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 from workflow_scripts.common import PipelineError, read_json, run_cli, sha256_file, write_json
 
@@ -31,23 +50,63 @@ CHUNK = 1 << 20
 # A size far from the config's size_mib means a wrong file; 10% absorbs MB-vs-MiB listings.
 SIZE_TOLERANCE = 0.10
 PROGRESS_EVERY_S = 10.0
+# Transient failures are retried until this long passes without a new byte (plus the last attempt's socket
+# timeout): an outage fails the job in about a minute, and Snakemake's retry of the rule takes over.
+RETRY_BUDGET_S = 45.0
+SOCKET_TIMEOUT_S = 20.0  # per connect / read, not per file
+BACKOFF_S = 1.0  # first pause; doubled per failed attempt up to MAX_BACKOFF_S
+MAX_BACKOFF_S = 10.0
+MAX_ATTEMPTS = 10  # failed attempts in a row without a new byte
+DEFAULT_KEY = "checkpoints.<name>"
+URL_FORMS = ("https://host/path.npz, file:///absolute/path.npz, file:relative/path.npz (relative to the working "
+             "directory) or a plain path")
+# Connection errors that a retry a few seconds later would meet again: nothing listens there (a wrong host or
+# port, a firewall's reject, a proxy that is not running), or there is no route (an offline node). A mirror that
+# is restarting also refuses; Snakemake's retry of the rule covers that case.
+PERMANENT_ERRNOS = {errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH}
+
+
+def url_fix(key: str) -> str:
+    """The advice that ends every error a different url would fix; key is the config prefix of the checkpoint."""
+    return f"fix {key}.url: point it at a local file or a mirror ({URL_FORMS})"
 
 
 class _Retryable(Exception):
-    """A transient failure (5xx, connection lost or refused, truncated body): try again after a pause."""
+    """A transient failure (5xx, 408, 429, timeout, connection lost, truncated body): try again after a pause."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
-def resolve_source(url: str) -> tuple[str, str | Path]:
+class _Permanent(Exception):
+    """A failure that retrying cannot fix (DNS, refused, unreachable, HTTP 4xx): a different url can."""
+
+
+class _Restart(Exception):
+    """The .part could not be continued and was deleted: request the whole file again, at once."""
+
+
+class _Unsatisfiable(Exception):
+    """HTTP 416 to a resume request; total is the file size the server gave (Content-Range bytes */N) or None."""
+
+    def __init__(self, total: int | None):
+        super().__init__(total)
+        self.total = total
+
+
+def resolve_source(url: str, key: str = DEFAULT_KEY) -> tuple[str, str | Path]:
     """("http", url) for http(s) URLs, ("file", path) for file: URLs and plain local paths."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme in ("http", "https"):
         return "http", url
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise PipelineError(f"url {url}: file URLs name a local path (file:///abs or file:relative)")
+            raise PipelineError(f"url {url}: a file URL names a local path, not host '{parsed.netloc}'; "
+                                f"{url_fix(key)}")
         return "file", Path(urllib.request.url2pathname(parsed.path))
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter would be a Windows drive
-        raise PipelineError(f"url {url}: unsupported scheme '{parsed.scheme}' (use http(s)://, file: or a path)")
+        raise PipelineError(f"url {url}: unsupported scheme '{parsed.scheme}'; {url_fix(key)}")
     return "file", Path(url)
 
 
@@ -74,77 +133,136 @@ class _Progress:
             print(f"{self.label}: {self.done / 2**20:.1f}{of}, {rate:.1f} MiB/s", flush=True)
 
 
-def _http_attempt(url: str, part: Path, timeout: float) -> None:
-    """One request, resuming from the bytes already in `part`; raises _Retryable or PipelineError."""
-    have = part.stat().st_size if part.exists() else 0
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _connection_error(url: str, reason: object) -> Exception:
+    """_Permanent or _Retryable for a failure to get a response (urllib's URLError.reason or an OSError)."""
+    if isinstance(reason, socket.gaierror):
+        return _Permanent(f"cannot resolve the host name of {url} ({reason.strerror or reason}): no network, "
+                          f"no DNS, or a misspelt host")
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return _Permanent(f"{url}: the server's TLS certificate was rejected ({reason.verify_message})")
+    if isinstance(reason, OSError) and reason.errno in PERMANENT_ERRNOS:
+        return _Permanent(f"cannot connect to {url}: {reason.strerror} (nothing accepts connections there, or "
+                          f"no route: a wrong host or port, a firewall, a proxy that is down, or no network)")
+    if isinstance(reason, (OSError, http.client.HTTPException)):  # timeouts, resets, a garbled status line
+        return _Retryable(f"cannot connect to {url}: {reason}")
+    return _Permanent(f"cannot open {url}: {reason}")
+
+
+def _retry_after(headers) -> float | None:
+    value = (headers or {}).get("Retry-After", "")
+    return float(value) if value.strip().isdigit() else None  # the HTTP-date form is not worth parsing here
+
+
+def _open(url: str, have: int, timeout: float) -> http.client.HTTPResponse:
+    """The response to a GET (from byte `have` when resuming), or _Permanent/_Retryable/_Unsatisfiable."""
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # nothing left to send from there: the .part cannot be trusted
-            part.unlink()
-            raise _Retryable(f"{url}: server refused to resume at byte {have} (HTTP 416); starting over") from None
+        e.close()
+        if e.code == 416 and have:
+            match = re.fullmatch(r"bytes \*/(\d+)", (e.headers or {}).get("Content-Range", "").strip())
+            raise _Unsatisfiable(int(match[1]) if match else None) from None
         message = f"HTTP {e.code} {e.reason} for {url}"
         if e.code >= 500 or e.code in (408, 429):
-            raise _Retryable(message) from None
-        raise PipelineError(f"{message}; check the checkpoint's url in the config") from None
+            raise _Retryable(message, _retry_after(e.headers)) from None
+        raise _Permanent(message) from None
     except urllib.error.URLError as e:
-        raise _Retryable(f"cannot connect to {url}: {e.reason}") from None
-    except OSError as e:  # timeouts, resets while waiting for the headers
-        raise _Retryable(f"cannot connect to {url}: {e}") from None
-    with response:
-        length = response.headers.get("Content-Length")
-        length = int(length) if length is not None else None
-        if response.status == 206:
-            match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-            if not match or int(match[1]) != have:
-                part.unlink()
-                raise _Retryable(f"{url}: server resumed at the wrong offset; starting over")
-            mode = "ab"
-        else:
-            if have:
-                print(f"{url}: server ignored the resume request; starting over", flush=True)
-            have, mode = 0, "wb"
-        total = have + length if length is not None else None
-        progress = _Progress(url, have, total)
-        with open(part, mode) as f:
-            try:
-                while chunk := response.read(CHUNK):
-                    f.write(chunk)
-                    progress.add(len(chunk))
-            except OSError as e:  # connection reset or timed out mid-body
-                raise _Retryable(f"{url}: connection lost after {progress.done} of {total} bytes ({e})") from None
+        raise _connection_error(url, e.reason) from None
+    except (OSError, http.client.HTTPException) as e:  # while waiting for the headers
+        raise _connection_error(url, e) from None
+
+
+def _body_start(response: http.client.HTTPResponse) -> int | None:
+    """The byte the body starts at: 0 for a 200, Content-Range's first byte for a 206 (None if unreadable)."""
+    if response.status != 206:
+        return 0
+    match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+    return int(match[1]) if match else None
+
+
+def _receive(response: http.client.HTTPResponse, url: str, part: Path, start: int) -> None:
+    """Write the body into `part` from byte `start` (appending when start > 0, else overwriting)."""
+    length = response.headers.get("Content-Length")
+    total = start + int(length) if length is not None else None
+    progress = _Progress(url, start, total)
+    with open(part, "ab" if start else "wb") as f:
+        try:
+            while chunk := response.read(CHUNK):
+                f.write(chunk)
+                progress.add(len(chunk))
+        except (OSError, http.client.HTTPException) as e:  # connection reset, timed out or cut mid-body
+            raise _Retryable(f"{url}: connection lost after {progress.done} of {total} bytes ({e})") from None
     if total is not None and progress.done < total:
         raise _Retryable(f"{url}: truncated body, got {progress.done} of {total} bytes (Content-Length)")
 
 
-def _download_http(url: str, part: Path, *, retries: int, timeout: float, backoff: float) -> None:
-    """Retry with exponential backoff; an attempt that adds bytes to `part` does not use up a retry."""
-    failures = 0
-    kept = part.stat().st_size if part.exists() else 0
+def _http_attempt(url: str, part: Path, timeout: float) -> None:
+    """One request, continuing the bytes already in `part` (see the module docstring for the cases)."""
+    have = _size(part)
+    try:
+        response = _open(url, have, timeout)
+    except _Unsatisfiable as e:
+        if e.total == have:
+            print(f"{url}: the {have} bytes in {part} are the whole file (HTTP 416 for more); verifying them",
+                  flush=True)
+            return
+        part.unlink()
+        raise _Restart(f"{url}: the server cannot resume at byte {have} (HTTP 416, file size {e.total}); "
+                       f"requesting the whole file again") from None
+    with response:
+        start = _body_start(response)
+        if start not in (have, 0):
+            if not have:
+                raise _Permanent(f"{url}: a partial response (HTTP 206, Content-Range "
+                                 f"{response.headers.get('Content-Range')!r}) to a request for the whole file")
+            part.unlink()
+            raise _Restart(f"{url}: the server resumed at byte {start}, not at byte {have} that {part} ends at; "
+                           f"requesting the whole file again")
+        if have and start == 0:
+            print(f"{url}: the server ignored the resume request and sent the whole file; starting over", flush=True)
+        _receive(response, url, part, start)
+
+
+def _download_http(url: str, part: Path, *, key: str, retries: int, timeout: float, backoff: float,
+                   budget: float) -> None:
+    """Retry transient failures with backoff while a new byte came in the last `budget` seconds (or fewer
+    than `retries` attempts in a row brought nothing); an attempt that brings bytes resets both counts."""
+    failures, kept, stalled_since = 0, _size(part), time.monotonic()
     if kept:
         print(f"{url}: resuming from {kept} bytes in {part}", flush=True)
     while True:
         try:
             return _http_attempt(url, part, timeout)
+        except _Permanent as e:
+            raise PipelineError(f"{e}; {url_fix(key)}") from None
+        except _Restart as e:
+            print(e, flush=True)
+            kept = 0
         except _Retryable as e:
-            size = part.stat().st_size if part.exists() else 0
-            if size > kept:
-                kept = size
+            size, now = _size(part), time.monotonic()
+            if size > kept:  # progress: this attempt does not count against the limits
+                failures, kept, stalled_since = 0, size, now
             else:
                 failures += 1
-            if failures > retries:
-                keep = f"; rerun to resume from the {size} bytes kept in {part}" if size else ""
-                raise PipelineError(f"{e} (gave up after {failures} attempts without progress){keep}") from None
-            delay = backoff * 2 ** max(failures - 1, 0)
+            delay = max(min(backoff * 2 ** max(failures - 1, 0), MAX_BACKOFF_S), e.retry_after or 0)
+            if failures > retries or now - stalled_since + delay > budget:
+                keep = f"; the {size} bytes kept in {part} are resumed by a rerun" if size else ""
+                wait = f"; the server asks to wait {e.retry_after:.0f} s" if e.retry_after else ""
+                raise PipelineError(f"{e} (gave up after {failures} attempts without progress, "
+                                    f"{now - stalled_since:.0f} s{wait}){keep}; {url_fix(key)}") from None
             print(f"{e}; retrying in {delay:.1f} s", flush=True)
             time.sleep(delay)
 
 
-def _copy_local(url: str, source: Path, part: Path) -> None:
+def _copy_local(url: str, source: Path, part: Path, key: str) -> None:
     if not source.is_file():
         raise PipelineError(f"url {url}: local file {source.resolve()} not found (relative paths are relative to "
-                            f"the working directory {Path.cwd()}); fix the checkpoint's url in the config")
+                            f"the working directory {Path.cwd()}); {url_fix(key)}")
     total = source.stat().st_size
     progress = _Progress(str(source), 0, total)
     with open(source, "rb") as src, open(part, "wb") as dst:
@@ -157,24 +275,26 @@ def _copy_local(url: str, source: Path, part: Path) -> None:
 # Verification
 
 
-def check_npz(path: Path, url: str) -> None:
+def check_npz(path: Path, url: str, key: str = DEFAULT_KEY) -> None:
     """A zip of .npy members whose CRCs check out, else an error that shows what arrived instead."""
     size = path.stat().st_size
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             head = f.read(64)
         raise PipelineError(f"{url}: what arrived is not an .npz (zip) archive ({size} bytes, starting {head!r}); "
-                            f"check the url")
+                            f"check {key}.url (a login or error page instead of the file?)")
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
             bad_member = z.testzip()
     except (zipfile.BadZipFile, OSError) as e:
-        raise PipelineError(f"{url}: the downloaded archive is corrupt ({e}); download it again") from None
+        raise PipelineError(f"{url}: the downloaded archive is corrupt ({e}); download it again (rerun), or "
+                            f"{url_fix(key)}") from None
     if not names or not all(n.endswith(".npy") for n in names):
-        raise PipelineError(f"{url}: a zip archive but not an .npz (members {names[:3]}); check the url")
+        raise PipelineError(f"{url}: a zip archive but not an .npz (members {names[:3]}); check {key}.url")
     if bad_member is not None:
-        raise PipelineError(f"{url}: member {bad_member} fails its CRC check (corrupt download); download it again")
+        raise PipelineError(f"{url}: member {bad_member} fails its CRC check (corrupt download); download it again "
+                            f"(rerun), or {url_fix(key)}")
 
 
 @contextlib.contextmanager
@@ -192,7 +312,7 @@ def locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def verify_against_lock(lock_path: Path, url: str, sha256: str, size: int) -> str:
+def verify_against_lock(lock_path: Path, url: str, sha256: str, size: int, key: str = DEFAULT_KEY) -> str:
     """'lock' if the lock file's entry for url matches, 'recorded' if there was none (now there is)."""
     with locked(lock_path):
         lock = read_json(lock_path) if lock_path.exists() else {}
@@ -201,48 +321,78 @@ def verify_against_lock(lock_path: Path, url: str, sha256: str, size: int) -> st
         entry = lock.get(url)
         if entry is None:
             lock[url] = {"sha256": sha256, "bytes": size,
-                         "recorded_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                         "recorded_utc": datetime.now(UTC).isoformat(timespec="seconds")}
             write_json(lock_path, lock)
             print(f"{url}: sha256 {sha256} recorded in {lock_path} (commit it to pin this file)", flush=True)
             return "recorded"
     if entry.get("sha256") != sha256:
         raise PipelineError(
-            f"{url}: sha256 {sha256} does not match {entry.get('sha256')} recorded in {lock_path} on "
-            f"{entry.get('recorded_utc')}; the file changed upstream or the download is corrupt. "
-            f"Download again; if the new file is intended, delete this url's entry from {lock_path}")
+            f"{url}: sha256 {sha256} does not match {entry.get('sha256')} recorded in {lock_path} (config "
+            f"weights_lock) on {entry.get('recorded_utc')}; the file changed upstream or the download is corrupt. "
+            f"Download again; if the new file is intended, delete this url's entry from {lock_path}; or "
+            f"{url_fix(key)}")
     return "lock"
 
 
 def verify(path: Path, url: str, *, expected_sha256: str | None, lock_path: Path | None,
-           expected_bytes: int | None) -> tuple[str, str]:
+           expected_bytes: int | None, key: str = DEFAULT_KEY) -> tuple[str, str]:
     """(sha256, verified_against) of a complete file, or a PipelineError saying what is wrong."""
-    check_npz(path, url)
+    check_npz(path, url, key)
     size = path.stat().st_size
     if expected_bytes and abs(size - expected_bytes) > SIZE_TOLERANCE * expected_bytes:
         raise PipelineError(f"{url}: {size / 2**20:.2f} MiB is far from the expected {expected_bytes / 2**20:.2f} "
-                            f"MiB (the checkpoint's size_mib in the config); wrong file for this checkpoint?")
+                            f"MiB ({key}.size_mib); a wrong file for this checkpoint? Fix {key}.url, or "
+                            f"{key}.size_mib if the file is the intended one")
     sha256 = sha256_file(path)
     if expected_sha256:
         if sha256 != expected_sha256.lower():
             raise PipelineError(f"{url}: sha256 {sha256} does not match {expected_sha256.lower()} given in the "
-                                f"config (the checkpoint's sha256); download again, or fix the config value if "
-                                f"the file is the intended one")
+                                f"config ({key}.sha256); download again, or fix {key}.sha256 if the file is the "
+                                f"intended one, or {url_fix(key)}")
         return sha256, "config"
     if lock_path is not None:
-        return sha256, verify_against_lock(Path(lock_path), url, sha256, size)
+        return sha256, verify_against_lock(Path(lock_path), url, sha256, size, key)
     return sha256, "recorded"
 
 
+def _transfer(url: str, dest: Path, checks: dict, http_options: dict) -> tuple[str, str]:
+    """Download or copy url into dest's .part, verify it, rename it onto dest; (sha256, verified_against)."""
+    kind, source = resolve_source(url, checks["key"])
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        resumed = kind == "http" and _size(part) > 0
+        if kind == "http":
+            _download_http(url, part, key=checks["key"], **http_options)
+        else:
+            _copy_local(url, source, part, checks["key"])
+        try:
+            verified = verify(part, url, **checks)
+        except PipelineError as e:
+            part.unlink()  # complete but wrong: resuming it would not help
+            if not resumed:
+                raise
+            print(f"{e}\n{part} was resumed from an earlier attempt and may mix two versions of the file; "
+                  f"downloading it again from byte 0", flush=True)
+            continue
+        os.replace(part, dest)
+        return verified
+
+
 def fetch(url: str, dest: str | os.PathLike, *, expected_sha256: str | None = None,
-          lock_path: str | os.PathLike | None = None, expected_bytes: int | None = None, retries: int = 5,
-          timeout: float = 60.0, backoff: float = 2.0) -> dict:
-    """Download (or copy) url to dest, verified; returns the download record (without "checkpoint")."""
+          lock_path: str | os.PathLike | None = None, expected_bytes: int | None = None, key: str = DEFAULT_KEY,
+          retries: int = MAX_ATTEMPTS, timeout: float = SOCKET_TIMEOUT_S, backoff: float = BACKOFF_S,
+          budget: float = RETRY_BUDGET_S) -> dict:
+    """Download (or copy) url to dest, verified; returns the download record (without "checkpoint").
+
+    key is the checkpoint's config prefix (checkpoints.<name>); errors name its fields.
+    """
     start = time.perf_counter()
     dest = Path(dest)
     if expected_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256):
-        raise PipelineError(f"sha256 {expected_sha256!r} is not 64 hex digits; fix the checkpoint's sha256")
-    kind, source = resolve_source(url)
-    checks = {"expected_sha256": expected_sha256, "lock_path": lock_path, "expected_bytes": expected_bytes}
+        raise PipelineError(f"sha256 {expected_sha256!r} is not 64 hex digits; fix {key}.sha256")
+    checks = {"expected_sha256": expected_sha256, "lock_path": lock_path, "expected_bytes": expected_bytes,
+              "key": key}
     verified = None
     if dest.exists():
         try:
@@ -252,18 +402,8 @@ def fetch(url: str, dest: str | os.PathLike, *, expected_sha256: str | None = No
             print(f"{dest} is already there but does not verify ({e}); downloading again", flush=True)
             dest.unlink()
     if verified is None:
-        part = dest.with_name(dest.name + ".part")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if kind == "http":
-            _download_http(url, part, retries=retries, timeout=timeout, backoff=backoff)
-        else:
-            _copy_local(url, source, part)
-        try:
-            verified = verify(part, url, **checks)
-        except PipelineError:
-            part.unlink()  # complete but wrong: resuming it would not help
-            raise
-        os.replace(part, dest)
+        http_options = {"retries": retries, "timeout": timeout, "backoff": backoff, "budget": budget}
+        verified = _transfer(url, dest, checks, http_options)
     sha256, verified_against = verified
     return {"url": url, "path": str(dest), "bytes": dest.stat().st_size, "sha256": sha256,
             "verified_against": verified_against, "seconds": round(time.perf_counter() - start, 3)}
@@ -283,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     expected_bytes = round(args.size_mib * 2**20) if args.size_mib else None
     try:
         record = fetch(args.url, args.out, expected_sha256=args.sha256, lock_path=args.lock,
-                       expected_bytes=expected_bytes)
+                       expected_bytes=expected_bytes, key=f"checkpoints.{args.checkpoint}")
     except PipelineError as e:
         raise PipelineError(f"checkpoint {args.checkpoint} (config checkpoints.{args.checkpoint}): {e}") from None
     write_json(args.record, {"checkpoint": args.checkpoint, **record})

@@ -76,11 +76,12 @@ def open_torchvision(name: str, source: dict, out_dir: Path, base_folder: str, o
             shutil.rmtree(root / base_folder / folder, ignore_errors=True)
     try:
         splits = open_splits(str(root), download)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError) as e:  # torchvision does not retry: DNS, refused, 404 all land here
         if download:
             raise PipelineError(
-                f"datasets.{name}: downloading {origin} into {root} failed ({e}); check the network and rerun, "
-                f"or set datasets.{name}.source.path to a folder holding {base_folder}/"
+                f"datasets.{name}: downloading {origin} into {root} failed ({getattr(e, 'reason', e)}). Point "
+                f"datasets.{name}.source.path at a local copy (the {base_folder}/ folder, or the folder holding "
+                f"it, e.g. unpacked from a mirror), or put the archive(s) into {root} and rerun"
             ) from None
         raise PipelineError(f"{root / base_folder}: {e}; {_source_fix(name, source, root)}") from None
     except RuntimeError as e:  # torchvision: files missing, or an md5 mismatch
