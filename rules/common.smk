@@ -126,8 +126,8 @@ def _check_synthesized_dataset(name, ds):
         if ds["source"].get(key) != value:
             config_error(f"datasets.{name}.source.{key}", "a synthesized dataset is read from the tree "
                          "synthesize_data writes", f"set it to {value}")
-    if ds.get("real_labels") not in (None, f"file:{tree}/real.json"):
-        config_error(f"datasets.{name}.real_labels", "the synthesized tree carries its own ReaL-style labels",
+    if ds.get("real_labels", {}).get("url", f"file:{tree}/real.json") != f"file:{tree}/real.json":
+        config_error(f"datasets.{name}.real_labels.url", "the synthesized tree carries its own ReaL-style labels",
                      f"set it to file:{tree}/real.json")
 
 
@@ -313,7 +313,7 @@ def real_input(wildcards):
 
 
 def real_labels_download_args(wildcards):
-    expected = config["datasets"][wildcards.dataset].get("real_labels_sha256")
+    expected = config["datasets"][wildcards.dataset]["real_labels"].get("sha256")
     return f"--sha256 {expected}" if expected else ""
 
 

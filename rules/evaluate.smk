@@ -85,7 +85,7 @@ rule download_real_labels:
         labels=real_labels_json("{dataset}"),
         record=real_labels_record("{dataset}"),
     params:
-        url=lambda wc: config["datasets"][wc.dataset]["real_labels"],
+        url=lambda wc: config["datasets"][wc.dataset]["real_labels"]["url"],
         lock=config["weights_lock"],
         extra=real_labels_download_args,
     retries: 3
@@ -96,7 +96,7 @@ rule download_real_labels:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.download --config-key datasets.{wildcards.dataset}.real_labels --format json"
+        "python -m workflow_scripts.download --key datasets.{wildcards.dataset}.real_labels --content json"
         " --url {params.url:q} --out {output.labels} --record {output.record} --lock {params.lock:q}"
         " {params.extra} > {log} 2>&1"
 

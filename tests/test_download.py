@@ -253,11 +253,11 @@ def test_cli_writes_the_record(tmp_path):
                    "--size-mib", f"{len(data) / 2**20:.3f}")
     assert proc.returncode == 0, proc.stderr
     rec = json.loads(record.read_text())
-    assert rec == {"checkpoint": "ck", "url": url, "path": str(out), "bytes": len(data),
+    assert rec == {"key": "checkpoints.ck", "checkpoint": "ck", "url": url, "path": str(out), "bytes": len(data),
                    "sha256": sha256_file_of_bytes(data), "verified_against": "recorded", "seconds": rec["seconds"]}
     proc = run_cli("--checkpoint", "ck", "--url", url, "--out", tmp_path / "w" / "x.npz", "--record",
                    tmp_path / "w" / "x.json", "--lock", lock, "--sha256", "0" * 64)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: checkpoint ck (config checkpoints.ck):")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: checkpoints.ck: ")
     assert not (tmp_path / "w" / "x.npz").exists() and not (tmp_path / "w" / "x.json").exists()
 
 
@@ -370,3 +370,16 @@ def test_cifar10_download_failure_names_the_source_path_key(tmp_path, monkeypatc
     assert "nonexistent.invalid" in message and "datasets.cifar10.source.path" in message
     assert "cifar-10-batches-py" in message and str(tmp_path / "d" / "cifar10" / "raw") in message
     assert not (tmp_path / "d" / "cifar10" / "dataset.json").exists()
+
+
+def test_a_json_file_is_fetched_and_checked_under_its_own_key(tmp_path):
+    """ReaL's real.json goes through the same code; what arrives must be JSON, errors name its key."""
+    good, bad = tmp_path / "real.json", tmp_path / "page.html"
+    good.write_text(json.dumps([[1], [], [2, 3]]))
+    bad.write_text("<html>login</html>")
+    key = "datasets.imagenet.real_labels"
+    record = download.fetch(f"file:{good}", tmp_path / "out" / "real.json", key=key, content="json")
+    assert record["sha256"] == sha256_file_of_bytes(good.read_bytes())
+    with pytest.raises(PipelineError, match=rf"not JSON.*{key}\.url"):
+        download.fetch(f"file:{bad}", tmp_path / "out" / "bad.json", key=key, content="json")
+    assert not (tmp_path / "out" / "bad.json").exists()

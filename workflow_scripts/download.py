@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import errno
 import fcntl
 import http.client
@@ -297,6 +298,20 @@ def check_npz(path: Path, url: str, key: str = DEFAULT_KEY) -> None:
                             f"(rerun), or {url_fix(key)}")
 
 
+def check_json(path: Path, url: str, key: str = DEFAULT_KEY) -> None:
+    """A JSON document (e.g. ReaL's real.json), else an error that shows what arrived instead."""
+    try:
+        json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        raise PipelineError(f"{url}: what arrived is not JSON ({e}; {path.stat().st_size} bytes, starting "
+                            f"{head!r}); check {key}.url (a login or error page instead of the file?)") from None
+
+
+CONTENT_CHECKS = {"npz": check_npz, "json": check_json}
+
+
 @contextlib.contextmanager
 def locked(lock_path: Path) -> Iterator[None]:
     """Exclusive access to the lock file across processes (download jobs run concurrently).
@@ -335,9 +350,9 @@ def verify_against_lock(lock_path: Path, url: str, sha256: str, size: int, key: 
 
 
 def verify(path: Path, url: str, *, expected_sha256: str | None, lock_path: Path | None,
-           expected_bytes: int | None, key: str = DEFAULT_KEY) -> tuple[str, str]:
+           expected_bytes: int | None, key: str = DEFAULT_KEY, content: str = "npz") -> tuple[str, str]:
     """(sha256, verified_against) of a complete file, or a PipelineError saying what is wrong."""
-    check_npz(path, url, key)
+    CONTENT_CHECKS[content](path, url, key)
     size = path.stat().st_size
     if expected_bytes and abs(size - expected_bytes) > SIZE_TOLERANCE * expected_bytes:
         raise PipelineError(f"{url}: {size / 2**20:.2f} MiB is far from the expected {expected_bytes / 2**20:.2f} "
@@ -381,18 +396,19 @@ def _transfer(url: str, dest: Path, checks: dict, http_options: dict) -> tuple[s
 
 def fetch(url: str, dest: str | os.PathLike, *, expected_sha256: str | None = None,
           lock_path: str | os.PathLike | None = None, expected_bytes: int | None = None, key: str = DEFAULT_KEY,
-          retries: int = MAX_ATTEMPTS, timeout: float = SOCKET_TIMEOUT_S, backoff: float = BACKOFF_S,
+          content: str = "npz", retries: int = MAX_ATTEMPTS, timeout: float = SOCKET_TIMEOUT_S, backoff: float = BACKOFF_S,
           budget: float = RETRY_BUDGET_S) -> dict:
     """Download (or copy) url to dest, verified; returns the download record (without "checkpoint").
 
-    key is the checkpoint's config prefix (checkpoints.<name>); errors name its fields.
+    key is the config prefix of what is fetched (checkpoints.<name>, datasets.<name>.real_labels); errors
+    name its fields (.url, .sha256, .size_mib). content says what the file must be: "npz" or "json".
     """
     start = time.perf_counter()
     dest = Path(dest)
     if expected_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256):
         raise PipelineError(f"sha256 {expected_sha256!r} is not 64 hex digits; fix {key}.sha256")
     checks = {"expected_sha256": expected_sha256, "lock_path": lock_path, "expected_bytes": expected_bytes,
-              "key": key}
+              "key": key, "content": content}
     verified = None
     if dest.exists():
         try:
@@ -412,21 +428,26 @@ def fetch(url: str, dest: str | os.PathLike, *, expected_sha256: str | None = No
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workflow_scripts.download", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="checkpoint name (config checkpoints.<name>)")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="checkpoint name (config checkpoints.<name>): an .npz")
+    what.add_argument("--key", help="config prefix of another file to fetch, e.g. datasets.imagenet.real_labels")
+    ap.add_argument("--content", choices=sorted(CONTENT_CHECKS), default="npz", help="what the file must be")
     ap.add_argument("--url", required=True)
-    ap.add_argument("--out", required=True, help=".npz to write")
+    ap.add_argument("--out", required=True, help="the file to write")
     ap.add_argument("--record", required=True, help="download record to write (.json)")
     ap.add_argument("--lock", required=True, help="lock file of observed sha256 per url (config weights_lock)")
-    ap.add_argument("--sha256", help="expected sha256 (config checkpoints.<name>.sha256)")
-    ap.add_argument("--size-mib", type=float, help="expected size (config checkpoints.<name>.size_mib)")
+    ap.add_argument("--sha256", help="expected sha256 (config <key>.sha256)")
+    ap.add_argument("--size-mib", type=float, help="expected size (config <key>.size_mib)")
     args = ap.parse_args(argv)
     expected_bytes = round(args.size_mib * 2**20) if args.size_mib else None
+    key = f"checkpoints.{args.checkpoint}" if args.checkpoint else args.key
+    content = "npz" if args.checkpoint else args.content
     try:
         record = fetch(args.url, args.out, expected_sha256=args.sha256, lock_path=args.lock,
-                       expected_bytes=expected_bytes, key=f"checkpoints.{args.checkpoint}")
+                       expected_bytes=expected_bytes, key=key, content=content)
     except PipelineError as e:
-        raise PipelineError(f"checkpoint {args.checkpoint} (config checkpoints.{args.checkpoint}): {e}") from None
-    write_json(args.record, {"checkpoint": args.checkpoint, **record})
+        raise PipelineError(f"{key}: {e}") from None
+    write_json(args.record, {"key": key, "checkpoint": args.checkpoint, **record})
     print(f"{args.out}: {record['bytes'] / 2**20:.2f} MiB, sha256 {record['sha256']} "
           f"({record['verified_against']}), {record['seconds']:.1f} s")
     return 0
