@@ -177,10 +177,15 @@ def eval_protocol_of(dataset):
 
 
 def aggregate_inputs(wildcards):
+    """Every file the aggregate stage reads, each list in workflow_scripts.matrix order (aggregate pairs them so)."""
     runs = matrix.finetune_runs(config)
     return {
         "summaries": [f"{run_dir(*r)}/summary.json" for r in runs],
         "metrics": [f"{run_dir(*r)}/metrics.jsonl" for r in runs],
+        # The finetune rule's own benchmark: files (wall time, peak RSS -> GPU-hours in the report).
+        "finetune_benchmarks": [
+            rules.finetune.benchmark.format(ckpt=ck, dataset=ds, lr=lr, seed=seed) for ck, ds, lr, seed in runs
+        ],
         "selections": [f"{R}/selection/{ck}/{ds}.json" for ck, ds in matrix.pairs(config)],
         "evaluations": [f"{R}/evaluate/{ck}/{ds}.json" for ck, ds in matrix.pairs(config)],
         "baselines": [f"{R}/baseline/{ck}/{ds}/{p}.json" for ck, ds, p in matrix.baseline_runs(config)],
