@@ -86,7 +86,7 @@ def lr_sweep_chart(pairs: list[dict]) -> Figure | None:
 
 def training_curves_chart(pair: dict, runs: list[dict], curves: dict) -> Figure:
     """Loss, learning rate and minival top-1 against step, one line per run of the pair (summary "pairs" entry)."""
-    fig = Figure(figsize=(12, 3.2))
+    fig = Figure(figsize=(12, 3.2), layout="constrained")  # keeps the middle y label off the left panel
     axes = fig.subplots(1, 3)
     for run in runs:
         if (run["checkpoint"], run["dataset"]) != (pair["checkpoint"], pair["dataset"]):
