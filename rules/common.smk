@@ -318,10 +318,14 @@ def real_labels_download_args(wildcards):
 
 
 def aggregate_inputs(wildcards):
+    """Every file the aggregate stage reads, each list in workflow_scripts.matrix order (aggregate pairs them so)."""
     runs = matrix.finetune_runs(config)
     return {
         "summaries": [run_file(*r, "summary.json") for r in runs],
         "metrics": [run_file(*r, "metrics.jsonl") for r in runs],
+        # The finetune jobs' benchmark files (wall time, peak RSS -> GPU-hours in the report).
+        "finetune_benchmarks": [benchmark_file("finetune", RUN_JOB.format(ckpt=ck, dataset=ds, lr=lr, seed=seed))
+                                for ck, ds, lr, seed in runs],
         "selections": [selection_json(ck, ds) for ck, ds in matrix.pairs(config)],
         "evaluations": [evaluation_json(ck, ds) for ck, ds in matrix.pairs(config)],
         "baselines": [baseline_json(*b) for b in matrix.baseline_runs(config)],

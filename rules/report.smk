@@ -1,4 +1,5 @@
-# Aggregation, the executed analysis notebook, and the self-contained HTML report.
+# Aggregation, the executed analysis notebook, and the self-contained HTML report. Each stage reads
+# exactly the files its rule names (the aggregate's inputs: rules/common.smk aggregate_inputs).
 
 
 rule aggregate:
@@ -16,8 +17,6 @@ rule aggregate:
         config=aggregate_file("config.json"),
     params:
         config=as_json(config),
-        results_root=results_root,
-        out_dir=lambda wc, output: str(Path(output.runs).parent),
     log:
         log_file("aggregate", "aggregate"),
     benchmark:
@@ -26,20 +25,25 @@ rule aggregate:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.aggregate --config-json {params.config:q}"
-        " --results-root {params.results_root} --out-dir {params.out_dir} > {log} 2>&1"
+        " --summaries {input.summaries} --metrics {input.metrics}"
+        " --finetune-benchmarks {input.finetune_benchmarks} --selections {input.selections}"
+        " --evaluations {input.evaluations} --baselines {input.baselines} --parity {input.parity}"
+        " --downloads {input.downloads} --datasets {input.datasets}"
+        " --runs-csv {output.runs} --comparison-csv {output.comparison} --comparison-md {output.markdown}"
+        " --comparison-tex {output.latex} --summary-json {output.summary} --config-json-out {output.config}"
+        " > {log} 2>&1"
 
 
 rule notebook:
-    """Execute the analysis notebook with papermill on the aggregated results, then render it to HTML."""
+    """Execute the analysis notebook with papermill on the aggregate's files, then render it to HTML."""
     input:
         notebook=workflow.source_path("../notebooks/analysis.ipynb"),
+        summary=aggregate_file("summary.json"),
         runs=aggregate_file("runs.csv"),
         comparison=aggregate_file("comparison.csv"),
     output:
         ipynb=report_file("analysis.ipynb"),
         html=report(report_file("analysis.html"), caption="../report/notebook.rst", category="Report"),
-    params:
-        results_root=results_root,
     log:
         log_file("notebook", "notebook"),
     benchmark:
@@ -47,21 +51,21 @@ rule notebook:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.report notebook --notebook {input.notebook}"
-        " --results-root {params.results_root} --out-ipynb {output.ipynb} --out-html {output.html}"
-        " > {log} 2>&1"
+        "python -m workflow_scripts.report notebook --notebook {input.notebook} --summary {input.summary}"
+        " --runs-csv {input.runs} --comparison-csv {input.comparison}"
+        " --out-ipynb {output.ipynb} --out-html {output.html} > {log} 2>&1"
 
 
 rule report:
     """Render the self-contained HTML report: paper vs reproduction, curves, parity, provenance."""
     input:
-        aggregate=aggregate_file("summary.json"),
+        summary=aggregate_file("summary.json"),
+        config=aggregate_file("config.json"),
         notebook=report_file("analysis.html"),
     output:
         report(report_file("index.html"), caption="../report/report.rst", category="Report"),
     params:
-        results_root=results_root,
-        aggregate_dir=lambda wc, input: str(Path(input.aggregate).parent),
+        logs_dir=logs_dir(),  # every job's log is linked from the page
     log:
         log_file("report", "report"),
     benchmark:
@@ -69,6 +73,7 @@ rule report:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m workflow_scripts.report --aggregate-dir {params.aggregate_dir} --results-root {params.results_root}"
-        " --notebook-html {input.notebook} --out {output} --command \"${{MIXER_COMMAND_LINE:-}}\" > {log} 2>&1"
+        "python -m workflow_scripts.report --summary {input.summary} --config {input.config}"
+        " --notebook-html {input.notebook} --logs-dir {params.logs_dir} --out {output}"
+        " --command \"${{MIXER_COMMAND_LINE:-}}\" > {log} 2>&1"
         " && echo 'Report: {output}'"

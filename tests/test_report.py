@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from workflow_scripts import aggregate, matrix, report
+from workflow_scripts import aggregate, charts, matrix, report, tables
 from workflow_scripts.common import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +71,8 @@ def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) 
             "checkpoint": ck, "npz_sha256": "a" * 64, "safetensors_sha256": "b" * 64, "num_params": 571_234,
             "architecture": config["checkpoints"][ck]["architecture"], "max_abs_logit_diff": 3.1e-6,
             "reference": "flax_reference (NumPy)",
-            "input": {"shape": [2, 32, 32, 3], "layout": "NHWC", "distribution": "uniform(-1, 1)", "seed": 0}, "convert_seconds": 0.4,
+            "input": {"shape": [2, 32, 32, 3], "layout": "NHWC", "distribution": "uniform(-1, 1)", "seed": 0},
+            "convert_seconds": 0.4,
             "peak_rss_mib": 310.0, "npz_mib": 2.2})
         _json(weights / f"{ck}.download.json", {
             "checkpoint": ck, "url": config["checkpoints"][ck]["url"], "path": str(weights / f"{ck}.npz"),
@@ -114,14 +117,16 @@ def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) 
                                            for s in best["seeds"]]})
         protocol = {"name": config["datasets"][ds]["eval_protocol"],
                     **config["evaluation"]["protocols"][config["datasets"][ds]["eval_protocol"]]}
+        models = {s: root / f"finetune/{ck}/{ds}/lr{best['lr']:g}_s{s}/model.safetensors" for s in best["seeds"]}
         runs = [{"seed": s, **eval_result(float(np.round(rng.uniform(60, 99), 4)), 99.5, 10, protocol, "test",
-                                          str(root / f"finetune/{ck}/{ds}/lr{best['lr']:g}_s{s}/model.safetensors"), ds)}
+                                          str(models[s]), ds)}
                 for s in best["seeds"]]
         top1s = [r["top1"] for r in runs]
         expected[ck, ds] = float(np.mean(top1s))
         _json(root / "evaluate" / ck / f"{ds}.json", {
             "checkpoint": ck, "dataset": ds, "selected_lr": best["lr"], "selection": str(sel_path),
-            "protocol": protocol, "runs": runs, "top1_mean": expected[ck, ds], "top1_std": float(np.std(top1s, ddof=1)) if len(runs) > 1 else None,  # as evaluate.py: sample std
+            "protocol": protocol, "runs": runs, "top1_mean": expected[ck, ds],
+            "top1_std": float(np.std(top1s, ddof=1)) if len(runs) > 1 else None,  # as evaluate.py: sample std
             "top5_mean": 99.5, "top5_std": 0.0 if len(runs) > 1 else None, "num_seeds": len(runs)})
     for ck, ds, p in matrix.baseline_runs(config):
         _json(root / "baseline" / ck / ds / f"{p}.json",
@@ -136,14 +141,65 @@ def cosine_lr(step, base_lr, total, warmup):
     return 0.5 * base_lr * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def result_files(config: dict, benchmarks: bool = True) -> aggregate.ResultFiles:
+    """The files make_results wrote, listed as the aggregate rule lists them (workflow_scripts.matrix order)."""
+    root, data, weights = Path(config["output_root"]), Path(config["data_root"]), Path(config["weights_dir"])
+    runs = matrix.finetune_runs(config)
+    return aggregate.ResultFiles(
+        summaries=[root / f"finetune/{ck}/{ds}/lr{lr}_s{seed}/summary.json" for ck, ds, lr, seed in runs],
+        metrics=[root / f"finetune/{ck}/{ds}/lr{lr}_s{seed}/metrics.jsonl" for ck, ds, lr, seed in runs],
+        finetune_benchmarks=[root / f"benchmarks/finetune/{ck}/{ds}/lr{lr}_s{seed}.tsv" for ck, ds, lr, seed in runs]
+        if benchmarks else [],
+        selections=[root / "selection" / ck / f"{ds}.json" for ck, ds in matrix.pairs(config)],
+        evaluations=[root / "evaluate" / ck / f"{ds}.json" for ck, ds in matrix.pairs(config)],
+        baselines=[root / "baseline" / ck / ds / f"{p}.json" for ck, ds, p in matrix.baseline_runs(config)],
+        parity=[root / "converted" / f"{ck}.parity.json" for ck in matrix.used_checkpoints(config)],
+        downloads=[weights / f"{ck}.download.json" for ck in matrix.used_checkpoints(config)],
+        datasets=[data / ds / "dataset.json" for ds in matrix.used_datasets(config)],
+    )
+
+
+def aggregate_outputs(out_dir: Path) -> aggregate.AggregateOutputs:
+    return aggregate.AggregateOutputs(
+        runs_csv=out_dir / "runs.csv", comparison_csv=out_dir / "comparison.csv",
+        comparison_md=out_dir / "comparison.md", comparison_tex=out_dir / "comparison.tex",
+        summary_json=out_dir / "summary.json", config_json_out=out_dir / "config.json")
+
+
+def run_aggregate(config: dict, files: aggregate.ResultFiles | None = None) -> dict:
+    """aggregate() as the rule runs it, writing into <output_root>/aggregate."""
+    out_dir = Path(config["output_root"]) / "aggregate"
+    return aggregate.aggregate(config, files or result_files(config), aggregate_outputs(out_dir))
+
+
+def aggregate_argv(files: aggregate.ResultFiles, out_dir: Path) -> list[str]:
+    """The aggregate CLI's file arguments, as rules/report.smk writes them."""
+    argv = []
+    for name in aggregate.INPUT_LISTS:
+        argv += ["--" + name.replace("_", "-"), *map(str, getattr(files, name))]
+    outputs = aggregate_outputs(out_dir)
+    return argv + ["--runs-csv", str(outputs.runs_csv), "--comparison-csv", str(outputs.comparison_csv),
+                   "--comparison-md", str(outputs.comparison_md), "--comparison-tex", str(outputs.comparison_tex),
+                   "--summary-json", str(outputs.summary_json), "--config-json-out", str(outputs.config_json_out)]
+
+
 def build_report(tmp_path: Path, config: dict, command: str = "snakemake --cores 2") -> tuple[Path, str]:
     """Aggregate and render (with a stand-in notebook page); returns the page path and its HTML."""
     root = Path(config["output_root"])
-    aggregate.aggregate(config, root, root / "aggregate")
+    run_aggregate(config)
     notebook_html = root / "report" / "analysis.html"
     _write(notebook_html, "<html></html>")
-    out = report.render_report(root / "aggregate", root, notebook_html, root / "report" / "index.html", command)
+    out = report.render_report(root / "aggregate" / "summary.json", root / "aggregate" / "config.json",
+                               notebook_html, root / "logs", root / "report" / "index.html", command)
     return out, out.read_text()
+
+
+def notebook_argv(notebook: Path, root: Path) -> list[str]:
+    return [sys.executable, "-m", "workflow_scripts.report", "notebook", "--notebook", str(notebook),
+            "--summary", str(root / "aggregate" / "summary.json"), "--runs-csv", str(root / "aggregate" / "runs.csv"),
+            "--comparison-csv", str(root / "aggregate" / "comparison.csv"),
+            "--out-ipynb", str(root / "report" / "analysis.ipynb"),
+            "--out-html", str(root / "report" / "analysis.html")]
 
 
 @pytest.fixture
@@ -160,7 +216,7 @@ def test_aggregate_tables_follow_the_config_matrix(tmp_path):
                          seeds=[0, 1])
     expected = make_results(config, subset=("imagenet",))
     root = Path(config["output_root"])
-    summary = aggregate.aggregate(config, root, root / "aggregate")
+    summary = run_aggregate(config)
 
     runs = list(csv.DictReader((root / "aggregate" / "runs.csv").open()))
     assert len(runs) == 1 * 2 * 2 * 2
@@ -172,7 +228,8 @@ def test_aggregate_tables_follow_the_config_matrix(tmp_path):
         assert r["label"] == "Mixer-B/16" and r["pretraining"] == "ImageNet-21k"
         assert r["device_names"] == "cpu: Fixture CPU @ 2.0GHz"
 
-    comp = {(r["model"], r["pretraining"], r["dataset"]): r for r in csv.DictReader((root / "aggregate" / "comparison.csv").open())}
+    comp = {(r["model"], r["pretraining"], r["dataset"]): r
+            for r in csv.DictReader((root / "aggregate" / "comparison.csv").open())}
     cifar = comp["Mixer-B/16", "ImageNet-21k", "CIFAR-10"]
     official = next(f["value"] for f in REFS["figures"] if f["source"] == REFS["primary"]["CIFAR-10"]
                     and (f["label"], f["pretraining"], f["dataset"]) == ("Mixer-B/16", "ImageNet-21k", "CIFAR-10"))
@@ -201,20 +258,73 @@ def test_aggregate_names_a_missing_input(tmp_path):
     missing = Path(config["output_root"]) / "evaluate" / "demo_mixer_p4" / "digits.json"
     missing.unlink()
     with pytest.raises(PipelineError, match=re.escape(str(missing))):
-        aggregate.aggregate(config, config["output_root"], Path(config["output_root"]) / "aggregate")
-    assert not (Path(config["output_root"]) / "aggregate" / "summary.json").exists()
+        run_aggregate(config)
+    assert not (Path(config["output_root"]) / "aggregate").exists()
 
 
 def test_aggregate_cli(tmp_path):
     config = load_config("demo/config.yaml", tmp_path)
     make_results(config)
     root = Path(config["output_root"])
+    out_dir = tmp_path / "elsewhere"
     res = subprocess.run([sys.executable, "-m", "workflow_scripts.aggregate", "--config-json", json.dumps(config),
-                          "--results-root", str(root), "--out-dir", str(root / "aggregate")],
+                          *aggregate_argv(result_files(config), out_dir)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    for name in ("runs.csv", "comparison.csv", "comparison.md", "comparison.tex", "summary.json", "config.json"):
-        assert (root / "aggregate" / name).stat().st_size > 0
+    # Exactly the files it was told to write, where it was told.
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        ["runs.csv", "comparison.csv", "comparison.md", "comparison.tex", "summary.json", "config.json"])
+    assert all(p.stat().st_size > 0 for p in out_dir.iterdir())
+    assert not (root / "aggregate").exists()
+
+
+def test_aggregate_refuses_lists_that_do_not_match_the_matrix(tmp_path):
+    config = load_config("demo/config.yaml", tmp_path)
+    make_results(config)
+    files = result_files(config)
+    n_runs = len(matrix.finetune_runs(config))
+    short = dataclasses.replace(files, summaries=files.summaries[:-1])
+    with pytest.raises(PipelineError, match=rf"--summaries: {n_runs - 1} files given, but the config's matrix has "
+                                            rf"{n_runs} fine-tuning runs.*matrix\.finetune_runs"):
+        run_aggregate(config, short)
+    extra = dataclasses.replace(files, datasets=[*files.datasets, files.datasets[0]])
+    with pytest.raises(PipelineError, match=r"--datasets: 3 files given, .* has 2 used datasets"):
+        run_aggregate(config, extra)
+    # Right length, wrong order: the files record which entry they are.
+    swapped = dataclasses.replace(files, evaluations=files.evaluations[::-1])
+    with pytest.raises(PipelineError, match=re.escape(str(files.evaluations[-1])) + r" \(in --evaluations\) is the "
+                                            r"result of .*workflow_scripts\.matrix order"):
+        run_aggregate(config, swapped)
+    assert not (Path(config["output_root"]) / "aggregate").exists()
+    # The CLI: one clear line, exit code 2, nothing written.
+    res = subprocess.run([sys.executable, "-m", "workflow_scripts.aggregate", "--config-json", json.dumps(config),
+                          *aggregate_argv(dataclasses.replace(files, metrics=files.metrics[:2]), tmp_path / "out")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: --metrics: 2 files given") and res.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_aggregate_reads_only_the_files_it_is_given(tmp_path):
+    """Every input moved to a layout of its own: aggregate builds no path, so it still works."""
+    config = load_config("demo/config.yaml", tmp_path)
+    expected = make_results(config)
+    files = result_files(config)
+    moved = {}
+    for name in aggregate.INPUT_LISTS:
+        moved[name] = []
+        for i, path in enumerate(getattr(files, name)):
+            dest = tmp_path / "moved" / f"{name}{i}" / path.name
+            dest.parent.mkdir(parents=True)
+            path.rename(dest)
+            moved[name].append(dest)
+    shutil.rmtree(config["output_root"])
+    shutil.rmtree(config["data_root"])
+    shutil.rmtree(config["weights_dir"])
+    summary = run_aggregate(config, aggregate.ResultFiles(**moved))
+    assert {(p["checkpoint"], p["dataset"]): p["top1_mean"] for p in summary["pairs"]} == expected
+    assert summary["inputs"] == [str(p) for name in aggregate.INPUT_LISTS for p in moved[name]]
+    assert all(r["wall_seconds"] == pytest.approx(14.25) for r in summary["runs"])
 
 
 def test_report_shows_each_pair_references_and_provenance(demo):
@@ -224,9 +334,10 @@ def test_report_shows_each_pair_references_and_provenance(demo):
         assert f"{top1:.2f}" in page, (ck, ds)
     # The demo matches no published configuration: every reference row is "not run", none invented.
     headline = page.split('id="headline"')[1].split("</table>")[0]
-    assert headline.count('class="notrun"') == len({(f["label"], f["pretraining"], f["dataset"]) for f in REFS["figures"]})
+    published_rows = {(f["label"], f["pretraining"], f["dataset"]) for f in REFS["figures"]}
+    assert headline.count('class="notrun"') == len(published_rows)
     for f in REFS["figures"]:
-        shown = f">{aggregate.fmt_reference(f['value'])}<"
+        shown = f">{tables.format_reference(f['value'])}<"
         assert shown in (headline if f["metric"] == "top1" else page.split('id="references"')[1]), f
     for citation in REFS["sources"].values():
         assert citation in text
@@ -236,7 +347,8 @@ def test_report_shows_each_pair_references_and_provenance(demo):
                   "snakemake --cores 2", "cpu: Fixture CPU @ 2.0GHz", "2025-01-01T10:00:00+00:00",
                   "Inception crop (training)"):
         assert field in text, field
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
     assert commit in page
     # Self-contained: charts embedded, stylesheet inlined, nothing fetched from elsewhere.
     assert page.count("data:image/png;base64,") >= 2 + len(expected)
@@ -279,13 +391,37 @@ def test_report_cli_writes_the_page(tmp_path):
     config = load_config("demo/config.yaml", tmp_path)
     make_results(config)
     root = Path(config["output_root"])
-    aggregate.aggregate(config, root, root / "aggregate")
-    res = subprocess.run([sys.executable, "-m", "workflow_scripts.report", "--aggregate-dir", str(root / "aggregate"),
-                          "--results-root", str(root), "--notebook-html", str(root / "report" / "analysis.html"),
+    run_aggregate(config)
+    res = subprocess.run([sys.executable, "-m", "workflow_scripts.report", "--summary",
+                          str(root / "aggregate" / "summary.json"), "--config", str(root / "aggregate" / "config.json"),
+                          "--notebook-html", str(root / "report" / "analysis.html"), "--logs-dir", str(root / "logs"),
                           "--out", str(root / "report" / "index.html"), "--command", "snakemake -n"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "snakemake -n" in (root / "report" / "index.html").read_text()
+    page = (root / "report" / "index.html").read_text()
+    assert "snakemake -n" in page
+    assert 'href="../logs/baseline/demo_mixer_p8/digits/official.log"' in page
+
+
+def test_notebook_and_report_draw_with_the_same_chart_functions(tmp_path, monkeypatch):
+    chart_functions = [name for name in dir(charts) if name.endswith("_chart")]
+    assert len(chart_functions) == 3
+    nb = json.loads((REPO / "notebooks" / "analysis.ipynb").read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert "from workflow_scripts import charts" in code
+    for name in chart_functions:
+        assert f"charts.{name}(" in code, name
+    assert "matplotlib" not in code and "plt." not in code  # it draws nothing of its own
+    # The report calls every one of them too.
+    called = []
+    for name in chart_functions:
+        original = getattr(charts, name)
+        monkeypatch.setattr(charts, name, lambda *a, _name=name, _f=original: called.append(_name) or _f(*a))
+    config = load_config("demo/config.yaml", tmp_path)
+    make_results(config)
+    build_report(tmp_path, config)
+    assert set(called) == set(chart_functions)
+    assert called.count("training_curves_chart") == len(matrix.pairs(config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,21 +429,21 @@ def test_notebook_executes_on_the_results(tmp_path):
     config = load_config("demo/config.yaml", tmp_path)
     expected = make_results(config)
     root = Path(config["output_root"])
-    aggregate.aggregate(config, root, root / "aggregate")
+    run_aggregate(config)
     out_ipynb, out_html = root / "report" / "analysis.ipynb", root / "report" / "analysis.html"
-    res = subprocess.run([sys.executable, "-m", "workflow_scripts.report", "notebook",
-                          "--notebook", str(REPO / "notebooks" / "analysis.ipynb"), "--results-root", str(root),
-                          "--out-ipynb", str(out_ipynb), "--out-html", str(out_html)],
+    res = subprocess.run(notebook_argv(REPO / "notebooks" / "analysis.ipynb", root),
                          cwd=tmp_path, env=WORKFLOW_ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     nb = json.loads(out_ipynb.read_text())
     outputs = json.dumps([c.get("outputs", []) for c in nb["cells"]])
     assert "error" not in {o.get("output_type") for c in nb["cells"] for o in c.get("outputs", [])}
-    assert str(root.resolve()) in json.dumps(nb["cells"])  # papermill injected the parameter
+    injected = "".join(next(c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", []))["source"])
+    assert str((root / "aggregate" / "summary.json").absolute()) in injected  # papermill passed the files
     assert f"kernel interpreter: {sys.executable}" in outputs  # the running environment's kernel
     for top1 in expected.values():
         assert f"{top1:.2f}" in outputs
-    assert "image/png" in outputs  # the curves and the sweep are plotted
+    # The report's charts: accuracy, LR sweep and one curves chart per pair.
+    assert outputs.count('"image/png"') == 2 + len(expected)
     assert out_html.read_text().lstrip().lower().startswith("<!doctype html")
 
 
@@ -321,10 +457,9 @@ def test_failing_notebook_leaves_no_outputs(tmp_path):
     config = load_config("demo/config.yaml", tmp_path)
     make_results(config)
     root = Path(config["output_root"])
-    aggregate.aggregate(config, root, root / "aggregate")
+    run_aggregate(config)
     out_ipynb, out_html = root / "report" / "analysis.ipynb", root / "report" / "analysis.html"
-    res = subprocess.run([sys.executable, "-m", "workflow_scripts.report", "notebook", "--notebook", str(broken),
-                          "--results-root", str(root), "--out-ipynb", str(out_ipynb), "--out-html", str(out_html)],
+    res = subprocess.run(notebook_argv(broken, root),
                          cwd=tmp_path, env=WORKFLOW_ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "deliberate failure" in res.stderr and "RuntimeError" in res.stderr
@@ -337,12 +472,19 @@ def test_runs_without_benchmark_files_have_no_cost(tmp_path):
     config = load_config("demo/config.yaml", tmp_path)
     make_results(config)
     root = Path(config["output_root"])
-    for tsv in (root / "benchmarks").rglob("*.tsv"):
-        tsv.unlink()
-    summary = aggregate.aggregate(config, root, root / "aggregate")
+    # A listed benchmark file must exist (the rule declares them as inputs) ...
+    missing = result_files(config).finetune_benchmarks[0]
+    missing.unlink()
+    with pytest.raises(PipelineError, match=re.escape(str(missing)) + ": benchmark file not found"):
+        run_aggregate(config)
+    # ... and without any, the cost is unknown.
+    summary = run_aggregate(config, result_files(config, benchmarks=False))
     assert all(r["wall_seconds"] is None and r["gpu_hours"] is None for r in summary["runs"])
     assert summary["cost"]["gpu_hours"] is None and summary["cost"]["runs_with_benchmark"] == 0
     runs = list(csv.DictReader((root / "aggregate" / "runs.csv").open()))
     assert {r["gpu_hours"] for r in runs} == {""}
-    _, page = build_report(tmp_path, config)
+    notebook_html = root / "report" / "analysis.html"
+    _write(notebook_html, "<html></html>")
+    page = report.render_report(root / "aggregate" / "summary.json", root / "aggregate" / "config.json",
+                                notebook_html, root / "logs", root / "report" / "index.html", "").read_text()
     assert "0 of 8 runs have a benchmark file" in page

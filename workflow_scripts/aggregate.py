@@ -1,13 +1,22 @@
 """Aggregate every result file into tidy tables and the summary the report renders.
 
-Reads the files the other stages wrote (docs/design.md) for the matrix the config defines and writes
-R/aggregate/{runs.csv, comparison.csv, comparison.md, comparison.tex, summary.json, config.json}.
-Reference figures come from the config's `references` (report/references.yaml), each with its source.
+  python -m workflow_scripts.aggregate --config-json '<config as JSON>' \\
+      --summaries RUN/summary.json ... --metrics RUN/metrics.jsonl ... --finetune-benchmarks RUN.tsv ... \\
+      --selections ... --evaluations ... --baselines ... --parity ... --downloads ... --datasets ... \\
+      --runs-csv runs.csv --comparison-csv comparison.csv --comparison-md comparison.md \\
+      --comparison-tex comparison.tex --summary-json summary.json --config-json-out config.json
+
+It reads exactly the files it is given and writes exactly the files it is told (rules/common.smk
+`aggregate_inputs` lists the inputs; formats in docs/design.md). Each input list comes in the order of
+its workflow_scripts.matrix function and is paired here with that matrix: a list of another length, or a
+file that records another checkpoint/dataset/LR/seed than its place says, is refused. Reference figures
+come from the config's `references` (report/references.yaml), each with its source.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib.metadata
 import io
 import json
@@ -15,18 +24,26 @@ import math
 import os
 import platform
 import subprocess
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
-from workflow_scripts.matrix import (baseline_runs, finetune_gpus, finetune_runs, lr_str, pairs,
-                                     used_checkpoints, used_datasets)
-from workflow_scripts.common import PipelineError, json_arg, atomic_path, read_json, run_cli, write_json
+from workflow_scripts.common import PipelineError, atomic_path, json_arg, read_json, run_cli, write_json
+from workflow_scripts.matrix import (
+    baseline_runs,
+    finetune_gpus,
+    finetune_runs,
+    lr_str,
+    pairs,
+    used_checkpoints,
+    used_datasets,
+)
+from workflow_scripts.tables import NOT_RUN, comparison_latex, comparison_markdown, reference_sources, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 # Packages whose versions the provenance section lists.
 PROVENANCE_PACKAGES = ("torch", "torchvision", "timm", "safetensors", "numpy", "snakemake", "pandas",
                        "matplotlib", "jinja2", "papermill", "nbconvert", "scikit-learn")
-NOT_RUN = "not run"
 
 RUN_COLUMNS = [
     "checkpoint", "label", "pretraining", "dataset", "dataset_label", "lr", "seed", "steps",
@@ -36,8 +53,72 @@ RUN_COLUMNS = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class ResultFiles:
+    """The files aggregate reads; each list in the order of the matrix function named in INPUT_LISTS."""
+    summaries: Sequence[str | os.PathLike]
+    metrics: Sequence[str | os.PathLike]
+    selections: Sequence[str | os.PathLike]
+    evaluations: Sequence[str | os.PathLike]
+    baselines: Sequence[str | os.PathLike]
+    parity: Sequence[str | os.PathLike]
+    downloads: Sequence[str | os.PathLike]
+    datasets: Sequence[str | os.PathLike]
+    # Snakemake benchmark TSVs of the finetune jobs; empty = none (stages run by hand): cost left unknown.
+    finetune_benchmarks: Sequence[str | os.PathLike] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregateOutputs:
+    runs_csv: str | os.PathLike
+    comparison_csv: str | os.PathLike
+    comparison_md: str | os.PathLike
+    comparison_tex: str | os.PathLike
+    summary_json: str | os.PathLike
+    config_json_out: str | os.PathLike  # the config as run
+
+
+# Each ResultFiles list: the matrix function that orders it, and what one of its entries is.
+INPUT_LISTS = {
+    "summaries": (finetune_runs, "fine-tuning runs (summary.json)"),
+    "metrics": (finetune_runs, "fine-tuning runs (metrics.jsonl)"),
+    "finetune_benchmarks": (finetune_runs, "fine-tuning runs (Snakemake benchmark .tsv)"),
+    "selections": (pairs, "checkpoint/dataset pairs (LR selection)"),
+    "evaluations": (pairs, "checkpoint/dataset pairs (test evaluation)"),
+    "baselines": (baseline_runs, "baseline evaluations (checkpoint, dataset, protocol)"),
+    "parity": (used_checkpoints, "used checkpoints (parity record)"),
+    "downloads": (used_checkpoints, "used checkpoints (download record)"),
+    "datasets": (used_datasets, "used datasets (dataset.json)"),
+}
+
+
 # ---------------------------------------------------------------------------------------------
-# The matrix the config defines (the same one rules/common.smk builds its jobs from)
+# Pairing the input lists with the matrix
+def pair_with_matrix(config: dict, files: ResultFiles) -> dict[str, list[tuple]]:
+    """{list name: [(matrix entry, path)]}; refuses a list whose length differs from its matrix."""
+    paired = {}
+    for name, (entries_of, what) in INPUT_LISTS.items():
+        entries, given = entries_of(config), [Path(p) for p in getattr(files, name)]
+        if name == "finetune_benchmarks" and not given:
+            given = [None] * len(entries)
+        if len(given) != len(entries):
+            flag = "--" + name.replace("_", "-")
+            raise PipelineError(
+                f"{flag}: {len(given)} files given, but the config's matrix has {len(entries)} {what} "
+                f"(workflow_scripts.matrix.{entries_of.__name__}); pass one file per entry, in that order, "
+                "as the aggregate rule does (rules/common.smk aggregate_inputs)")
+        paired[name] = list(zip(entries, given))
+    return paired
+
+
+def check_matches(path: Path, flag: str, found: dict, expected: dict) -> None:
+    """A result file records what its place in the list says (catches a list in another order)."""
+    if found != expected:
+        raise PipelineError(
+            f"{path} (in {flag}) is the result of {found}, but its place in the list is that of {expected}; "
+            "list the files in workflow_scripts.matrix order (as rules/common.smk aggregate_inputs does)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Readers
 def read_jsonl(path: Path) -> list[dict]:
@@ -56,14 +137,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def read_benchmark(path: Path) -> dict | None:
-    """The first row of a Snakemake benchmark TSV (columns s, h:m:s, max_rss, ...); None if absent.
-
-    Benchmarks exist only for jobs Snakemake ran, so a stage run by hand has none.
-    """
-    if not path.exists():
-        return None
-    rows = list(csv.DictReader(io.StringIO(path.read_text()), delimiter="\t"))
+def read_benchmark(path: Path) -> dict:
+    """The first row of a Snakemake benchmark TSV (columns s, h:m:s, max_rss, ...)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: benchmark file not found (Snakemake writes it when the finetune job ends); "
+                            "rerun that job, or aggregate without --finetune-benchmarks") from None
+    rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
     if not rows or "s" not in rows[0]:
         raise PipelineError(f"{path}: not a Snakemake benchmark file (no 's' column); delete it and rerun the job")
     return rows[0]
@@ -87,58 +168,112 @@ def split_curves(metrics: list[dict]) -> dict:
     }
 
 
+def read_datasets(config: dict, paired: dict) -> dict:
+    """Per used dataset: its dataset.json facts (the subset flag the headline shows) and its config."""
+    datasets = {}
+    for ds, path in paired["datasets"]:
+        spec = read_json(path)
+        check_matches(path, "--datasets", {"name": spec.get("name")}, {"name": ds})
+        datasets[ds] = {"name": ds, "label": config["datasets"][ds]["label"], "subset": bool(spec.get("subset")),
+                        "subset_note": spec.get("subset_note"), "splits": spec.get("splits"),
+                        "num_classes": spec.get("num_classes"), "layout": spec.get("layout"),
+                        "minival": spec.get("minival"), "test_split": spec.get("test_split"),
+                        "eval_protocol": config["datasets"][ds]["eval_protocol"],
+                        "steps": config["datasets"][ds]["steps"]}
+    return datasets
+
+
+def read_pair_results(paired: dict) -> dict[str, dict]:
+    """{"selections": {(ckpt, dataset): record}, "evaluations": {...}, "evaluation_files": {...: path}}."""
+    results = {"selections": {}, "evaluations": {}, "evaluation_files": {}}
+    for name in ("selections", "evaluations"):
+        for (ck, ds), path in paired[name]:
+            record = read_json(path)
+            check_matches(path, f"--{name}", {"checkpoint": record.get("checkpoint"), "dataset": record.get("dataset")},
+                          {"checkpoint": ck, "dataset": ds})
+            results[name][ck, ds] = record
+            if name == "evaluations":
+                results["evaluation_files"][ck, ds] = path
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
-# Tables
-def collect_runs(config: dict, root: Path, inputs: list[str]) -> tuple[list[dict], dict, dict, dict]:
-    """One row per fine-tuning run, the curves per run dir, and the selection and evaluation per pair."""
-    selections, evaluations = {}, {}
-    for ck, ds in pairs(config):
-        sel_path, ev_path = root / "selection" / ck / f"{ds}.json", root / "evaluate" / ck / f"{ds}.json"
-        selections[ck, ds], evaluations[ck, ds] = read_json(sel_path), read_json(ev_path)
-        inputs += [str(sel_path), str(ev_path)]
+# Fine-tuning runs
+def run_row(config: dict, run: tuple, summary: dict, test: dict | None, bench: dict | None, run_dir: str) -> dict:
+    """One row of runs.csv (RUN_COLUMNS)."""
+    ck, ds, lr, seed = run
+    wall = _float_or_none(bench["s"]) if bench else None
+    gpus = finetune_gpus(config, ck)
+    ck_cfg, ds_cfg = config["checkpoints"][ck], config["datasets"][ds]
+    return {
+        "checkpoint": ck, "label": ck_cfg["label"], "pretraining": ck_cfg["pretraining"],
+        "dataset": ds, "dataset_label": ds_cfg["label"], "lr": float(lr), "seed": seed,
+        "steps": summary["steps"],
+        "minival_top1": summary["minival_top1"], "minival_top5": summary["minival_top5"],
+        "test_top1": test["top1"] if test else None, "test_top5": test["top5"] if test else None,
+        "selected": test is not None, "train_seconds": summary["train_seconds"],
+        "wall_seconds": wall, "gpus": gpus,
+        "gpu_hours": wall * gpus / 3600 if wall is not None else None,
+        "max_rss_mib": _float_or_none(bench.get("max_rss")) if bench else None,
+        "device": summary["device"], "device_names": "; ".join(summary.get("device_names") or []),
+        "precision": summary["precision"], "inception_crop": summary["inception_crop"],
+        "img_s": summary["img_s"], "started_utc": summary["started_utc"],
+        "finished_utc": summary["finished_utc"], "run_dir": run_dir,
+    }
 
+
+def selected_test_result(run: tuple, pair_results: dict) -> dict | None:
+    """The test evaluation of a run of the selected LR (None for the other LRs: test is evaluated once)."""
+    ck, ds, lr, seed = run
+    if lr_str(float(pair_results["selections"][ck, ds]["selected_lr"])) != lr:
+        return None
+    test = next((r for r in pair_results["evaluations"][ck, ds]["runs"] if int(r["seed"]) == seed), None)
+    if test is None:
+        raise PipelineError(f"{pair_results['evaluation_files'][ck, ds]} has no result for seed {seed} of the "
+                            f"selected LR {lr}; rerun: snakemake -R evaluate")
+    return test
+
+
+def collect_runs(config: dict, paired: dict, pair_results: dict) -> tuple[list[dict], dict]:
+    """One row per fine-tuning run, and the curves per run dir (relative to output_root, as in runs.csv)."""
     rows, curves = [], {}
-    for ck, ds, lr, seed in finetune_runs(config):
-        rel = f"finetune/{ck}/{ds}/lr{lr}_s{seed}"
-        summary_path, metrics_path = root / rel / "summary.json", root / rel / "metrics.jsonl"
+    files = zip(paired["summaries"], paired["metrics"], paired["finetune_benchmarks"])
+    for (run, summary_path), (_, metrics_path), (_, bench_path) in files:
+        ck, ds, lr, seed = run
         summary = read_json(summary_path)
-        curves[rel] = split_curves(read_jsonl(metrics_path))
-        bench_path = root / "benchmarks" / "finetune" / ck / ds / f"lr{lr}_s{seed}.tsv"
-        bench = read_benchmark(bench_path)
-        inputs += [str(summary_path), str(metrics_path)] + ([str(bench_path)] if bench else [])
-
-        selected = lr_str(float(selections[ck, ds]["selected_lr"])) == lr
-        test = next((r for r in evaluations[ck, ds]["runs"] if int(r["seed"]) == seed), None) if selected else None
-        if selected and test is None:
-            raise PipelineError(f"{root}/evaluate/{ck}/{ds}.json has no result for seed {seed} of the selected "
-                                f"LR {lr}; rerun: snakemake -R evaluate")
-        wall = _float_or_none(bench["s"]) if bench else None
-        gpus = finetune_gpus(config, ck)
-        ck_cfg, ds_cfg = config["checkpoints"][ck], config["datasets"][ds]
-        rows.append({
-            "checkpoint": ck, "label": ck_cfg["label"], "pretraining": ck_cfg["pretraining"],
-            "dataset": ds, "dataset_label": ds_cfg["label"], "lr": float(lr), "seed": seed,
-            "steps": summary["steps"],
-            "minival_top1": summary["minival_top1"], "minival_top5": summary["minival_top5"],
-            "test_top1": test["top1"] if test else None, "test_top5": test["top5"] if test else None,
-            "selected": selected, "train_seconds": summary["train_seconds"],
-            "wall_seconds": wall, "gpus": gpus,
-            "gpu_hours": wall * gpus / 3600 if wall is not None else None,
-            "max_rss_mib": _float_or_none(bench.get("max_rss")) if bench else None,
-            "device": summary["device"], "device_names": "; ".join(summary.get("device_names") or []),
-            "precision": summary["precision"], "inception_crop": summary["inception_crop"],
-            "img_s": summary["img_s"], "started_utc": summary["started_utc"],
-            "finished_utc": summary["finished_utc"], "run_dir": rel,
-        })
-    return rows, curves, selections, evaluations
+        found = {"checkpoint": summary.get("checkpoint"), "dataset": summary.get("dataset"),
+                 "lr": lr_str(float(summary["lr"])) if "lr" in summary else None, "seed": summary.get("seed")}
+        check_matches(summary_path, "--summaries", found, {"checkpoint": ck, "dataset": ds, "lr": lr, "seed": seed})
+        run_dir = os.path.relpath(os.path.abspath(summary_path.parent), os.path.abspath(config["output_root"]))
+        curves[run_dir] = split_curves(read_jsonl(metrics_path))
+        bench = read_benchmark(bench_path) if bench_path else None
+        rows.append(run_row(config, run, summary, selected_test_result(run, pair_results), bench, run_dir))
+    return rows, curves
 
 
-def reference_sources(refs: dict, metric: str) -> list[str]:
-    """Sources (in references.yaml order) that publish at least one figure of this metric."""
-    cited = {f["source"] for f in refs["figures"] if f["metric"] == metric}
-    return [s for s in refs["sources"] if s in cited]
+def pair_records(config: dict, pair_results: dict) -> list[dict]:
+    """Per (checkpoint, dataset): the LR selection and the test result."""
+    records = []
+    for ck, ds in pairs(config):
+        sel, ev = pair_results["selections"][ck, ds], pair_results["evaluations"][ck, ds]
+        records.append({"checkpoint": ck, "dataset": ds, "label": config["checkpoints"][ck]["label"],
+                        "dataset_label": config["datasets"][ds]["label"],
+                        "selected_lr": sel["selected_lr"], "criterion": sel["criterion"],
+                        "candidates": sel["candidates"], "top1_mean": ev["top1_mean"],
+                        "top1_std": ev["top1_std"], "top5_mean": ev["top5_mean"], "top5_std": ev["top5_std"],
+                        "num_seeds": ev["num_seeds"], "protocol": ev["protocol"]})
+    return records
 
 
+def cost_of(runs: list[dict]) -> dict:
+    wall = [r["wall_seconds"] for r in runs if r["wall_seconds"] is not None]
+    gpu_hours = [r["gpu_hours"] for r in runs if r["gpu_hours"] is not None]
+    return {"wall_seconds": sum(wall) if wall else None, "gpu_hours": sum(gpu_hours) if gpu_hours else None,
+            "runs_with_benchmark": len(wall), "runs": len(runs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# This run beside the published figures
 def build_comparison(config: dict, evaluations: dict, subsets: dict) -> list[dict]:
     """One row per (model, pre-training, dataset): every published figure, this run, and the difference.
 
@@ -182,102 +317,46 @@ def build_comparison(config: dict, evaluations: dict, subsets: dict) -> list[dic
     return rows
 
 
-def fmt_reference(x) -> str:
-    """A published figure as printed (two decimals, more where the source gives more: 76.616)."""
-    if x is None:
-        return ""
-    text = f"{x:.2f}"
-    return text if float(text) == x else repr(x)
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and the evaluation baseline
+def read_checkpoints(config: dict, paired: dict) -> dict:
+    """Per used checkpoint: its conversion parity and download records."""
+    checkpoints = {}
+    for (ck, parity_path), (_, download_path) in zip(paired["parity"], paired["downloads"]):
+        parity, download = read_json(parity_path), read_json(download_path)
+        check_matches(parity_path, "--parity", {"checkpoint": parity.get("checkpoint")}, {"checkpoint": ck})
+        check_matches(download_path, "--downloads", {"checkpoint": download.get("checkpoint")}, {"checkpoint": ck})
+        checkpoints[ck] = {"name": ck, "label": config["checkpoints"][ck]["label"],
+                           "pretraining": config["checkpoints"][ck]["pretraining"],
+                           "parity": parity, "download": download}
+    return checkpoints
 
 
-def fmt_ours(row: dict) -> str:
-    if row["status"] == NOT_RUN:
-        return NOT_RUN
-    spread = f" ± {row['top1_std']:.2f} (n={row['num_seeds']})" if row["num_seeds"] > 1 else " (1 seed)"
-    subset = " (subset)" if row["subset"] else ""
-    return f"{row['top1_mean']:.2f}{spread}{subset}"
-
-
-def fmt_diff(row: dict) -> str:
-    return "" if row["diff_to_primary"] is None else f"{row['diff_to_primary']:+.2f}"
-
-
-def table_cells(rows: list[dict], refs: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and string cells of a top-1 comparison table (Markdown, LaTeX and the HTML page).
-
-    Rows without any published figure get no reference columns (nothing to compare with).
-    """
-    sources = reference_sources(refs, "top1") if any(r["has_reference"] for r in rows) else []
-    header = ["Model", "Pre-training", "Dataset", *sources, "This run (top-1, mean ± std)"]
-    header += ["Δ vs primary"] if sources else ["Selected LR"]
-    body = []
-    for r in rows:
-        cells = [r["model"], r["pretraining"], r["dataset"], *(fmt_reference(r[f"{s}_top1"]) for s in sources),
-                 fmt_ours(r)]
-        body.append(cells + [fmt_diff(r) if sources else f"{r['selected_lr']:g}"])
-    return header, body
-
-
-def comparison_markdown(rows: list[dict], refs: dict, title: str, subset_datasets: list[dict]) -> str:
-    def table(subset_rows):
-        header, body = table_cells(subset_rows, refs)
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in body]
-        return "\n".join(lines)
-
-    with_refs = [r for r in rows if r["has_reference"]]
-    without = [r for r in rows if not r["has_reference"]]
-    parts = [f"# {title}", ""]
-    parts += [f"**Subset:** {d['label']} was run on a subset of the dataset ({d['subset_note'] or 'see dataset.json'}); "
-              "its figures are not comparable with the published ones.\n" for d in subset_datasets]
-    parts += ["Top-1 accuracy (%) on the test split; references as published.", "", table(with_refs), ""]
-    if without:
-        parts += ["## Runs without a published reference", "", table(without), ""]
-    parts += ["Sources:", ""] + [f"- `{k}`: {v}" for k, v in refs["sources"].items()]
-    parts += ["", "Δ vs primary: this run minus the primary reference for the dataset ("
-              + ", ".join(f"{d}: `{s}`" for d, s in refs["primary"].items()) + ")."]
-    return "\n".join(parts) + "\n"
-
-
-def latex_escape(text: str) -> str:
-    repl = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-            "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-            "±": r"$\pm$", "Δ": r"$\Delta$"}
-    return "".join(repl.get(c, c) for c in text)
-
-
-def comparison_latex(rows: list[dict], refs: dict) -> str:
-    def table(subset_rows, caption):
-        header, body = table_cells(subset_rows, refs)
-        lines = [r"\begin{table}[t]", r"\centering", r"\small",
-                 r"\begin{tabular}{lll" + "r" * (len(header) - 3) + "}", r"\toprule",
-                 " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
-        lines += [" & ".join(latex_escape(c) for c in cells) + r" \\" for cells in body]
-        lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{latex_escape(caption)}}}", r"\end{table}"]
-        return "\n".join(lines)
-
-    cites = "; ".join(f"{k}: {v}" for k, v in refs["sources"].items())
-    parts = ["% Requires \\usepackage{booktabs}.",
-             table([r for r in rows if r["has_reference"]], f"Top-1 accuracy (%). Sources: {cites}.")]
-    without = [r for r in rows if not r["has_reference"]]
-    if without:
-        parts.append(table(without, "Top-1 accuracy (%) of runs without a published reference."))
-    return "\n\n".join(parts) + "\n"
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with atomic_path(path) as tmp:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
-            writer.writeheader()
-            writer.writerows(rows)
+def read_baselines(config: dict, paired: dict) -> list[dict]:
+    """Released checkpoints evaluated as they are, each beside the published figures of the same model."""
+    refs, baselines = config["references"], []
+    for (ck, ds, protocol), path in paired["baselines"]:
+        result = read_json(path)
+        check_matches(path, "--baselines",
+                      {"dataset": result.get("dataset"), "protocol": (result.get("protocol") or {}).get("name")},
+                      {"dataset": ds, "protocol": protocol})
+        ck_cfg, ds_label = config["checkpoints"][ck], config["datasets"][ds]["label"]
+        published = [f for f in refs["figures"] if (f["label"], f["pretraining"], f["dataset"])
+                     == (ck_cfg["label"], ck_cfg["pretraining"], ds_label)]
+        baselines.append({"checkpoint": ck, "label": ck_cfg["label"], "pretraining": ck_cfg["pretraining"],
+                          "dataset": ds, "dataset_label": ds_label, "protocol": protocol,
+                          "protocol_settings": config["evaluation"]["protocols"][protocol],
+                          "top1": result["top1"], "top5": result["top5"], "top5_note": result.get("top5_note"),
+                          "num_images": result["num_images"], "images_per_s": result.get("images_per_s"),
+                          "published": published, "path": str(path)})
+    return baselines
 
 
 # ---------------------------------------------------------------------------------------------
 # Provenance
 def git_state(repo: Path) -> dict:
     def git(*args):
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30, check=False)
 
     try:
         head = git("rev-parse", "HEAD")
@@ -310,117 +389,87 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def provenance(runs: list[dict]) -> dict:
+    return {
+        "git": git_state(REPO), "packages": package_versions(),
+        "aggregate_host": {"hostname": platform.node(), "platform": platform.platform(),
+                           "cpu": cpu_name(), "cpu_count": os.cpu_count()},
+        "training_devices": sorted({n for r in runs for n in r["device_names"].split("; ") if n}),
+        "started_utc": min((r["started_utc"] for r in runs), default=None),
+        "finished_utc": max((r["finished_utc"] for r in runs), default=None),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
-def aggregate(config: dict, results_root: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
-    """Write every aggregate file into out_dir and return the summary (also written as summary.json)."""
-    root, out_dir = Path(results_root), Path(out_dir)
+def aggregate(config: dict, files: ResultFiles, outputs: AggregateOutputs) -> dict:
+    """Read `files`, write every file of `outputs` (summary.json last) and return the summary."""
     refs = config["references"]
     if not isinstance(refs, dict):
         raise PipelineError("config key 'references' must be the loaded references (a mapping), as the "
                             "workflow passes it; got a path: run through snakemake")
-    inputs: list[str] = []
-
-    datasets = {}
-    for ds in used_datasets(config):
-        spec_path = Path(config["data_root"]) / ds / "dataset.json"
-        spec = read_json(spec_path)
-        inputs.append(str(spec_path))
-        datasets[ds] = {"name": ds, "label": config["datasets"][ds]["label"], "subset": bool(spec.get("subset")),
-                        "subset_note": spec.get("subset_note"), "splits": spec.get("splits"),
-                        "num_classes": spec.get("num_classes"), "layout": spec.get("layout"),
-                        "minival": spec.get("minival"), "test_split": spec.get("test_split"),
-                        "eval_protocol": config["datasets"][ds]["eval_protocol"],
-                        "steps": config["datasets"][ds]["steps"]}
-
-    runs, curves, selections, evaluations = collect_runs(config, root, inputs)
-    comparison = build_comparison(config, evaluations, datasets)
-
-    checkpoints = {}
-    for ck in used_checkpoints(config):
-        parity_path = root / "converted" / f"{ck}.parity.json"
-        download_path = Path(config["weights_dir"]) / f"{ck}.download.json"
-        checkpoints[ck] = {"name": ck, "label": config["checkpoints"][ck]["label"],
-                           "pretraining": config["checkpoints"][ck]["pretraining"],
-                           "parity": read_json(parity_path), "download": read_json(download_path)}
-        inputs += [str(parity_path), str(download_path)]
-
-    baselines = []
-    for ck, ds, protocol in baseline_runs(config):
-        path = root / "baseline" / ck / ds / f"{protocol}.json"
-        result = read_json(path)
-        inputs.append(str(path))
-        ck_cfg, ds_label = config["checkpoints"][ck], config["datasets"][ds]["label"]
-        published = [f for f in refs["figures"] if (f["label"], f["pretraining"], f["dataset"])
-                     == (ck_cfg["label"], ck_cfg["pretraining"], ds_label)]
-        baselines.append({"checkpoint": ck, "label": ck_cfg["label"], "pretraining": ck_cfg["pretraining"],
-                          "dataset": ds, "dataset_label": ds_label, "protocol": protocol,
-                          "protocol_settings": config["evaluation"]["protocols"][protocol],
-                          "top1": result["top1"], "top5": result["top5"], "top5_note": result.get("top5_note"),
-                          "num_images": result["num_images"], "images_per_s": result.get("images_per_s"),
-                          "published": published, "path": str(path)})
-
-    pair_records = []
-    for ck, ds in pairs(config):
-        sel, ev = selections[ck, ds], evaluations[ck, ds]
-        pair_records.append({"checkpoint": ck, "dataset": ds, "label": config["checkpoints"][ck]["label"],
-                             "dataset_label": config["datasets"][ds]["label"],
-                             "selected_lr": sel["selected_lr"], "criterion": sel["criterion"],
-                             "candidates": sel["candidates"], "top1_mean": ev["top1_mean"],
-                             "top1_std": ev["top1_std"], "top5_mean": ev["top5_mean"], "top5_std": ev["top5_std"],
-                             "num_seeds": ev["num_seeds"], "protocol": ev["protocol"]})
-
-    wall = [r["wall_seconds"] for r in runs if r["wall_seconds"] is not None]
-    gpu_hours = [r["gpu_hours"] for r in runs if r["gpu_hours"] is not None]
+    paired = pair_with_matrix(config, files)
+    datasets = read_datasets(config, paired)
+    pair_results = read_pair_results(paired)
+    runs, curves = collect_runs(config, paired, pair_results)
     summary = {
         "title": config["report"]["title"],
-        "aggregated_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "results_root": str(root),
+        "aggregated_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "results_root": config["output_root"],
         "runs": runs,
         "curves": curves,
-        "pairs": pair_records,
-        "comparison": comparison,
+        "pairs": pair_records(config, pair_results),
+        "comparison": build_comparison(config, pair_results["evaluations"], datasets),
         "references": refs,
         "datasets": datasets,
         "subset_datasets": [d for d in datasets.values() if d["subset"]],
-        "checkpoints": checkpoints,
-        "baselines": baselines,
+        "checkpoints": read_checkpoints(config, paired),
+        "baselines": read_baselines(config, paired),
         "protocol": config["protocol"],
         "eval_protocols": config["evaluation"]["protocols"],
-        "cost": {"wall_seconds": sum(wall) if wall else None, "gpu_hours": sum(gpu_hours) if gpu_hours else None,
-                 "runs_with_benchmark": len(wall), "runs": len(runs)},
-        "provenance": {
-            "git": git_state(REPO), "packages": package_versions(),
-            "aggregate_host": {"hostname": platform.node(), "platform": platform.platform(),
-                               "cpu": cpu_name(), "cpu_count": os.cpu_count()},
-            "training_devices": sorted({n for r in runs for n in r["device_names"].split("; ") if n}),
-            "started_utc": min((r["started_utc"] for r in runs), default=None),
-            "finished_utc": max((r["finished_utc"] for r in runs), default=None),
-        },
-        "inputs": inputs,
+        "cost": cost_of(runs),
+        "provenance": provenance(runs),
+        "inputs": [str(path) for entries in paired.values() for _, path in entries if path is not None],
     }
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(out_dir / "runs.csv", runs, RUN_COLUMNS)
-    comparison_columns = list(comparison[0]) if comparison else ["model", "pretraining", "dataset"]
-    write_csv(out_dir / "comparison.csv", comparison, comparison_columns)
-    with atomic_path(out_dir / "comparison.md") as tmp:
-        tmp.write_text(comparison_markdown(comparison, refs, config["report"]["title"],
-                                           [d for d in datasets.values() if d["subset"]]))
-    with atomic_path(out_dir / "comparison.tex") as tmp:
-        tmp.write_text(comparison_latex(comparison, refs))
-    write_json(out_dir / "config.json", config)
-    write_json(out_dir / "summary.json", summary)  # last: the report rule's input
+    write_outputs(config, summary, outputs)
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_outputs(config: dict, summary: dict, outputs: AggregateOutputs) -> None:
+    comparison = summary["comparison"]
+    write_csv(outputs.runs_csv, summary["runs"], RUN_COLUMNS)
+    comparison_columns = list(comparison[0]) if comparison else ["model", "pretraining", "dataset"]
+    write_csv(outputs.comparison_csv, comparison, comparison_columns)
+    with atomic_path(outputs.comparison_md) as tmp:
+        tmp.write_text(comparison_markdown(comparison, summary["references"], summary["title"],
+                                           summary["subset_datasets"]))
+    with atomic_path(outputs.comparison_tex) as tmp:
+        tmp.write_text(comparison_latex(comparison, summary["references"]))
+    write_json(outputs.config_json_out, config)
+    write_json(outputs.summary_json, summary)  # last: the report rule's input
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.aggregate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config-json", required=True, help="the workflow config as JSON (references loaded)")
-    ap.add_argument("--results-root", required=True, help="output_root of the run (R)")
-    ap.add_argument("--out-dir", required=True, help="where to write the aggregate files (R/aggregate)")
-    args = ap.parse_args(argv)
-    summary = aggregate(json_arg(args.config_json, "--config-json"), args.results_root, args.out_dir)
-    print(f"aggregated {len(summary['runs'])} runs, {len(summary['comparison'])} comparison rows -> {args.out_dir}")
+    inputs = ap.add_argument_group("inputs (each list in the order of its workflow_scripts.matrix function)")
+    for name, (entries_of, what) in INPUT_LISTS.items():
+        inputs.add_argument("--" + name.replace("_", "-"), nargs="*", type=Path, metavar="FILE",
+                            required=name != "finetune_benchmarks",
+                            default=[], help=f"one per {what}, in matrix.{entries_of.__name__} order")
+    outputs = ap.add_argument_group("outputs")
+    for field in dataclasses.fields(AggregateOutputs):
+        outputs.add_argument("--" + field.name.replace("_", "-"), required=True, type=Path, metavar="FILE")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    files = ResultFiles(**{name: getattr(args, name) for name in INPUT_LISTS})
+    outputs = AggregateOutputs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AggregateOutputs)})
+    summary = aggregate(json_arg(args.config_json, "--config-json"), files, outputs)
+    print(f"aggregated {len(summary['runs'])} runs, {len(summary['comparison'])} comparison rows "
+          f"-> {outputs.summary_json}")
     return 0
 
 

@@ -1,0 +1,104 @@
+"""Every chart of the study, one function each, drawn from summary.json (docs/design.md).
+
+The HTML report embeds them as PNG (workflow_scripts/report.py) and notebooks/analysis.ipynb shows the
+very same figures, so the two never disagree. Figures are built with matplotlib's object API (no pyplot):
+no global state and no GUI backend, in a job or in a notebook kernel alike.
+"""
+from __future__ import annotations
+
+import base64
+import io
+
+from matplotlib.figure import Figure
+
+from workflow_scripts.tables import NOT_RUN, reference_sources
+
+PNG_DPI = 100
+
+
+def plain_text(text) -> str:
+    """Text for matplotlib as it is: a '$' would start mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PNG_DPI, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def png_base64(fig: Figure) -> str:
+    return base64.b64encode(png_bytes(fig)).decode("ascii")
+
+
+def accuracy_chart(comparison: list[dict], refs: dict) -> Figure | None:
+    """This run's test top-1 (mean ± std) beside every published top-1 figure of the same row; None if nothing ran."""
+    rows = [r for r in comparison if r["status"] != NOT_RUN]
+    if not rows:
+        return None
+    sources = [s for s in reference_sources(refs, "top1") if any(r[f"{s}_top1"] is not None for r in rows)]
+    series = [("this run", [r["top1_mean"] for r in rows], [r["top1_std"] or 0 for r in rows])]
+    series += [(s, [r[f"{s}_top1"] for r in rows], None) for s in sources]
+    width = 0.8 / len(series)
+    fig = Figure(figsize=(max(6, 1.6 * len(rows) + 2), 3.8))
+    ax = fig.subplots()
+    for i, (name, values, errors) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))]
+        present = [(x, v, e) for x, v, e in zip(xs, values, errors or [0] * len(values)) if v is not None]
+        if present:
+            bars = ax.bar([p[0] for p in present], [p[1] for p in present], width,
+                          yerr=[p[2] for p in present] if errors else None, capsize=3, label=plain_text(name))
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([plain_text(f"{r['model']}\n{r['pretraining']}\n{r['dataset']}"
+                                   + (" (subset)" if r["subset"] else "")) for r in rows], fontsize=8)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def lr_sweep_chart(pairs: list[dict]) -> Figure | None:
+    """Mean minival top-1 against base LR per pair (points: seeds); the selected LR is starred. None without pairs."""
+    if not pairs:
+        return None
+    fig = Figure(figsize=(7, 3.8))
+    ax = fig.subplots()
+    for pair in pairs:
+        candidates = sorted(pair["candidates"], key=lambda c: c["lr"])
+        line, = ax.plot([c["lr"] for c in candidates], [c["minival_top1_mean"] for c in candidates], marker="o",
+                        label=plain_text(f"{pair['label']} / {pair['dataset_label']}"))
+        for c in candidates:
+            ax.scatter([c["lr"]] * len(c["minival_top1_per_seed"]), c["minival_top1_per_seed"],
+                       s=10, color=line.get_color(), alpha=0.5)
+        chosen = [c for c in candidates if float(c["lr"]) == float(pair["selected_lr"])]
+        ax.scatter([c["lr"] for c in chosen], [c["minival_top1_mean"] for c in chosen], marker="*", s=220,
+                   color=line.get_color(), edgecolor="black", zorder=5)
+    ax.set_xscale("log")
+    ax.set_xlabel("base learning rate")
+    ax.set_ylabel("minival top-1 (%)")
+    ax.set_title("LR sweep (★ = selected on minival)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def training_curves_chart(pair: dict, runs: list[dict], curves: dict) -> Figure:
+    """Loss, learning rate and minival top-1 against step, one line per run of the pair (summary "pairs" entry)."""
+    fig = Figure(figsize=(12, 3.2), layout="constrained")  # keeps the middle y label off the left panel
+    axes = fig.subplots(1, 3)
+    for run in runs:
+        if (run["checkpoint"], run["dataset"]) != (pair["checkpoint"], pair["dataset"]):
+            continue
+        curve = curves[run["run_dir"]]
+        name = plain_text(f"lr {run['lr']:g}, seed {run['seed']}" + (" (selected)" if run["selected"] else ""))
+        axes[0].plot(curve["step"], curve["loss"], label=name)
+        axes[1].plot(curve["step"], curve["lr"], label=name)
+        axes[2].plot(curve["eval_step"], curve["minival_top1"], marker="o", label=name)
+    for ax, ylabel in zip(axes, ("training loss", "learning rate", "minival top-1 (%)")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=7)
+    return fig
