@@ -82,10 +82,10 @@ def load_references(value):
     return refs
 
 
-def _check_names(key, names, known):
+def _check_names(key, names, known, what="defined"):
     for name in names:
         if name not in known:
-            config_error(key, f"'{name}' is not defined", f"define it or use one of {sorted(known)}")
+            config_error(key, f"'{name}' is not {what}", f"define it or use one of {sorted(known)}")
 
 
 def check_cross_references(config):
@@ -96,7 +96,8 @@ def check_cross_references(config):
     for name, members in config["averages"].items():
         _check_names(f"averages.{name}", members, dsets)
     for name, ds in dsets.items():
-        _check_names(f"datasets.{name}.eval_protocol", [ds["eval_protocol"]], config["evaluation"]["protocols"])
+        protocols = config["evaluation"]["protocols"]
+        _check_names(f"datasets.{name}.eval_protocol", [ds["eval_protocol"]], protocols, "a protocol")
         _check_synthesized_dataset(name, ds)
     for name, ck in ckpts.items():
         if "synthesize" in ck and ck["url"] != f"file:{upstream_npz(name)}":

@@ -35,25 +35,34 @@ def write_config(tmp_path: Path, edit) -> Path:
     return path
 
 
-def test_study_dry_run_lists_the_full_matrix(tmp_path):
+def test_study_dry_run_lists_the_whole_of_table3(tmp_path):
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     res = snakemake("-n", "--configfile", str(REPO / "config.yaml"), "--cores", "all",
                     "--resources", "gpu=2", cwd=tmp_path)
     assert res.returncode == 0, res.stderr + res.stdout
     counts = job_counts(res.stdout)
-    ft = cfg["finetune"]
-    n_pairs = len(ft["checkpoints"]) * len(ft["datasets"])
-    assert counts["finetune"] == n_pairs * len(ft["base_lrs"]) * len(ft["seeds"]) == 16
-    assert counts["select_lr"] == counts["evaluate"] == n_pairs == 4
-    assert counts["download_weights"] == counts["convert_weights"] == 4  # 2 fine-tuned + 2 baseline
-    assert counts["baseline"] == len(cfg["evaluation"]["baseline"]) * len(cfg["evaluation"]["protocols"])
-    assert counts["prepare_data"] == 2
-    assert counts["report"] == counts["aggregate"] == counts["notebook"] == 1
-    # Every (checkpoint, dataset, lr, seed) of the sweep is its own job.
+    datasets, grids = cfg["finetune"]["datasets"], {d: len(cfg["datasets"][d]["base_lrs"]) for d in cfg["datasets"]}
+    assert set(datasets) == {"imagenet", "cifar10", "cifar100", "pets", "flowers"}
+    released = {ck for ck, c in cfg["checkpoints"].items() if c.get("head_dataset") == "imagenet"}
+    assert released == {"mixer_b16_in1k", "mixer_l16_in1k"}
+    # Every (checkpoint, dataset, lr, seed) is its own job: all five datasets for the ImageNet-21k
+    # checkpoints, the four others for the ImageNet-1k ones (already ImageNet models).
     jobs = set(re.findall(r"finetune/(\w+)/(\w+)/lr([0-9.e-]+)_s(\d+)/model\.safetensors", res.stdout))
-    expected = {(c, d, f"{lr:g}", str(s)) for c in ft["checkpoints"] for d in ft["datasets"]
-                for lr in ft["base_lrs"] for s in ft["seeds"]}
-    assert jobs == expected
+    expected = {(c, d, f"{lr:g}", str(s)) for c in cfg["finetune"]["checkpoints"] for d in datasets
+                if not (c in released and d == "imagenet")
+                for lr in cfg["datasets"][d]["base_lrs"] for s in cfg["finetune"]["seeds"]}
+    assert jobs == expected and counts["finetune"] == len(expected) == 2 * 20 + 2 * 16
+    assert grids["imagenet"] == 4 and cfg["datasets"]["cifar10"]["base_lrs"] == [0.001, 0.003, 0.01, 0.03]
+    assert counts["select_lr"] == counts["evaluate"] == 2 * 5 + 2 * 4
+    # The released ImageNet-1k models are evaluated as they are, with every protocol; one ReaL job per
+    # ImageNet result (2 fine-tuned + 2 released), from a real.json fetched once.
+    assert counts["baseline"] == len(released) * len(cfg["evaluation"]["protocols"])
+    assert counts["real"] == 4 and counts["download_real_labels"] == 1
+    assert set(re.findall(r"real/(\w+)/imagenet\.json", res.stdout)) == set(cfg["checkpoints"])
+    assert counts["download_weights"] == counts["convert_weights"] == 4
+    assert counts["prepare_data"] == 5
+    assert counts["report"] == counts["aggregate"] == counts["notebook"] == 1
+    assert cfg["averages"] == {"Avg5": ["imagenet", "cifar10", "cifar100", "pets", "flowers"]}
     assert not (tmp_path / "results").exists(), "a dry run must not create outputs"
 
 
@@ -61,7 +70,9 @@ def test_demo_dry_run_never_mixes_with_the_study(tmp_path):
     res = snakemake("-n", "--configfile", str(REPO / "demo" / "config.yaml"), "--cores", "2", cwd=tmp_path)
     assert res.returncode == 0, res.stderr + res.stdout
     counts = job_counts(res.stdout)
-    assert counts["synthesize_upstream"] == 2 and counts["finetune"] == 8
+    assert counts["synthesize_upstream"] == 2 and counts["synthesize_data"] == 1
+    # p4 on three datasets (2 + 2 + 2 LRs); p8's head already classifies digits_jpeg: 2 datasets.
+    assert counts["finetune"] == 10 and counts["baseline"] == 2 and counts["real"] == 2
     assert "results/" not in res.stdout.replace("demo_results/", "")
     assert "mixer_b16_in21k" not in res.stdout
 
@@ -94,15 +105,22 @@ def test_conda_env_pins_match_requirements():
          "config key 'datasets.cifar10.eval_protocol': 'tta' is not a protocol"),
         (lambda c: c["checkpoints"]["mixer_b16_in21k"].update(sha256="abc"),
          "config key 'checkpoints.mixer_b16_in21k.sha256'"),
-        (lambda c: c["evaluation"]["baseline"].append({"checkpoint": "mixer_h14", "dataset": "imagenet"}),
-         "config key 'evaluation.baseline[2].checkpoint'"),
+        (lambda c: c["finetune"].update(base_lrs=[0.01]),
+         "config key 'finetune.base_lrs': has moved to datasets.<name>.base_lrs"),
+        (lambda c: c["evaluation"].update(baseline=[{"checkpoint": "mixer_b16_in1k", "dataset": "imagenet"}]),
+         "config key 'evaluation.baseline': has been replaced: set checkpoints.<name>.head_dataset"),
+        (lambda c: c["checkpoints"]["mixer_b16_in1k"].update(head_dataset="pets"),
+         "config key 'checkpoints.mixer_b16_in1k.head_dataset': the head has 1000 classes but dataset 'pets' expects 37"),
+        (lambda c: c["averages"].update(Avg6=["imagenet", "svhn"]),
+         "config key 'averages.Avg6': 'svhn' is not defined"),
         (lambda c: c.update(output_root="/abs/results"),
          "config key 'output_root'"),
         (lambda c: c.update(references="report/nope.yaml"),
          "config key 'references': file"),
     ],
     ids=["misspelled-key", "wrong-type", "unknown-dataset", "micro-batch", "eval-protocol", "sha256",
-         "baseline-ref", "absolute-output", "references-file"],
+         "moved-lr-grid", "replaced-baseline", "head-classes", "average-member", "absolute-output",
+         "references-file"],
 )
 def test_bad_config_fails_with_a_message_naming_the_key(tmp_path, edit, expected):
     path = write_config(tmp_path, edit)
@@ -123,14 +141,14 @@ def test_reference_figure_citing_an_unknown_source_is_rejected(tmp_path):
 
 
 def test_every_rule_has_log_benchmark_and_conda():
-    text = "\n".join(p.read_text() for p in (REPO / "rules").glob("*.smk"))
-    rules = re.split(r"^rule ", text, flags=re.M)[1:]
+    rules = [body for p in sorted((REPO / "rules").glob("*.smk")) if p.name != "common.smk"
+             for body in re.split(r"^rule ", p.read_text(), flags=re.M)[1:]]
     assert len(rules) >= 11
     for body in rules:
         name = body.split(":")[0]
         for directive in ("log:", "benchmark:", "conda:", "shell:"):
             assert directive in body, f"rule {name} lacks {directive}"
-        assert "run:" not in body, f"rule {name} has logic in a run: block"
+        assert not re.search(r"^\s+run:", body, re.M), f"rule {name} has logic in a run: block"
 
 
 def test_a_skip_fails_the_suite_in_ci(tmp_path):
