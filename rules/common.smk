@@ -95,9 +95,9 @@ def check_cross_references(config):
     _check_names("resources.finetune_gpu_overrides", config["resources"]["finetune_gpu_overrides"], ckpts)
     for name, members in config["averages"].items():
         _check_names(f"averages.{name}", members, dsets)
+    protocols = config["evaluation"]["protocols"]
+    _check_names("evaluation.headline_protocol", [config["evaluation"]["headline_protocol"]], protocols, "a protocol")
     for name, ds in dsets.items():
-        protocols = config["evaluation"]["protocols"]
-        _check_names(f"datasets.{name}.eval_protocol", [ds["eval_protocol"]], protocols, "a protocol")
         _check_synthesized_dataset(name, ds)
     for name, ck in ckpts.items():
         if "synthesize" in ck and ck["url"] != f"file:{upstream_npz(name)}":
@@ -105,6 +105,24 @@ def check_cross_references(config):
                          "synthesize_upstream writes", f"set it to file:{upstream_npz(name)}")
         _check_head_dataset(name, ck, dsets)
     _check_batch_split(config)
+    _check_variants(config)
+
+
+def _check_variants(config):
+    fine_tuned = set(matrix.pairs(config))
+    for name, variant in config["variants"].items():
+        key = f"variants.{name}"
+        unknown = sorted(set(variant["protocol"]) - set(Protocol.key_names()))
+        if unknown:
+            config_error(f"{key}.protocol", f"{unknown} are not protocol keys", f"use keys of {list(Protocol.key_names())}")
+        for i, (ck, ds) in enumerate(variant["pairs"]):
+            if (ck, ds) not in fine_tuned:
+                config_error(f"{key}.pairs[{i}]", f"({ck}, {ds}) is not a fine-tuned pair of the study",
+                             "name a checkpoint of finetune.checkpoints and a dataset of finetune.datasets")
+        try:
+            variant_protocol(name).micro_batches_per_process(1)
+        except PipelineError as e:
+            raise WorkflowError(f"config key '{key}.protocol': {e}") from None
 
 
 def _check_head_dataset(name, ck, dsets):
@@ -194,17 +212,38 @@ def run_file(ckpt, dataset, lr, seed, name):
     return f"{results_root}/finetune/{ckpt}/{dataset}/lr{lr}_s{seed}/{name}"
 
 
-def resume_dir(ckpt, dataset, lr, seed):
-    """Resume state: deliberately not an output (Snakemake deletes the outputs of a failed job)."""
-    return f"{results_root}/.resume/{ckpt}/{dataset}/lr{lr}_s{seed}"
+def resume_dir(output_file):
+    """Resume state of the job writing output_file: deliberately not an output (Snakemake deletes the
+    outputs of a failed job), so a rerun continues where the job stopped."""
+    relative = os.path.relpath(os.path.dirname(output_file), results_root)
+    return f"{results_root}/.resume/{relative}"
 
 
 def selection_json(ckpt, dataset):
     return f"{results_root}/selection/{ckpt}/{dataset}.json"
 
 
-def evaluation_json(ckpt, dataset):
-    return f"{results_root}/evaluate/{ckpt}/{dataset}.json"
+def evaluation_json(ckpt, dataset, protocol):
+    """The test evaluation of a fine-tuned pair's final model(s) with one protocol."""
+    return f"{results_root}/evaluate/{ckpt}/{dataset}/{protocol}.json"
+
+
+def final_run_file(ckpt, dataset, seed, name):
+    """A file of the final run at the selected LR on the whole training data (retrain_on_full_train)."""
+    return f"{results_root}/final/{ckpt}/{dataset}/s{seed}/{name}"
+
+
+def variant_run_file(variant, ckpt, dataset, seed, name):
+    return f"{results_root}/variants/{variant}/{ckpt}/{dataset}/s{seed}/{name}"
+
+
+def variant_evaluation_json(variant, ckpt, dataset):
+    return f"{results_root}/variants/{variant}/{ckpt}/{dataset}/evaluation.json"
+
+
+def selection_bias_json(ckpt, dataset):
+    """Every run of a pair's sweep evaluated on test: only for the selection-bias table, never for selection."""
+    return f"{results_root}/selection_bias/{ckpt}/{dataset}.json"
 
 
 def baseline_json(ckpt, dataset, protocol):
@@ -229,12 +268,13 @@ def real_json(ckpt, dataset):
     return f"{results_root}/real/{ckpt}/{dataset}.json"
 
 
-def result_json(ckpt, dataset, source):
-    """The test result of a (checkpoint, dataset): its evaluation, or the released model's baseline
-    with the dataset's own evaluation protocol."""
+def result_json(ckpt, dataset, source, protocol=None):
+    """The test result of a (checkpoint, dataset) with a protocol (default: the headline one): its
+    evaluation, or the released model's baseline."""
+    protocol = protocol or config["evaluation"]["headline_protocol"]
     if source == "finetune":
-        return evaluation_json(ckpt, dataset)
-    return baseline_json(ckpt, dataset, config["datasets"][dataset]["eval_protocol"])
+        return evaluation_json(ckpt, dataset, protocol)
+    return baseline_json(ckpt, dataset, protocol)
 
 
 def aggregate_file(name):
@@ -259,6 +299,10 @@ def benchmark_file(rule, job):
 
 # The job name of each kind of job in its log and benchmark paths.
 RUN_JOB = "{ckpt}/{dataset}/lr{lr}_s{seed}"
+FINAL_JOB = "{ckpt}/{dataset}/s{seed}"
+VARIANT_JOB = "{variant}/{ckpt}/{dataset}/s{seed}"
+PROTOCOL_JOB = "{ckpt}/{dataset}/{protocol}"
+VARIANT_PAIR_JOB = "{variant}/{ckpt}/{dataset}"
 PAIR_JOB = "{ckpt}/{dataset}"
 BASELINE_JOB = "{ckpt}/{dataset}/{protocol}"
 
@@ -300,9 +344,37 @@ def pair_runs(wildcards, name):
     return [run_file(*run, name) for run in runs]
 
 
-def eval_protocol_of(dataset):
-    name = config["datasets"][dataset]["eval_protocol"]
-    return name, as_json(config["evaluation"]["protocols"][name])
+def eval_protocol(name=None):
+    """An evaluation protocol's config entry as JSON (default: the headline protocol)."""
+    return as_json(config["evaluation"]["protocols"][name or config["evaluation"]["headline_protocol"]])
+
+
+def final_training_data():
+    """What the final model of a pair trains on: "full" (train + dev split) or "train" (the sweep's)."""
+    return "full" if config["finetune"]["retrain_on_full_train"] else "train"
+
+
+def variant_protocol(name):
+    """The protocol of a variant: the study's protocol block with the variant's overrides."""
+    return Protocol.from_config({**config["protocol"], **config["variants"][name]["protocol"]})
+
+
+def final_models(wildcards):
+    """The final model(s) of a pair, one per seed, with their summaries: the runs on the whole training
+    data (retrain on), or all runs of the sweep plus the selection that picks among them (retrain off)."""
+    ck, ds = wildcards.ckpt, wildcards.dataset
+    if config["finetune"]["retrain_on_full_train"]:
+        seeds = config["finetune"]["seeds"]
+        return {"models": [final_run_file(ck, ds, s, "model.safetensors") for s in seeds],
+                "summaries": [final_run_file(ck, ds, s, "summary.json") for s in seeds]}
+    return {"selection": selection_json(ck, ds), "models": pair_runs(wildcards, "model.safetensors"),
+            "summaries": pair_runs(wildcards, "summary.json")}
+
+
+def models_arguments(wildcards, input):
+    """evaluate's arguments naming what to evaluate (see final_models)."""
+    selection = f"--selection {input.selection} " if hasattr(input, "selection") else ""
+    return f"{selection}--models {input.models} --summaries {input.summaries}"
 
 
 def real_input(wildcards):
@@ -328,7 +400,9 @@ def aggregate_inputs(wildcards):
         "finetune_benchmarks": [benchmark_file("finetune", RUN_JOB.format(ckpt=ck, dataset=ds, lr=lr, seed=seed))
                                 for ck, ds, lr, seed in runs],
         "selections": [selection_json(ck, ds) for ck, ds in matrix.pairs(config)],
-        "evaluations": [evaluation_json(ck, ds) for ck, ds in matrix.pairs(config)],
+        "evaluations": [evaluation_json(*e) for e in matrix.evaluations(config)],
+        "variant_evaluations": [variant_evaluation_json(*v) for v in matrix.variant_pairs(config)],
+        "selection_bias": [selection_bias_json(*p) for p in matrix.selection_bias_pairs(config)],
         "baselines": [baseline_json(*b) for b in matrix.baseline_runs(config)],
         "parity": [parity_record(ck) for ck in matrix.used_checkpoints(config)],
         "downloads": [download_record(ck) for ck in matrix.used_checkpoints(config)],

@@ -1,6 +1,6 @@
-# Model selection on minival, one test evaluation of the selected runs, and the evaluation-pipeline
-# baseline (released checkpoints evaluated as they are, with every protocol). The two evaluations
-# share one rule body: they differ by what they evaluate and where the result goes.
+# Model selection on minival; the test evaluations (a pair's final models with every protocol, the
+# released checkpoints as they are, the protocol variants, and the sweep runs for the selection-bias
+# table), which share one rule body; ReaL-style top-1 from stored predictions.
 
 
 rule select_lr:
@@ -21,19 +21,21 @@ rule select_lr:
 
 
 rule evaluate:
-    """Evaluate the selected LR's runs (every seed) on the test split, once."""
+    """Evaluate a pair's final model(s) (every seed) on the test split, once, with one protocol."""
     input:
-        selection=selection_json("{ckpt}", "{dataset}"),
+        unpack(final_models),
         data=dataset_json("{dataset}"),
-        summaries=lambda wc: pair_runs(wc, "summary.json"),
-        models=lambda wc: pair_runs(wc, "model.safetensors"),
     output:
-        result=report(evaluation_json("{ckpt}", "{dataset}"), caption="../report/evaluate.rst", category="Evaluation"),
-        predictions=predictions_file(evaluation_json("{ckpt}", "{dataset}")),
+        result=report(
+            evaluation_json("{ckpt}", "{dataset}", "{protocol}"),
+            caption="../report/evaluate.rst",
+            category="Evaluation",
+        ),
+        predictions=predictions_file(evaluation_json("{ckpt}", "{dataset}", "{protocol}")),
     params:
-        what=lambda wc, input: f"--selection {input.selection} --summaries {input.summaries} --models {input.models}",
-        protocol_name=lambda wc: eval_protocol_of(wc.dataset)[0],
-        protocol=lambda wc: eval_protocol_of(wc.dataset)[1],
+        what=models_arguments,
+        protocol_name=lambda wc: wc.protocol,
+        protocol=lambda wc: eval_protocol(wc.protocol),
         batch_size=config["evaluation"]["batch_size"],
         num_workers=config["protocol"]["num_workers"],
         pixel_mean=config["protocol"]["pixel_mean"],
@@ -45,9 +47,9 @@ rule evaluate:
         mem_mb=config["resources"]["evaluate"]["mem_mb"],
         runtime=config["resources"]["evaluate"]["runtime_min"],
     log:
-        log_file("evaluate", PAIR_JOB),
+        log_file("evaluate", PROTOCOL_JOB),
     benchmark:
-        benchmark_file("evaluate", PAIR_JOB)
+        benchmark_file("evaluate", PROTOCOL_JOB)
     conda:
         "../envs/pipeline.yaml"
     shell:
@@ -69,12 +71,48 @@ use rule evaluate as baseline with:
         predictions=predictions_file(baseline_json("{ckpt}", "{dataset}", "{protocol}")),
     params:
         what=lambda wc, input: f"--model {input.model}",
-        protocol_name=lambda wc: wc.protocol,
-        protocol=lambda wc: as_json(config["evaluation"]["protocols"][wc.protocol]),
     log:
         log_file("baseline", BASELINE_JOB),
     benchmark:
         benchmark_file("baseline", BASELINE_JOB)
+
+
+use rule evaluate as evaluate_variant with:
+    input:
+        models=lambda wc: [variant_run_file(wc.variant, wc.ckpt, wc.dataset, s, "model.safetensors")
+                           for s in config["finetune"]["seeds"]],
+        summaries=lambda wc: [variant_run_file(wc.variant, wc.ckpt, wc.dataset, s, "summary.json")
+                              for s in config["finetune"]["seeds"]],
+        data=dataset_json("{dataset}"),
+    output:
+        result=variant_evaluation_json("{variant}", "{ckpt}", "{dataset}"),
+        predictions=predictions_file(variant_evaluation_json("{variant}", "{ckpt}", "{dataset}")),
+    params:
+        what=models_arguments,
+        protocol_name=config["evaluation"]["headline_protocol"],
+        protocol=eval_protocol(),
+    log:
+        log_file("evaluate_variant", VARIANT_PAIR_JOB),
+    benchmark:
+        benchmark_file("evaluate_variant", VARIANT_PAIR_JOB)
+
+
+use rule evaluate as evaluate_selection_bias with:
+    input:
+        models=lambda wc: pair_runs(wc, "model.safetensors"),
+        summaries=lambda wc: pair_runs(wc, "summary.json"),
+        data=dataset_json("{dataset}"),
+    output:
+        result=selection_bias_json("{ckpt}", "{dataset}"),
+        predictions=predictions_file(selection_bias_json("{ckpt}", "{dataset}")),
+    params:
+        what=models_arguments,
+        protocol_name=config["evaluation"]["headline_protocol"],
+        protocol=eval_protocol(),
+    log:
+        log_file("evaluate_selection_bias", PAIR_JOB),
+    benchmark:
+        benchmark_file("evaluate_selection_bias", PAIR_JOB)
 
 
 rule download_real_labels:

@@ -1,5 +1,7 @@
-# Fine-tuning: one job per checkpoint x dataset x base LR x seed. Resume state lives outside the
-# outputs (Snakemake deletes the outputs of a failed job), so a rerun continues where it stopped.
+# Fine-tuning: the LR sweep (one job per checkpoint x dataset x base LR x seed), the final run at the
+# selected LR on the whole training data, and the protocol variants. The three share one rule body.
+# Resume state lives outside the outputs (Snakemake deletes the outputs of a failed job), so a rerun
+# continues where it stopped.
 
 
 rule finetune:
@@ -12,7 +14,8 @@ rule finetune:
         metrics=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "metrics.jsonl"),
         summary=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "summary.json"),
     params:
-        resume_dir=lambda wc: resume_dir(wc.ckpt, wc.dataset, wc.lr, wc.seed),
+        lr=lambda wc: f"--lr {wc.lr} --train-on train",
+        resume_dir=lambda wc, output: resume_dir(output.model),
         steps=lambda wc: config["datasets"][wc.dataset]["steps"],
         protocol=as_json(config["protocol"]),
     threads: config["resources"]["finetune"]["cpus"]
@@ -31,7 +34,43 @@ rule finetune:
         gpu_job(
             "python -m workflow_scripts.finetune --checkpoint {input.checkpoint} --data {input.data}"
             " --model-out {output.model} --metrics-out {output.metrics} --summary-out {output.summary}"
-            " --resume-dir {params.resume_dir} --lr {wildcards.lr}"
+            " --resume-dir {params.resume_dir} {params.lr}"
             " --seed {wildcards.seed} --steps {params.steps} --protocol {params.protocol:q}"
             " --threads {threads} > {log} 2>&1"
         )
+
+
+use rule finetune as final_finetune with:
+    input:
+        checkpoint=converted_model("{ckpt}"),
+        data=dataset_json("{dataset}"),
+        selection=selection_json("{ckpt}", "{dataset}"),
+    output:
+        model=final_run_file("{ckpt}", "{dataset}", "{seed}", "model.safetensors"),
+        metrics=final_run_file("{ckpt}", "{dataset}", "{seed}", "metrics.jsonl"),
+        summary=final_run_file("{ckpt}", "{dataset}", "{seed}", "summary.json"),
+    params:
+        lr=lambda wc, input: f"--lr-from {input.selection} --train-on full",
+    log:
+        log_file("final_finetune", FINAL_JOB),
+    benchmark:
+        benchmark_file("final_finetune", FINAL_JOB)
+
+
+use rule finetune as variant_finetune with:
+    input:
+        checkpoint=converted_model("{ckpt}"),
+        data=dataset_json("{dataset}"),
+        selection=selection_json("{ckpt}", "{dataset}"),
+    output:
+        model=variant_run_file("{variant}", "{ckpt}", "{dataset}", "{seed}", "model.safetensors"),
+        metrics=variant_run_file("{variant}", "{ckpt}", "{dataset}", "{seed}", "metrics.jsonl"),
+        summary=variant_run_file("{variant}", "{ckpt}", "{dataset}", "{seed}", "summary.json"),
+    params:
+        # Trained on what the paper-protocol model it is compared with was trained on.
+        lr=lambda wc, input: f"--lr-from {input.selection} --train-on {final_training_data()}",
+        protocol=lambda wc: as_json(variant_protocol(wc.variant).as_dict()),
+    log:
+        log_file("variant_finetune", VARIANT_JOB),
+    benchmark:
+        benchmark_file("variant_finetune", VARIANT_JOB)

@@ -153,3 +153,29 @@ def test_evaluation_bench_compares_with_a_bare_loop():
     last = bench.evaluation_bench(threads=1, batch_size=16, batches=1, rounds=3)
     assert last["eval_img_s"] > 0 and last["bare_img_s"] > 0
     assert 0.3 < last["ratio"] < 3.0  # median of paired per-round ratios; a per-sample engine would fail
+
+
+def test_models_mode_evaluates_every_run_given(tmp_path, digits):
+    """Without a selection (the final runs on the whole training data, the selection-bias table),
+    every model given is evaluated, in (lr, seed) order, and the mean is over them."""
+    summaries, models = [], []
+    for lr, seed in ((0.03, 1), (0.01, 0)):
+        run = tmp_path / f"lr{lr}_s{seed}"
+        run.mkdir()
+        save_random_model(run / "model.safetensors", 7 + seed)
+        (run / "summary.json").write_text(json.dumps(
+            {"checkpoint": "ck", "dataset": "digits", "lr": lr, "seed": seed, "train_on": "full",
+             "protocol": {"pixel_mean": 127.5, "pixel_std": 127.5}}))
+        summaries.append(str(run / "summary.json"))
+        models.append(str(run / "model.safetensors"))
+    out = tmp_path / "all.json"
+    evaluate.main(["--summaries", *summaries, "--models", *models, "--data", str(digits),
+                   "--protocol-name", "official", "--protocol", '{"resize": "direct"}', "--batch-size", "100",
+                   "--threads", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [(r["lr"], r["seed"], r["trained_on"]) for r in result["runs"]] == [(0.01, 0, "full"), (0.03, 1, "full")]
+    assert result["selected_lr"] is None and result["selection"] is None and result["checkpoint"] == "ck"
+    assert result["top1_mean"] == pytest.approx(statistics.fmean(r["top1"] for r in result["runs"]))
+    with pytest.raises(PipelineError, match="1 summaries and 2 models"):
+        evaluate.main(["--summaries", summaries[0], "--models", *models, "--data", str(digits),
+                       "--protocol-name", "official", "--protocol", '{"resize": "direct"}', "--out", str(out)])

@@ -83,6 +83,17 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def concat(self, other: "Split") -> "Split":
+        """This split followed by another of the same dataset (e.g. train + a held-out split on disk)."""
+        return Split(
+            name=f"{self.name}+{other.name}",
+            layout=self.layout,
+            classes=self.classes,
+            labels=np.concatenate([self.labels, other.labels]),
+            images=None if self.images is None else np.concatenate([self.images, other.images]),
+            files=None if self.files is None else self.files + other.files,
+        )
+
     def subset(self, indices: np.ndarray, name: str) -> "Split":
         return Split(
             name=name,
@@ -135,12 +146,16 @@ def _open_disk_split(dataset_record: dict, disk_split: str) -> Split:
 
 
 def open_split(dataset_record: dict, which: str) -> Split:
-    """Open "train" (minus the held-out minival), "minival" or "test" (the dataset's test split)."""
+    """Open "train" (minus the held-out minival), "minival", "full" (the entire training data: train and
+    minival together, for the final run at the selected LR) or "test" (the dataset's test split)."""
     minival = dataset_record["minival"]
     if which == "test":
         return _open_disk_split(dataset_record, dataset_record["test_split"])
-    if which not in ("train", "minival"):
-        raise ValueError(f"open_split: which must be 'train', 'minival' or 'test', not {which!r}")
+    if which not in ("train", "minival", "full"):
+        raise ValueError(f"open_split: which must be 'train', 'minival', 'full' or 'test', not {which!r}")
+    if which == "full":
+        train = _open_disk_split(dataset_record, dataset_record["train_split"])
+        return train if "split" not in minival else train.concat(_open_disk_split(dataset_record, minival["split"]))
     if "split" in minival:
         return _open_disk_split(dataset_record, dataset_record["train_split"] if which == "train" else minival["split"])
     train = _open_disk_split(dataset_record, dataset_record["train_split"])

@@ -119,51 +119,58 @@ def _normalisation(summary: dict, path: Path, mean: float | None, std: float | N
     return pair
 
 
-def selected_runs(selection: dict, summaries: list, models: list) -> list[tuple[dict, str, str]]:
-    """(summary, summary path, model path) of the runs at the selected LR, from all runs of the sweep.
-
-    `summaries` and `models` are the files of every run of the sweep, in the same order.
-    """
-    if len(summaries) != len(models):
-        raise PipelineError(f"{len(summaries)} summaries but {len(models)} models; give one of each per run")
-    chosen = []
-    for summary_path, model_path in zip(summaries, models):
-        summary = read_json(summary_path)
-        if float(summary["lr"]) == float(selection["selected_lr"]):
-            chosen.append((summary, str(summary_path), str(model_path)))
-    if not chosen:
-        raise PipelineError(f"no run of lr {selection['selected_lr']} among the {len(summaries)} summaries given; "
-                            "pass every run of the sweep (--summaries/--models)")
-    return sorted(chosen, key=lambda run: run[0]["seed"])
+def runs_to_evaluate(summaries: list, models: list, selected_lr: float | None) -> list[tuple[dict, str, str]]:
+    """(summary, summary path, model path) of the runs to evaluate, by seed: all the runs given, or only
+    those of selected_lr (the runs given are then every run of the sweep). `summaries` and `models` are
+    the files of the same runs, in the same order."""
+    if not summaries or len(summaries) != len(models):
+        raise PipelineError(f"{len(summaries)} summaries and {len(models)} models; give one of each per run")
+    runs = [(read_json(s), str(s), str(m)) for s, m in zip(summaries, models)]
+    if selected_lr is not None:
+        runs = [run for run in runs if float(run[0]["lr"]) == float(selected_lr)]
+        if not runs:
+            raise PipelineError(f"no run of lr {selected_lr} among the {len(summaries)} summaries given; "
+                                "pass every run of the sweep (--summaries/--models)")
+    return sorted(runs, key=lambda run: (run[0]["lr"], run[0]["seed"]))
 
 
-def evaluate_selection(selection_path, summaries: list, models: list, dataset_record: dict, protocol: dict,
-                       batch_size: int, num_workers: int, device, mean: float | None = None,
-                       std: float | None = None) -> dict:
-    """Evaluate each run of the selected LR (one per seed) on the test split once; mean and std over seeds."""
-    selection = read_json(selection_path)
+def evaluate_runs(summaries: list, models: list, dataset_record: dict, protocol: dict, batch_size: int,
+                  num_workers: int, device, mean: float | None = None, std: float | None = None,
+                  selection_path=None) -> dict:
+    """Evaluate fine-tuned runs (e.g. one per seed) on the test split once; mean and std over them.
+
+    With selection_path (select_lr's output), only the runs of the selected LR are evaluated."""
+    selection = read_json(selection_path) if selection_path else None
     split = data.open_split(dataset_record, "test")
     runs = []
-    for summary, summary_path, model_path in selected_runs(selection, summaries, models):
+    selected_lr = selection["selected_lr"] if selection else None
+    for summary, summary_path, model_path in runs_to_evaluate(summaries, models, selected_lr):
         run_mean, run_std = _normalisation(summary, Path(summary_path), mean, std)
         result = evaluate_checkpoint(model_path, dataset_record, split, protocol, batch_size,
                                      num_workers, run_mean, run_std, device)
-        runs.append({"seed": summary["seed"], "lr": summary["lr"], **result})
+        runs.append({"checkpoint": summary.get("checkpoint"), "seed": summary["seed"], "lr": summary["lr"],
+                     "trained_on": summary.get("train_on", "train"), **result})
         print(f"{model_path}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
               f"({result['images_per_s']:.0f} img/s)", flush=True)
-    top1, top5 = [r["top1"] for r in runs], [r["top5"] for r in runs]
+    return seed_summary(runs, selection, selection_path)
+
+
+def seed_summary(runs: list[dict], selection: dict | None, selection_path) -> dict:
+    """The evaluation file: every run, and mean and sample std over them (std undefined for one run)."""
+    top1, top5, lrs = [r["top1"] for r in runs], [r["top5"] for r in runs], {r["lr"] for r in runs}
     return {
-        "checkpoint": selection["checkpoint"],
-        "dataset": selection["dataset"],
-        "selected_lr": selection["selected_lr"],
-        "selection": str(selection_path),
+        "checkpoint": runs[0]["checkpoint"],
+        "dataset": runs[0]["dataset"],
+        "selected_lr": selection["selected_lr"] if selection else (lrs.pop() if len(lrs) == 1 else None),
+        "selection": str(selection_path) if selection_path else None,
         "protocol": runs[0]["protocol"],
         "runs": runs,
         "top1_mean": statistics.fmean(top1),
-        "top1_std": statistics.stdev(top1) if len(runs) > 1 else None,  # sample std; undefined for one seed
+        "top1_std": statistics.stdev(top1) if len(runs) > 1 else None,
         "top5_mean": statistics.fmean(top5),
         "top5_std": statistics.stdev(top5) if len(runs) > 1 else None,
-        "num_seeds": len(runs),
+        "num_seeds": len({r["seed"] for r in runs}),
+        "num_images": runs[0]["num_images"],
     }
 
 
@@ -190,10 +197,10 @@ def write_predictions(path, split: data.Split, runs: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--selection", help="select_lr output: evaluate the runs of its selected LR")
+    mode.add_argument("--models", nargs="+", help="fine-tuned models (model.safetensors) to evaluate")
     mode.add_argument("--model", help="a converted checkpoint to evaluate as it is")
-    p.add_argument("--summaries", nargs="+", default=[], help="--selection: summary.json of every run of the sweep")
-    p.add_argument("--models", nargs="+", default=[], help="--selection: model.safetensors of the same runs, same order")
+    p.add_argument("--summaries", nargs="+", default=[], help="--models: their summary.json, same order")
+    p.add_argument("--selection", help="--models: select_lr's output; evaluate only the runs of its LR")
     p.add_argument("--data", required=True, help="dataset.json")
     p.add_argument("--split", default="test", choices=["test"], help="always the dataset's test split")
     p.add_argument("--protocol-name", required=True)
@@ -210,16 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     dataset_record = data.load_dataset_record(args.data)
     protocol = {"name": args.protocol_name, **json_arg(args.protocol, "--protocol")}
     device = _device()
-    if args.selection:
-        result = evaluate_selection(args.selection, args.summaries, args.models, dataset_record, protocol, args.batch_size, args.num_workers, device,
-                                    args.pixel_mean, args.pixel_std)
+    if args.models:
+        result = evaluate_runs(args.summaries, args.models, dataset_record, protocol, args.batch_size,
+                               args.num_workers, device, args.pixel_mean, args.pixel_std, args.selection)
     else:
         if args.pixel_mean is None or args.pixel_std is None:
             p.error("--model needs --pixel-mean and --pixel-std (config protocol.pixel_mean / pixel_std)")
         result = evaluate_checkpoint(args.model, dataset_record, data.open_split(dataset_record, "test"), protocol, args.batch_size,
                                      args.num_workers, args.pixel_mean, args.pixel_std, device)
         print(f"{args.model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
-    runs = result["runs"] if args.selection else [result]
+    runs = result["runs"] if args.models else [result]
     if args.predictions_out:
         write_predictions(args.predictions_out, data.open_split(dataset_record, "test"), runs)
     for run in runs:

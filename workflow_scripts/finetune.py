@@ -41,11 +41,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from workflow_scripts import data, evaluate, model_io
-from workflow_scripts.common import PipelineError, atomic_path, json_arg, run_cli, sha256_file, write_json
+from workflow_scripts.common import PipelineError, atomic_path, json_arg, read_json, run_cli, sha256_file, write_json
 from workflow_scripts.protocol import Protocol
 
 # Minival during fine-tuning uses the official code's evaluation preprocessing (plain resize).
 MINIVAL_PROTOCOL = {"name": "official", "resize": "direct"}
+MINIVAL_KEYS = ("minival_top1", "minival_top5", "minival_loss")
 STATE_FILE = "state.pt"
 # Part of the resume fingerprint: a state.pt written by an engine with another schedule or state
 # layout is not resumed from.
@@ -401,9 +402,11 @@ def out_of_memory_error(protocol: Protocol, device: torch.device) -> PipelineErr
 
 
 def run_summary(checkpoint: str | os.PathLike, dataset_record: dict, lr: float, seed: int, steps: int,
-                protocol: Protocol, process: Process, run: RunState, meter: IntervalMeter) -> dict:
+                protocol: Protocol, process: Process, run: RunState, meter: IntervalMeter, train_on: str) -> dict:
     """summary.json: the run's record, with its timings (metrics.jsonl has none)."""
-    loop_seconds, final = meter.seconds(), run.metrics[-1]  # the last line is the final minival
+    loop_seconds = meter.seconds()
+    # The last line is the final minival; a run on the full training data has none.
+    final = run.metrics[-1] if "minival_top1" in run.metrics[-1] else dict.fromkeys(MINIVAL_KEYS)
     return {
         "checkpoint": Path(checkpoint).name.removesuffix(".safetensors"), "dataset": dataset_record["name"],
         "lr": lr, "seed": seed, "steps": steps, "batch_size": protocol.batch_size,
@@ -413,7 +416,7 @@ def run_summary(checkpoint: str | os.PathLike, dataset_record: dict, lr: float, 
         "minival_top1": final["minival_top1"], "minival_top5": final["minival_top5"],
         "minival_loss": final["minival_loss"], "train_seconds": run.elapsed_before + loop_seconds,
         "img_s": (steps - run.start_step) * protocol.batch_size / max(loop_seconds - meter.eval_seconds, 1e-9),
-        "resumed_from_step": run.start_step or None, "protocol": protocol.as_dict(),
+        "resumed_from_step": run.start_step or None, "protocol": protocol.as_dict(), "train_on": train_on,
         "started_utc": run.started_utc, "finished_utc": utc_now(), "timings": run.timings,
     }
 
@@ -431,20 +434,24 @@ def write_outputs(outputs: Outputs, model: nn.Module, architecture: dict, metric
 
 def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outputs: Outputs,
           resume_dir: str | os.PathLike, lr: float, seed: int, steps: int, protocol: Protocol,
-          threads: int) -> dict | None:
+          threads: int, train_on: str = "train") -> dict | None:
     """Fine-tune and write `outputs`. Returns the summary on rank 0 (None on the other DDP ranks,
-    which write nothing)."""
+    which write nothing). train_on: "train" (the LR sweep: minival held out and evaluated) or "full"
+    (the final run at the selected LR on the entire training data: no minival)."""
     started_utc, resume_dir = utc_now(), Path(resume_dir)
     local_micro = protocol.micro_batches_per_process(world_size_of_job())  # before any process setup
     process = setup_process(protocol, seed, threads)
     dataset_record = data.load_dataset_record(dataset_json)
-    train_split, minival_split = data.open_split(dataset_record, "train"), data.open_split(dataset_record, "minival")
+    train_split = data.open_split(dataset_record, train_on)
+    minival_split = data.open_split(dataset_record, "minival") if train_on == "train" else None
     model, architecture, optimizer = model_and_optimizer(checkpoint, train_split.num_classes, protocol, process.device)
     fingerprint = run_fingerprint(checkpoint, dataset_record, len(train_split), lr, seed, steps, protocol)
+    fingerprint["train_on"] = train_on
     run = resume(resume_dir, fingerprint, model, optimizer, process, started_utc)
     ddp_model, image_size = data_parallel(model, process), architecture["image_size"]
     batches = training_batches(train_split, protocol, image_size, seed, run.start_step + 1, steps, process)
-    minival = minival_loader(minival_split, protocol, image_size, process.device) if process.rank == 0 else None
+    evaluates = process.rank == 0 and minival_split is not None  # only rank 0 evaluates
+    minival = minival_loader(minival_split, protocol, image_size, process.device) if evaluates else None
     autocast = autocast_context(protocol.precision, process.device)
     # Each micro-batch's summed loss times world_size / batch_size: after DDP's average over the
     # processes, the gradient is that of the mean loss over the whole batch.
@@ -462,7 +469,7 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, output
             if step % protocol.log_every == 0 or step == steps:
                 meter.check_finite(process.world_size, lr)
                 log_training(run, meter, step, step_lr, process, progress)
-            if process.rank == 0 and (step % protocol.eval_every == 0 or step == steps):
+            if evaluates and (step % protocol.eval_every == 0 or step == steps):
                 log_minival(run, meter, step, model, minival, minival_split.num_classes, process.device)
             if step % protocol.checkpoint_every == 0 and step < steps:
                 meter.check_finite(process.world_size, lr)
@@ -476,10 +483,18 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, output
         dist.destroy_process_group()
     if process.rank != 0:
         return None
-    summary = run_summary(checkpoint, dataset_record, lr, seed, steps, protocol, process, run, meter)
+    summary = run_summary(checkpoint, dataset_record, lr, seed, steps, protocol, process, run, meter, train_on)
     write_outputs(outputs, model, architecture, run.metrics, summary)
     (resume_dir / STATE_FILE).unlink(missing_ok=True)  # the outputs now hold everything
     return summary
+
+
+def selected_lr(selection_json: str | os.PathLike) -> float:
+    """The LR chosen on minival (select_lr's output): the final run and the variants train with it."""
+    selection = read_json(selection_json)
+    if not isinstance(selection, dict) or not isinstance(selection.get("selected_lr"), (int, float)):
+        raise PipelineError(f"{selection_json}: no 'selected_lr'; rerun select_lr for this pair")
+    return float(selection["selected_lr"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,7 +505,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-out", required=True, help="metrics.jsonl to write (no wall-clock values)")
     parser.add_argument("--summary-out", required=True, help="summary.json to write (the record with timings)")
     parser.add_argument("--resume-dir", required=True, help="folder for resume state (not a Snakemake output)")
-    parser.add_argument("--lr", type=float, required=True, help="base learning rate")
+    lr = parser.add_mutually_exclusive_group(required=True)
+    lr.add_argument("--lr", type=float, help="base learning rate")
+    lr.add_argument("--lr-from", metavar="SELECTION_JSON", help="the LR select_lr chose (the final run, variants)")
+    parser.add_argument("--train-on", choices=["train", "full"], default="train",
+                        help="train: the sweep (minival held out); full: train and minival together")
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--steps", type=int, required=True, help="optimizer updates")
     parser.add_argument("--protocol", required=True, help="the config's protocol block as JSON")
@@ -501,8 +520,9 @@ def main(argv: list[str] | None = None) -> int:
             raise PipelineError(f"{flag} {path}: file not found (did the stage that writes it run?)")
     protocol = Protocol.from_config(json_arg(args.protocol, "--protocol"))
     outputs = Outputs(Path(args.model_out), Path(args.metrics_out), Path(args.summary_out))
-    train(args.checkpoint, args.data, outputs, args.resume_dir, args.lr, args.seed, args.steps, protocol,
-          args.threads)
+    base_lr = args.lr if args.lr is not None else selected_lr(args.lr_from)
+    train(args.checkpoint, args.data, outputs, args.resume_dir, base_lr, args.seed, args.steps, protocol,
+          args.threads, args.train_on)
     return 0
 
 

@@ -40,6 +40,34 @@ def finetune_runs(config: dict) -> list[tuple[str, str, str, int]]:
     return [run for ck, ds in pairs(config) for run in pair_runs(config, ck, ds)]
 
 
+def final_runs(config: dict) -> list[tuple[str, str, int]]:
+    """The final run of each pair and seed at the selected LR on the whole training data (retrain on)."""
+    if not config["finetune"]["retrain_on_full_train"]:
+        return []
+    return [(ck, ds, seed) for ck, ds in pairs(config) for seed in config["finetune"]["seeds"]]
+
+
+def variant_runs(config: dict) -> list[tuple[str, str, str, int]]:
+    """Every run of a protocol variant: (variant, checkpoint, dataset, seed), at the pair's selected LR."""
+    return [(name, ck, ds, seed) for name, v in config["variants"].items() for ck, ds in v["pairs"]
+            for seed in config["finetune"]["seeds"]]
+
+
+def variant_pairs(config: dict) -> list[tuple[str, str, str]]:
+    """(variant, checkpoint, dataset): one evaluation each, at the headline protocol."""
+    return [(name, ck, ds) for name, v in config["variants"].items() for ck, ds in v["pairs"]]
+
+
+def evaluations(config: dict) -> list[tuple[str, str, str]]:
+    """Every test evaluation of a fine-tuned pair: (checkpoint, dataset, protocol), every protocol."""
+    return [(ck, ds, p) for ck, ds in pairs(config) for p in config["evaluation"]["protocols"]]
+
+
+def selection_bias_pairs(config: dict) -> list[tuple[str, str]]:
+    """The pairs whose every sweep run is also evaluated on test, for the selection-bias table only."""
+    return pairs(config) if config["finetune"]["selection_bias_table"] else []
+
+
 def released(config: dict) -> list[tuple[str, str]]:
     """Every (checkpoint, head_dataset) of the study: the released model is the result, evaluated as it is."""
     f = config["finetune"]
