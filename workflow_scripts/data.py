@@ -356,9 +356,11 @@ def crop_resize(image: torch.Tensor, geometry_row, size: int, exact: bool = Fals
     The result is channels-last (NHWC memory), as the kernel writes it.
     """
     top, left, h, w, resize_h, resize_w, out_top, out_left, flip = (int(v) for v in geometry_row)
-    crop = image[None, :, top:top + h, left:left + w]
-    # The uint8 kernel is vectorised for channels-last images (decode_jpeg's HWC memory, once cropped, is not).
-    crop = crop.to(torch.float32 if exact else torch.uint8, memory_format=torch.channels_last)
+    # Always a fresh channels-last (NHWC) copy of the box: the uint8 kernel is vectorised for that layout,
+    # and (measured, bench image_eval) reads such a copy faster than decode_jpeg's own buffer, by more
+    # than the copy costs. The HWC view gives the copy NHWC's batch stride (image[None] would not).
+    crop = image.permute(1, 2, 0)[None, top:top + h, left:left + w].permute(0, 3, 1, 2)
+    crop = crop.to(torch.float32 if exact else torch.uint8, memory_format=torch.channels_last, copy=True)
     # Resize to (resize_h, resize_w) but compute only the rows and columns up to the window's far edge:
     # with the scales given, the op samples as F.interpolate(size=(resize_h, resize_w)) and stops there.
     # The kernel skips a dimension whose output size equals its input size, so such a prefix is not cut.
