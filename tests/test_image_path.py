@@ -262,3 +262,21 @@ def test_timed_batches_tell_a_slow_loader_from_a_slow_step():
     assert stats["data_wait_fraction"] < 0.05 and stats["step_s"] > 0.15
     assert data.loader_bottleneck_note(stats) is None
     assert model_bound.take()["step_s"] < 0.01  # take() restarts the counters
+
+
+def test_image_path_bench_prints_rates_against_the_decoder(tmp_path):
+    from workflow_scripts import bench
+
+    files = bench.write_imagenet_like_jpegs(tmp_path, 4)
+    for path, (height, width) in zip(files, bench.IMAGENET_LIKE_SIZES):
+        with Image.open(path) as im:
+            assert im.size == (width, height) and im.format == "JPEG"
+        assert 80 < Path(path).stat().st_size / 1024 < 120  # ImageNet's ~100 KiB
+    result = bench.image_path_bench("eval", rounds=1, count=4)
+    assert result["protocol"] == "paper_table3" and "official" in result and result["bar"] == 0.85
+    assert 0.3 < result["ratio"] < 1.2 and 0.1 < result["previous_ratio"] < 1.2
+    needed = 0.4 * 989e12 / bench.forward_flops(bench.MIXER_B16)  # evaluation: forward only
+    assert result["h100_img_s_needed"] == round(needed)
+    assert result["h100_cores_needed"] == round(needed / result["img_s_per_core"], 1)
+    if not torch.cuda.is_available():
+        assert bench.gpu_decode_bench(rounds=1) == {"skipped": "no CUDA device"}
