@@ -464,7 +464,7 @@ def decode_on_device(encoded: Sequence[torch.Tensor], paths: Sequence[str], devi
     images: list[torch.Tensor | None] = [None] * len(encoded)
     try:
         decoded = _decode_jpeg([encoded[i] for i in jpegs], device) if jpegs else []
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # one bad file fails the whole batch: the loop below names it
         decoded = []
     for i, image in zip(jpegs, decoded):
         if image.shape[0] in (1, 3):
