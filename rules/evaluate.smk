@@ -36,6 +36,7 @@ rule evaluate:
         protocol=lambda wc: eval_protocol_of(wc.dataset)[1],
         batch_size=config["evaluation"]["batch_size"],
         num_workers=config["protocol"]["num_workers"],
+        decode_device=config["protocol"]["decode_device"],
         pixel_mean=config["protocol"]["pixel_mean"],
         pixel_std=config["protocol"]["pixel_std"],
     threads: config["resources"]["evaluate"]["cpus"]
@@ -55,6 +56,7 @@ rule evaluate:
             "python -m workflow_scripts.evaluate {params.what} --data {input.data}"
             " --protocol-name {params.protocol_name} --protocol {params.protocol:q}"
             " --batch-size {params.batch_size} --num-workers {params.num_workers} --threads {threads}"
+            " --decode-device {params.decode_device}"
             " --pixel-mean {params.pixel_mean} --pixel-std {params.pixel_std}"
             " --out {output.result} --predictions-out {output.predictions} > {log} 2>&1"
         )

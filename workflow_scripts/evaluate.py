@@ -88,7 +88,7 @@ def _device() -> torch.device:
 
 
 def evaluate_checkpoint(model_path, dataset_record: dict, split, protocol: dict, batch_size: int, num_workers: int,
-                        mean: float, std: float, device) -> dict:
+                        mean: float, std: float, device, decode_device: str = "cpu") -> dict:
     """One checkpoint on an opened split: an evaluation result with its preprocessing recorded."""
     arch = model_io.read_architecture(model_path)
     if arch["num_classes"] != dataset_record["num_classes"]:
@@ -97,7 +97,8 @@ def evaluate_checkpoint(model_path, dataset_record: dict, split, protocol: dict,
             f"{dataset_record['num_classes']}; evaluate a model whose head matches this dataset"
         )
     model = model_io.load_model(model_path).to(device)
-    loader = data.eval_loader(split, protocol, arch["image_size"], batch_size, device, num_workers, mean, std)
+    loader = data.eval_loader(split, protocol, arch["image_size"], batch_size, device, num_workers, mean, std,
+                              decode_device)
     result = evaluate_model(model, loader, dataset_record["num_classes"], device)
     result["protocol"] = {**protocol, "image_size": arch["image_size"], "pixel_mean": mean, "pixel_std": std,
                           "interpolation": INTERPOLATION}
@@ -139,7 +140,7 @@ def selected_runs(selection: dict, summaries: list, models: list) -> list[tuple[
 
 def evaluate_selection(selection_path, summaries: list, models: list, dataset_record: dict, protocol: dict,
                        batch_size: int, num_workers: int, device, mean: float | None = None,
-                       std: float | None = None) -> dict:
+                       std: float | None = None, decode_device: str = "cpu") -> dict:
     """Evaluate each run of the selected LR (one per seed) on the test split once; mean and std over seeds."""
     selection = read_json(selection_path)
     split = data.open_split(dataset_record, "test")
@@ -147,7 +148,7 @@ def evaluate_selection(selection_path, summaries: list, models: list, dataset_re
     for summary, summary_path, model_path in selected_runs(selection, summaries, models):
         run_mean, run_std = _normalisation(summary, Path(summary_path), mean, std)
         result = evaluate_checkpoint(model_path, dataset_record, split, protocol, batch_size,
-                                     num_workers, run_mean, run_std, device)
+                                     num_workers, run_mean, run_std, device, decode_device)
         runs.append({"seed": summary["seed"], "lr": summary["lr"], **result})
         print(f"{model_path}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
               f"({result['images_per_s']:.0f} img/s)", flush=True)
@@ -199,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol-name", required=True)
     p.add_argument("--protocol", required=True, help="the evaluation protocol's config entry as JSON")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", default="0", help="DataLoader workers, or auto (the job's CPUs minus one)")
+    p.add_argument("--decode-device", choices=list(data.DECODE_DEVICES), default="cpu",
+                   help="where JPEGs are decoded and cropped (config protocol.decode_device)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--pixel-mean", type=float, help="pixel normalisation (default: the run's training protocol)")
     p.add_argument("--pixel-std", type=float)
@@ -210,14 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     dataset_record = data.load_dataset_record(args.data)
     protocol = {"name": args.protocol_name, **json_arg(args.protocol, "--protocol")}
     device = _device()
+    args.num_workers = data.resolve_num_workers(args.num_workers, args.threads)
     if args.selection:
-        result = evaluate_selection(args.selection, args.summaries, args.models, dataset_record, protocol, args.batch_size, args.num_workers, device,
-                                    args.pixel_mean, args.pixel_std)
+        result = evaluate_selection(args.selection, args.summaries, args.models, dataset_record, protocol,
+                                    args.batch_size, args.num_workers, device, args.pixel_mean, args.pixel_std,
+                                    args.decode_device)
     else:
         if args.pixel_mean is None or args.pixel_std is None:
             p.error("--model needs --pixel-mean and --pixel-std (config protocol.pixel_mean / pixel_std)")
         result = evaluate_checkpoint(args.model, dataset_record, data.open_split(dataset_record, "test"), protocol, args.batch_size,
-                                     args.num_workers, args.pixel_mean, args.pixel_std, device)
+                                     args.num_workers, args.pixel_mean, args.pixel_std, device, args.decode_device)
         print(f"{args.model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
     runs = result["runs"] if args.selection else [result]
     if args.predictions_out:

@@ -153,6 +153,7 @@ class Process:
     rank: int
     world_size: int
     device: torch.device
+    cpus: int  # this process's share of the job's CPUs (torch threads; "auto" data workers follow it)
 
 
 def world_size_of_job() -> int:
@@ -169,13 +170,14 @@ def setup_process(protocol: Protocol, seed: int, threads: int) -> Process:
         device = torch.device("cpu")
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.set_num_threads(max(1, (protocol.threads or threads) // world_size))
+    cpus = max(1, (protocol.threads or threads) // world_size)
+    torch.set_num_threads(cpus)
     if protocol.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(seed)
-    return Process(rank, world_size, device)
+    return Process(rank, world_size, device, cpus)
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -209,12 +211,15 @@ def training_batches(split: data.Split, protocol: Protocol, image_size: int, see
 
     augment = data.TrainAugment(image_size, protocol.inception_crop, protocol.inception_crop_min_area,
                                 protocol.random_flip, protocol.pixel_mean, protocol.pixel_std)
-    return iter(data.train_loader(split, augment, plan(), process.device, protocol.num_workers))
+    workers = data.resolve_num_workers(protocol.num_workers, process.cpus)
+    loader = data.train_loader(split, augment, plan(), process.device, workers, protocol.decode_device)
+    return data.TimedBatches(loader)  # the log says when the loader, not the model, is the bottleneck
 
 
-def minival_loader(split: data.Split, protocol: Protocol, image_size: int, device: torch.device):
-    return data.eval_loader(split, MINIVAL_PROTOCOL, image_size, protocol.micro_batch_size, device,
-                            protocol.num_workers, protocol.pixel_mean, protocol.pixel_std)
+def minival_loader(split: data.Split, protocol: Protocol, image_size: int, process: Process):
+    workers = data.resolve_num_workers(protocol.num_workers, process.cpus)
+    return data.eval_loader(split, MINIVAL_PROTOCOL, image_size, protocol.micro_batch_size, process.device,
+                            workers, protocol.pixel_mean, protocol.pixel_std, protocol.decode_device)
 
 
 def model_and_optimizer(checkpoint: str | os.PathLike, num_classes: int, protocol: Protocol,
@@ -305,15 +310,19 @@ def print_line(line: dict) -> None:
 
 
 def log_training(run: RunState, meter: IntervalMeter, step: int, lr: float, process: Process,
-                 progress: tqdm) -> None:
+                 progress: tqdm, batches: data.TimedBatches) -> None:
     loss, grad_norm, img_s = meter.read(step, process.world_size)
     line = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-    timing = {"step": step, "img_s": img_s, "elapsed_s": run.elapsed_before + meter.seconds()}
+    loader = batches.take()  # wall-clock time waiting for batches vs in the step: a timing, not a metric
+    timing = {"step": step, "img_s": img_s, "elapsed_s": run.elapsed_before + meter.seconds(), **loader}
     run.metrics.append(line)
     run.timings.append(timing)
     if process.rank == 0:
         print_line({**line, **timing})
         progress.set_postfix(loss=f"{loss:.4f}")
+        note = data.loader_bottleneck_note(loader)
+        if note:
+            print(f"finetune: step {step}: {note}", file=sys.stderr, flush=True)
 
 
 def log_minival(run: RunState, meter: IntervalMeter, step: int, model: nn.Module, loader, num_classes: int,
@@ -444,7 +453,7 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, output
     run = resume(resume_dir, fingerprint, model, optimizer, process, started_utc)
     ddp_model, image_size = data_parallel(model, process), architecture["image_size"]
     batches = training_batches(train_split, protocol, image_size, seed, run.start_step + 1, steps, process)
-    minival = minival_loader(minival_split, protocol, image_size, process.device) if process.rank == 0 else None
+    minival = minival_loader(minival_split, protocol, image_size, process) if process.rank == 0 else None
     autocast = autocast_context(protocol.precision, process.device)
     # Each micro-batch's summed loss times world_size / batch_size: after DDP's average over the
     # processes, the gradient is that of the mean loss over the whole batch.
@@ -461,9 +470,10 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, output
             progress.update(1)
             if step % protocol.log_every == 0 or step == steps:
                 meter.check_finite(process.world_size, lr)
-                log_training(run, meter, step, step_lr, process, progress)
+                log_training(run, meter, step, step_lr, process, progress, batches)
             if process.rank == 0 and (step % protocol.eval_every == 0 or step == steps):
                 log_minival(run, meter, step, model, minival, minival_split.num_classes, process.device)
+                batches.take()  # leave minival out of the loader's timing
             if step % protocol.checkpoint_every == 0 and step < steps:
                 meter.check_finite(process.world_size, lr)
                 if process.rank == 0:

@@ -40,6 +40,8 @@ class Protocol:
     log_every: int = field(metadata=_EXECUTION_ONLY)
     num_workers: int | str = field(metadata=_EXECUTION_ONLY)
     threads: int = field(metadata=_EXECUTION_ONLY)
+    # Not execution-only: nvJPEG's pixels may differ slightly from libjpeg-turbo's.
+    decode_device: str
 
     @classmethod
     def key_names(cls) -> tuple[str, ...]:
