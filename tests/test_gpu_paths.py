@@ -260,7 +260,9 @@ def test_report_shows_the_evaluation_precision():
     template = (REPO / "report" / "templates" / "report.html.j2").read_text()
     line = next(line for line in template.splitlines() if "Evaluation precision" in line)
     pairs = [{"protocol": {"precision": "fp32"}}, {"protocol": {"precision": "fp32"}}, {"protocol": {}}]
-    html = jinja2.Environment(autoescape=True).from_string(line).render(summary={"pairs": pairs})
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)  # as report.py renders
+    html = environment.from_string(line).render(summary={"pairs": pairs})
+    assert "–" in environment.from_string(line).render(summary={"pairs": []})
     assert "fp32, not recorded" in html
 
 

@@ -447,7 +447,7 @@ def out_of_memory_error(protocol: Protocol, world_size: int, error: BaseExceptio
         f"out of device memory with micro-batches of {micro} images ({cause}); set protocol.micro_batch_size to "
         f"{smaller} (or another smaller divisor of protocol.batch_size {protocol.batch_size}) and rerun with "
         "--rerun-triggers mtime input (else the changed protocol parameter redoes the finished runs): the job "
-        "resumes from its last checkpoint; the micro-batch size changes how a run executes, not what it computes")
+        "resumes from its last checkpoint with the smaller micro-batch")
 
 
 def failure_settings(args: argparse.Namespace) -> dict:
