@@ -42,8 +42,8 @@ import torch.nn.functional as F
 import yaml
 
 from workflow_scripts import data, evaluate, finetune, model_io
-from workflow_scripts.convert import random_official_params
 from workflow_scripts.common import PipelineError, run_cli
+from workflow_scripts.convert import random_official_params
 from workflow_scripts.protocol import Protocol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,9 +52,26 @@ SMALL_MIXER = {"patch_size": 4, "hidden_dim": 128, "num_blocks": 4, "tokens_mlp_
                "channels_mlp_dim": 512, "num_classes": 10, "image_size": 32}
 MIXER_B16 = {"patch_size": 16, "hidden_dim": 768, "num_blocks": 12, "tokens_mlp_dim": 384,
              "channels_mlp_dim": 3072, "num_classes": 10, "image_size": 224}
-# Dense bf16 tensor-core peak per device (vendor datasheets), matched against the device name in order.
-PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0)]
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by the exact name CUDA reports (torch.cuda.get_device_name),
+# from NVIDIA's datasheets (where a sheet gives only the figure with sparsity, half of it). Exact names only: a
+# substring would give the L40 the L4's peak, the H100 NVL or PCIe the SXM's, and a MIG slice ("... MIG 1g.10gb")
+# the whole GPU's. A name not listed gets no MFU ("unknown peak").
+PEAK_BF16_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.5,    # H100 SXM5: 1,979 with sparsity (H100 datasheet)
+    "NVIDIA H100 PCIe": 756.5,         # 1,513 with sparsity
+    "NVIDIA H100 NVL": 835.5,          # 1,671 with sparsity
+    "NVIDIA H200": 989.5,              # H200 SXM: 1,979 with sparsity (H200 datasheet)
+    "NVIDIA H200 NVL": 835.5,          # 1,671 with sparsity
+    "NVIDIA GH200 480GB": 989.5,       # its H100 as the SXM5 one (GH200 datasheet)
+    "NVIDIA A100-SXM4-40GB": 312.0,    # A100 datasheet: 312 for every A100 form factor
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA L40S": 362.05,             # L40S datasheet
+    "NVIDIA L40": 181.05,              # L40 datasheet
+    "NVIDIA L4": 121.0,                # 242 with sparsity (L4 datasheet)
+    "NVIDIA A10": 125.0,               # A10 datasheet
+}
 
 
 def forward_flops(arch: dict) -> float:
@@ -70,10 +87,8 @@ def forward_flops(arch: dict) -> float:
 
 
 def peak_tflops(device_name: str) -> float | None:
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in device_name:
-            return tflops
-    return None
+    """The device's dense bf16 peak, or None where its exact name is not in PEAK_BF16_TFLOPS."""
+    return PEAK_BF16_TFLOPS.get(device_name.strip())
 
 
 def write_workload(folder: Path, arch: dict, num_images: int) -> tuple[Path, Path]:
@@ -163,8 +178,11 @@ def describe(arch: dict) -> str:
 def with_utilisation(result: dict, device_name: str) -> dict:
     train_flops = 3 * forward_flops(result["model"])  # backward = 2 x forward
     peak = peak_tflops(device_name)
+    if peak is None:
+        print(f"bench: unknown peak for {device_name!r} (not in bench.PEAK_BF16_TFLOPS: another GPU, or a MIG "
+              "slice); no MFU reported", flush=True)
     result["train_gflops_per_image"] = train_flops / 1e9
-    result["peak_bf16_tflops"] = peak
+    result["peak_bf16_tflops"] = peak if peak is not None else "unknown peak"
     for kind in ("engine", "bare"):
         result[f"{kind}_mfu"] = None if peak is None else result[f"{kind}_img_s"] * train_flops / (peak * 1e12)
     return result
