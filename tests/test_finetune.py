@@ -29,7 +29,7 @@ PROTOCOL = {"batch_size": 16, "micro_batch_size": 4, "warmup_steps": 3, "momentu
             "grad_clip_norm": 1.0, "inception_crop": True, "inception_crop_min_area": 0.05, "random_flip": True,
             "pixel_mean": 127.5, "pixel_std": 127.5, "precision": "auto", "deterministic": True,
             "checkpoint_every": 5, "eval_every": 10, "log_every": 5, "num_workers": 0, "threads": 1,
-            "ddp_timeout_min": 30}
+            "ddp_timeout_min": 30, "decode_device": "cpu"}
 
 torch.set_num_threads(1)
 

@@ -31,7 +31,7 @@ PROTOCOL = {"batch_size": 8, "micro_batch_size": 4, "warmup_steps": 1, "momentum
             "grad_clip_norm": 1.0, "inception_crop": False, "inception_crop_min_area": 0.05, "random_flip": False,
             "pixel_mean": 127.5, "pixel_std": 127.5, "precision": "auto", "deterministic": False,
             "checkpoint_every": 2, "eval_every": 2, "log_every": 2, "num_workers": 0, "threads": 1,
-            "ddp_timeout_min": 30}
+            "ddp_timeout_min": 30, "decode_device": "cpu"}
 
 torch.set_num_threads(1)
 
@@ -206,7 +206,7 @@ def test_resume_frees_the_loaded_state(tmp_path, monkeypatch):
     restored_optimizer = torch.optim.SGD(restored.parameters(), lr=0.1, momentum=0.9)
     # The run's device is a GPU: the state must still be read into host memory, not onto the device
     # (the old code loaded it there: on this machine without one, torch.load failed).
-    process = finetune.Process(0, 1, torch.device("cuda", 0))
+    process = finetune.Process(0, 1, torch.device("cuda", 0), cpus=1)
     run = finetune.resume(tmp_path, fingerprint, restored, restored_optimizer, process, "t1")
     assert run.start_step == 5 and map_locations == ["cpu"]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))

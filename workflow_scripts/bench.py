@@ -373,7 +373,7 @@ def image_path_rates(files: list[str], transforms: dict, rounds: int, batch: int
 
 def h100_img_s_needed(flops_per_image: float) -> float:
     """Images per second one H100 consumes at H100_UTILISATION of its dense bf16 peak."""
-    return H100_UTILISATION * peak_tflops("H100") * 1e12 / flops_per_image
+    return H100_UTILISATION * PEAK_BF16_TFLOPS["NVIDIA H100 80GB HBM3"] * 1e12 / flops_per_image  # SXM5
 
 
 def _rate_and_ratio(rates: dict[str, list[float]], name: str) -> tuple[float, float]:
