@@ -45,7 +45,8 @@ def accuracy_chart(comparison: list[dict], refs: dict) -> Figure | None:
     fig = Figure(figsize=(9, 1.4 + 0.32 * len(rows)), layout="constrained")
     ax = fig.subplots()
     ys = range(len(rows))
-    bars = ax.barh(ys, [r["top1_mean"] for r in rows], 0.6, xerr=[r["top1_std"] or 0 for r in rows], capsize=3,
+    spread = [r["top1_std"] or 0 for r in rows]
+    bars = ax.barh(ys, [r["top1_mean"] for r in rows], 0.6, xerr=spread if any(spread) else None, capsize=3,
                    color="#9db7dd", label="this run")
     ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=3)
     for source, marker in zip(sources, SOURCE_MARKERS * len(sources)):
