@@ -25,8 +25,8 @@ REAL_SUFFIX = " ReaL"
 
 # What a Table 3 cell holds (comparison.md, comparison.tex and the report say it in these words).
 TABLE3_LEGEND = ("Top-1 accuracy (%) on the test split, shaped like Table 3 of Tolstikhin et al. 2021 "
-                 "(arXiv:2105.01601). Each cell: this run (mean ± std over seeds; \"not run\" where this config did "
-                 "not run it; \"k of N\" for an average some of whose members were not run), then the column's "
+                 "(arXiv:2105.01601). Each cell: this run (mean ± std over seeds; “not run” where this config did "
+                 "not run it; “k of N” for an average some of whose members were not run), then the column's "
                  "primary published figure with Δ = this run minus it, then every other published top-1 of the "
                  "cell; each figure names its source.")
 
