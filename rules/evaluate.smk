@@ -38,6 +38,8 @@ rule evaluate:
         protocol=lambda wc: eval_protocol(wc.protocol),
         batch_size=config["evaluation"]["batch_size"],
         num_workers=config["protocol"]["num_workers"],
+        decode_device=config["protocol"]["decode_device"],
+        precision=config["protocol"]["precision"],
         pixel_mean=config["protocol"]["pixel_mean"],
         pixel_std=config["protocol"]["pixel_std"],
     threads: config["resources"]["evaluate"]["cpus"]
@@ -57,6 +59,7 @@ rule evaluate:
             "python -m workflow_scripts.evaluate {params.what} --data {input.data}"
             " --protocol-name {params.protocol_name} --protocol {params.protocol:q}"
             " --batch-size {params.batch_size} --num-workers {params.num_workers} --threads {threads}"
+            " --decode-device {params.decode_device} --precision {params.precision}"
             " --pixel-mean {params.pixel_mean} --pixel-std {params.pixel_std}"
             " --out {output.result} --predictions-out {output.predictions} > {log} 2>&1"
         )

@@ -24,6 +24,9 @@ rule finetune:
         gpu_model=config["resources"]["gpu_model"],
         mem_mb=config["resources"]["finetune"]["mem_mb"],
         runtime=config["resources"]["finetune"]["runtime_min"],
+        # Snakemake's attempt number: a retry of a job that failed for a reason a retry cannot fix
+        # (out of memory, NaN) stops at once (finetune's failed.json; docs/slurm.md).
+        attempt=lambda wc, attempt: attempt,
     log:
         log_file("finetune", RUN_JOB),
     benchmark:
@@ -36,7 +39,7 @@ rule finetune:
             " --model-out {output.model} --metrics-out {output.metrics} --summary-out {output.summary}"
             " --resume-dir {params.resume_dir} {params.lr}"
             " --seed {wildcards.seed} --steps {params.steps} --protocol {params.protocol:q}"
-            " --threads {threads} > {log} 2>&1"
+            " --threads {threads} --attempt {resources.attempt} > {log} 2>&1"
         )
 
 

@@ -3,7 +3,7 @@
 
 
 rule aggregate:
-    """One tidy table of every run plus paper-vs-reproduction tables (CSV, Markdown, LaTeX)."""
+    """One tidy table of every run plus the Table-3-shaped comparison with the paper (CSV, Markdown, LaTeX)."""
     input:
         unpack(aggregate_inputs),
     output:
@@ -28,7 +28,7 @@ rule aggregate:
         " --summaries {input.summaries} --metrics {input.metrics}"
         " --finetune-benchmarks {input.finetune_benchmarks} --selections {input.selections}"
         " --evaluations {input.evaluations} --baselines {input.baselines} --parity {input.parity}"
-        " --downloads {input.downloads} --datasets {input.datasets}"
+        " --downloads {input.downloads} --datasets {input.datasets} --reals {input.reals}"
         " --runs-csv {output.runs} --comparison-csv {output.comparison} --comparison-md {output.markdown}"
         " --comparison-tex {output.latex} --summary-json {output.summary} --config-json-out {output.config}"
         " > {log} 2>&1"

@@ -16,7 +16,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from test_report import build_report, load_config, make_results
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -75,7 +74,8 @@ async def _inspect(ws_url: str, page_url: str) -> tuple[list[str], dict]:
             raise RuntimeError("Chromium closed the DevTools connection while loading")
         events.append(json.loads(msg))
     await asyncio.sleep(0.5)  # late console messages
-    probe = json.loads((await call("Runtime.evaluate", {"expression": PROBE, "returnByValue": True}))["result"]["value"])
+    evaluated = await call("Runtime.evaluate", {"expression": PROBE, "returnByValue": True})
+    probe = json.loads(evaluated["result"]["value"])
     conn.close()
     for e in events:
         p = e.get("params", {})
@@ -125,7 +125,7 @@ def test_report_opens_without_errors_and_shows_the_headline(tmp_path):
     assert probe["width"] > 0 and probe["height"] > 0
     assert probe["display"] != "none" and probe["visibility"] == "visible" and float(probe["opacity"]) > 0
     assert 0 <= probe["top"] < probe["viewport"], "the headline table is not in the first screen"
-    assert probe["rows"] == html.split('id="headline"')[1].split("</table>")[0].count("<tr>") - 1
+    assert probe["rows"] == html.split('id="headline"')[1].split("</table>")[0].count("<tr") - 1  # thead row
     assert probe["images"] >= 3 and probe["broken_images"] == 0
 
 

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from test_report import row_label, table3_cells
+
+from workflow_scripts import matrix
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "demo" / "config.yaml"
@@ -38,23 +43,67 @@ def demo_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_demo_learns_every_pair(demo_run):
+    """Every fine-tuned pair learns. demo_mixer_p8 on digits_jpeg is not one: it plays a released checkpoint
+    there (a random-init stand-in evaluated as it is: chance level, by design)."""
     _, root, cfg = demo_run
+    assert ("demo_mixer_p8", "digits_jpeg") not in matrix.pairs(cfg)
+    for ckpt, ds in matrix.pairs(cfg):
+        result = json.loads((root / "evaluate" / ckpt / f"{ds}.json").read_text())
+        assert result["top1_mean"] >= 80.0, (ckpt, ds, result["top1_mean"])
+        selection = json.loads((root / "selection" / ckpt / f"{ds}.json").read_text())
+        assert result["selected_lr"] == selection["selected_lr"]
+
+
+def demo_top1(root: Path, cfg: dict, ckpt: str, dataset: str, source: str) -> float:
+    """The test top-1 of a result of the demo: a pair's evaluation, or a released checkpoint's baseline at the
+    dataset's eval_protocol."""
+    if source == "finetune":
+        return json.loads((root / "evaluate" / ckpt / f"{dataset}.json").read_text())["top1_mean"]
+    protocol = cfg["datasets"][dataset]["eval_protocol"]
+    return json.loads((root / "baseline" / ckpt / dataset / f"{protocol}.json").read_text())["top1"]
+
+
+def real_top1_by_hand(workdir: Path, real: dict) -> float:
+    """ReaL top-1 recomputed from the files the ReaL result names: first run's top-1 in file-name order against
+    real.json's lists, empty lists left out."""
+    with np.load(workdir / real["predictions"]) as predictions:
+        top1 = predictions["top5"][0][np.argsort(predictions["file_names"]), 0]
+    labels = json.loads((workdir / real["real_labels"]).read_text())
+    scored = [int(p) in lists for p, lists in zip(top1, labels, strict=True) if lists]
+    return 100.0 * sum(scored) / len(scored)
+
+
+@pytest.mark.slow
+def test_demo_report_has_the_table3_grid(demo_run):
+    """AvgDemo a number for both checkpoints, ReaL computed by the real code, the study's cells "not run"."""
+    workdir, root, cfg = demo_run
+    html = (root / "report" / "index.html").read_text()
+    cells = table3_cells(html, "this-run")
+    results = {(ck, ds): demo_top1(root, cfg, ck, ds, source) for ck, ds, source in matrix.results(cfg)}
     for ckpt in cfg["finetune"]["checkpoints"]:
+        row = row_label(cfg, ckpt)
+        average = statistics.fmean(results[ckpt, ds] for ds in cfg["averages"]["AvgDemo"])
+        assert cells[row, "AvgDemo"] == ("run", [f"{average:.2f}"]), ckpt
+        real = json.loads((root / "real" / ckpt / "digits_jpeg.json").read_text())
+        assert real["num_excluded_empty"] > 0 and real["num_images"] < real["num_validation_images"]
+        assert real["real_top1"] == pytest.approx(real_top1_by_hand(workdir, real))
+        assert cells[row, "Digits (JPEG tree) ReaL"][1][0] == f"{real['real_top1']:.2f}", ckpt
         for ds in cfg["finetune"]["datasets"]:
-            result = json.loads((root / "evaluate" / ckpt / f"{ds}.json").read_text())
-            assert result["top1_mean"] >= 80.0, (ckpt, ds, result["top1_mean"])
-            selection = json.loads((root / "selection" / ckpt / f"{ds}.json").read_text())
-            assert result["selected_lr"] == selection["selected_lr"]
+            assert cells[row, cfg["datasets"][ds]["label"]][1][0] == f"{results[ckpt, ds]:.2f}", (ckpt, ds)
+    # The study's rows: every cell "not run", beside the published figures.
+    study = table3_cells(html, "headline")
+    assert {status for status, _ in study.values()} == {"not run"}
+    assert all(lines[0] == "not run" for _, lines in study.values())
+    assert any("paper_table3: 93.63" in lines for _, lines in study.values())
 
 
 @pytest.mark.slow
 def test_demo_report_shows_each_pair_and_the_unrun_study(demo_run):
     _, root, cfg = demo_run
     html = (root / "report" / "index.html").read_text()
-    for ckpt in cfg["finetune"]["checkpoints"]:
-        for ds in cfg["finetune"]["datasets"]:
-            result = json.loads((root / "evaluate" / ckpt / f"{ds}.json").read_text())
-            assert f"{result['top1_mean']:.2f}" in html, (ckpt, ds)
+    for ckpt, ds in matrix.pairs(cfg):
+        result = json.loads((root / "evaluate" / ckpt / f"{ds}.json").read_text())
+        assert f"{result['top1_mean']:.2f}" in html, (ckpt, ds)
     assert "not run" in html
     refs = yaml.safe_load((REPO / "report" / "references.yaml").read_text())
     for key in refs["primary"].values():

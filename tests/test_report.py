@@ -8,8 +8,10 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +28,19 @@ WORKFLOW_ENV = dict(os.environ, PYTHONPATH=str(REPO))
 BENCH_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time"
 
 
-def load_config(name: str, tmp_path: Path, **finetune) -> dict:
-    """A workflow config as rules/common.smk passes it: references loaded, paths under tmp_path."""
+def load_config(name: str, tmp_path: Path, base_lrs: list[float] | None = None, **finetune) -> dict:
+    """A workflow config as rules/common.smk passes it: references loaded, paths under tmp_path.
+
+    `base_lrs` replaces every dataset's LR grid; `finetune` updates the finetune block (checkpoints, datasets, seeds).
+    """
     config = yaml.safe_load((REPO / name).read_text())
     config["references"] = REFS
     config["output_root"] = str(tmp_path / "results")
     config["data_root"] = str(tmp_path / "data")
     config["weights_dir"] = str(tmp_path / "weights")
     config["finetune"].update(finetune)
+    for ds in config["datasets"].values():
+        ds["base_lrs"] = base_lrs or ds["base_lrs"]
     return config
 
 
@@ -55,7 +62,9 @@ def eval_result(top1, top5, num_classes, protocol, split, model, dataset) -> dic
 def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) -> dict:
     """Write every file the aggregate stage reads, in the formats of docs/design.md.
 
-    Returns {(ckpt, dataset): expected test top-1 mean} for the pairs.
+    Returns {"results": {(ckpt, dataset): test top-1}, "reals": {(ckpt, dataset): ReaL top-1}}: every
+    matrix.results entry (a pair's mean over seeds, a released checkpoint's baseline at the dataset's
+    eval_protocol) and every matrix.real_results entry.
     """
     rng = np.random.default_rng(rng_seed)
     root, data, weights = Path(config["output_root"]), Path(config["data_root"]), Path(config["weights_dir"])
@@ -77,11 +86,11 @@ def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) 
         _json(weights / f"{ck}.download.json", {
             "checkpoint": ck, "url": config["checkpoints"][ck]["url"], "path": str(weights / f"{ck}.npz"),
             "bytes": 2_306_000, "sha256": "a" * 64, "verified_against": "recorded", "seconds": 0.1})
-    expected = {}
+    expected = {"results": {}, "reals": {}}
     for ck, ds in matrix.pairs(config):
         steps = config["datasets"][ds]["steps"]
         candidates = []
-        for lr in config["finetune"]["base_lrs"]:
+        for lr in config["datasets"][ds]["base_lrs"]:
             per_seed = []
             for seed in config["finetune"]["seeds"]:
                 rel = f"finetune/{ck}/{ds}/lr{lr:g}_s{seed}"
@@ -122,17 +131,41 @@ def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) 
                                           str(models[s]), ds)}
                 for s in best["seeds"]]
         top1s = [r["top1"] for r in runs]
-        expected[ck, ds] = float(np.mean(top1s))
+        expected["results"][ck, ds] = float(np.mean(top1s))
         _json(root / "evaluate" / ck / f"{ds}.json", {
             "checkpoint": ck, "dataset": ds, "selected_lr": best["lr"], "selection": str(sel_path),
-            "protocol": protocol, "runs": runs, "top1_mean": expected[ck, ds],
+            "protocol": protocol, "runs": runs, "top1_mean": expected["results"][ck, ds],
             "top1_std": float(np.std(top1s, ddof=1)) if len(runs) > 1 else None,  # as evaluate.py: sample std
             "top5_mean": 99.5, "top5_std": 0.0 if len(runs) > 1 else None, "num_seeds": len(runs)})
     for ck, ds, p in matrix.baseline_runs(config):
-        _json(root / "baseline" / ck / ds / f"{p}.json",
-              eval_result(11.25 if p == "official" else 12.75, 52.5, 10, {"name": p}, "test", ck, ds))
+        top1 = 11.25 if p == "official" else 12.75
+        _json(root / "baseline" / ck / ds / f"{p}.json", eval_result(top1, 52.5, 10, {"name": p}, "test",
+                                                                     str(root / "converted" / f"{ck}.safetensors"), ds))
         _write(root / "logs" / "baseline" / ck / ds / f"{p}.log", "evaluating...\n")
+        if p == config["datasets"][ds]["eval_protocol"]:
+            expected["results"][ck, ds] = top1
+    for ck, ds, source in matrix.real_results(config):
+        expected["reals"][ck, ds] = write_real(root, ck, ds, source, rng)
     return expected
+
+
+def write_real(root: Path, ck: str, ds: str, source: str, rng) -> float:
+    """A ReaL result (real.py's format) for the models of the (ckpt, dataset) result; returns its ReaL top-1."""
+    if source == "finetune":
+        models = [r["model"] for r in json.loads((root / "evaluate" / ck / f"{ds}.json").read_text())["runs"]]
+    else:
+        protocols = sorted((root / "baseline" / ck / ds).glob("*.json"))
+        models = [json.loads(protocols[0].read_text())["model"]]
+    scores = [float(np.round(rng.uniform(60, 99), 3)) for _ in models]
+    _json(root / "real" / ck / f"{ds}.json", {
+        "dataset": ds, "real_top1": float(np.mean(scores)),
+        "real_top1_std": float(np.std(scores, ddof=1)) if len(scores) > 1 else None,
+        "num_images": 327, "num_excluded_empty": 33, "num_validation_images": 360,
+        "runs": [{"model": m, "seed": None if source == "released" else i, "real_top1": x, "top1": x - 5}
+                 for i, (m, x) in enumerate(zip(models, scores))],
+        "image_order": "file names sorted", "predictions": "p.npz", "predictions_sha256": "c" * 64,
+        "real_labels": "real.json", "real_labels_sha256": "d" * 64, "definition": "Beyer et al. 2020 (fixture)"})
+    return float(np.mean(scores))
 
 
 def cosine_lr(step, base_lr, total, warmup):
@@ -156,6 +189,7 @@ def result_files(config: dict, benchmarks: bool = True) -> aggregate.ResultFiles
         parity=[root / "converted" / f"{ck}.parity.json" for ck in matrix.used_checkpoints(config)],
         downloads=[weights / f"{ck}.download.json" for ck in matrix.used_checkpoints(config)],
         datasets=[data / ds / "dataset.json" for ds in matrix.used_datasets(config)],
+        reals=[root / "real" / ck / f"{ds}.json" for ck, ds, _ in matrix.real_results(config)],
     )
 
 
@@ -202,6 +236,48 @@ def notebook_argv(notebook: Path, root: Path) -> list[str]:
             "--out-html", str(root / "report" / "analysis.html")]
 
 
+class _Table3Parser(HTMLParser):
+    """The cells of one Table 3 grid of the page: {(pre-training | model, column): (status, [line texts])}."""
+
+    def __init__(self, table_id: str):
+        super().__init__()
+        self.table_id, self.inside, self.row, self.cell, self.cells = table_id, False, None, None, {}
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table" and attrs.get("id") == self.table_id:
+            self.inside = True
+        elif self.inside and tag == "tr" and "data-row" in attrs:
+            self.row = attrs["data-row"]
+        elif self.inside and tag == "td" and "data-column" in attrs:
+            self.cell = (self.row, attrs["data-column"])
+            self.cells[self.cell] = (attrs["data-status"], [])
+        elif self.cell and tag == "span":
+            self.cells[self.cell][1].append("")
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.inside = False
+        elif tag == "td":
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell and self.cells[self.cell][1]:
+            self.cells[self.cell][1][-1] += data
+
+
+def table3_cells(page: str, table_id: str) -> dict[tuple[str, str], tuple[str, list[str]]]:
+    parser = _Table3Parser(table_id)
+    parser.feed(page)
+    assert parser.cells, f"no Table 3 grid with id {table_id!r}"
+    return parser.cells
+
+
+def row_label(config: dict, ckpt: str) -> str:
+    """The data-row of a checkpoint's row in the page's Table 3 grids."""
+    return f"{config['checkpoints'][ckpt]['pretraining']} | {config['checkpoints'][ckpt]['label']}"
+
+
 @pytest.fixture
 def demo(tmp_path):
     config = load_config("demo/config.yaml", tmp_path)
@@ -212,9 +288,9 @@ def demo(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 def test_aggregate_tables_follow_the_config_matrix(tmp_path):
-    config = load_config("config.yaml", tmp_path, checkpoints=["mixer_b16_in21k"], base_lrs=[0.003, 0.03],
-                         seeds=[0, 1])
-    expected = make_results(config, subset=("imagenet",))
+    config = load_config("config.yaml", tmp_path, base_lrs=[0.003, 0.03], checkpoints=["mixer_b16_in21k"],
+                         datasets=["imagenet", "cifar10"], seeds=[0, 1])
+    expected = make_results(config, subset=("imagenet",))["results"]
     root = Path(config["output_root"])
     summary = run_aggregate(config)
 
@@ -238,12 +314,19 @@ def test_aggregate_tables_follow_the_config_matrix(tmp_path):
     assert cifar["primary_source"] == REFS["primary"]["CIFAR-10"]
     assert comp["Mixer-L/16", "ImageNet-21k", "CIFAR-10"]["status"] == "not run"
     assert comp["Mixer-B/16", "ImageNet-21k", "ImageNet"]["subset"] == "True"
+    # ReaL and the averages are rows too: Avg5 has 2 of its 5 members, so no number.
+    real = comp["Mixer-B/16", "ImageNet-21k", "ImageNet ReaL"]
+    assert real["kind"] == "real" and real["status"] == "run" and real["primary_source"] == "paper_table3"
+    avg = comp["Mixer-B/16", "ImageNet-21k", "Avg5"]
+    assert (avg["kind"], avg["status"], avg["coverage"], avg["top1_mean"]) == ("average", "partial", "2 of 5", "")
+    assert avg["diff_to_primary"] == "" and float(avg["paper_table3_top1"]) == 92.5
     # Every reference figure's row is present.
     for f in REFS["figures"]:
         assert (f["label"], f["pretraining"], f["dataset"]) in comp
 
     md = (root / "aggregate" / "comparison.md").read_text()
     assert f"{expected['mixer_b16_in21k', 'cifar10']:.2f}" in md and "not run" in md
+    assert "| 2 of 5 (paper_table3: 92.50) |" in md
     assert "(subset)" in md and "**Subset:** ImageNet" in md and "120 of 1000 classes" in md
     tex = (root / "aggregate" / "comparison.tex").read_text()
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "not run" in tex and "paper\\_table3" in tex
@@ -288,8 +371,14 @@ def test_aggregate_refuses_lists_that_do_not_match_the_matrix(tmp_path):
                                             rf"{n_runs} fine-tuning runs.*matrix\.finetune_runs"):
         run_aggregate(config, short)
     extra = dataclasses.replace(files, datasets=[*files.datasets, files.datasets[0]])
-    with pytest.raises(PipelineError, match=r"--datasets: 3 files given, .* has 2 used datasets"):
+    with pytest.raises(PipelineError, match=r"--datasets: 4 files given, .* has 3 used datasets"):
         run_aggregate(config, extra)
+    with pytest.raises(PipelineError, match=r"--reals: 1 files given, .* has 2 results with ReaL labels.*"
+                                            r"matrix\.real_results"):
+        run_aggregate(config, dataclasses.replace(files, reals=files.reals[:1]))
+    # The ReaL files of the fine-tuned and the released checkpoint swapped: they name other models.
+    with pytest.raises(PipelineError, match=re.escape(str(files.reals[1])) + r" \(in --reals\) is the result of "):
+        run_aggregate(config, dataclasses.replace(files, reals=files.reals[::-1]))
     # Right length, wrong order: the files record which entry they are.
     swapped = dataclasses.replace(files, evaluations=files.evaluations[::-1])
     with pytest.raises(PipelineError, match=re.escape(str(files.evaluations[-1])) + r" \(in --evaluations\) is the "
@@ -308,7 +397,7 @@ def test_aggregate_refuses_lists_that_do_not_match_the_matrix(tmp_path):
 def test_aggregate_reads_only_the_files_it_is_given(tmp_path):
     """Every input moved to a layout of its own: aggregate builds no path, so it still works."""
     config = load_config("demo/config.yaml", tmp_path)
-    expected = make_results(config)
+    expected = make_results(config)["results"]
     files = result_files(config)
     moved = {}
     for name in aggregate.INPUT_LISTS:
@@ -322,7 +411,9 @@ def test_aggregate_reads_only_the_files_it_is_given(tmp_path):
     shutil.rmtree(config["data_root"])
     shutil.rmtree(config["weights_dir"])
     summary = run_aggregate(config, aggregate.ResultFiles(**moved))
-    assert {(p["checkpoint"], p["dataset"]): p["top1_mean"] for p in summary["pairs"]} == expected
+    assert {(p["checkpoint"], p["dataset"]): p["top1_mean"] for p in summary["pairs"]} == {
+        pair: expected[pair] for pair in matrix.pairs(config)}
+    assert [r["path"] for r in summary["reals"]] == [str(p) for p in moved["reals"]]
     assert summary["inputs"] == [str(p) for name in aggregate.INPUT_LISTS for p in moved[name]]
     assert all(r["wall_seconds"] == pytest.approx(14.25) for r in summary["runs"])
 
@@ -330,18 +421,24 @@ def test_aggregate_reads_only_the_files_it_is_given(tmp_path):
 def test_report_shows_each_pair_references_and_provenance(demo):
     config, expected, out, page = demo
     text = html.unescape(page)
-    for (ck, ds), top1 in expected.items():
+    for (ck, ds), top1 in expected["results"].items():
         assert f"{top1:.2f}" in page, (ck, ds)
-    # The demo matches no published configuration: every reference row is "not run", none invented.
-    headline = page.split('id="headline"')[1].split("</table>")[0]
-    published_rows = {(f["label"], f["pretraining"], f["dataset"]) for f in REFS["figures"]}
-    assert headline.count('class="notrun"') == len(published_rows)
+    # The demo matches no published configuration: every cell of the published grid is "not run", each
+    # published top-1 shown in its cell with its source, none invented.
+    headline = table3_cells(page, "headline")
+    assert {status for status, _ in headline.values()} == {"not run"}
+    assert all(lines[0] == "not run" for _, lines in headline.values())
     for f in REFS["figures"]:
-        shown = f">{tables.format_reference(f['value'])}<"
-        assert shown in (headline if f["metric"] == "top1" else page.split('id="references"')[1]), f
+        if f["metric"] == "top1":
+            cell = headline[f"{f['pretraining']} | {f['label']}", f["dataset"]]
+            assert f"{f['source']}: {tables.format_reference(f['value'])}" in cell[1], f
+        else:
+            assert f">{tables.format_reference(f['value'])}<" in page.split('id="references"')[1], f
     for citation in REFS["sources"].values():
         assert citation in text
-    assert 'id="this-run"' in page  # the demo pairs in their own table
+    # The demo's own rows: this run only, no published figure, Δ or source.
+    this_run = table3_cells(page, "this-run")
+    assert all(len(lines) <= 2 for _, lines in this_run.values())  # the value, and "released ..." for p8
     # Provenance
     for field in ("Git commit", "Working tree dirty", "Package versions", "torch ", "timm ", "snakemake ",
                   "snakemake --cores 2", "cpu: Fixture CPU @ 2.0GHz", "2025-01-01T10:00:00+00:00",
@@ -351,7 +448,7 @@ def test_report_shows_each_pair_references_and_provenance(demo):
                             check=True).stdout.strip()
     assert commit in page
     # Self-contained: charts embedded, stylesheet inlined, nothing fetched from elsewhere.
-    assert page.count("data:image/png;base64,") >= 2 + len(expected)
+    assert page.count("data:image/png;base64,") >= 2 + len(matrix.pairs(config))
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
     assert "<link" not in page and "border-collapse" in page
     # Relative links to the logs and the notebook.
@@ -363,8 +460,112 @@ def test_report_shows_each_pair_references_and_provenance(demo):
     assert "a" * 64 in page and "recorded" in page
 
 
+def test_table3_of_the_demo_has_real_and_the_average(demo):
+    """The demo's grid: its ReaL-labelled dataset, then its ReaL column, the named average, the others."""
+    config, expected, _, page = demo
+    cells = table3_cells(page, "this-run")
+    columns = list(dict.fromkeys(column for _, column in cells))
+    assert columns == ["Digits (JPEG tree)", "Digits (JPEG tree) ReaL", "AvgDemo", "Digits (image folder)",
+                       "Digits (array store)"]
+    members = config["averages"]["AvgDemo"]
+    for ck in config["finetune"]["checkpoints"]:
+        row = row_label(config, ck)
+        mean = statistics.fmean(expected["results"][ck, ds] for ds in members)
+        assert cells[row, "AvgDemo"] == ("run", [f"{mean:.2f}"])
+        assert cells[row, "Digits (JPEG tree) ReaL"][1][0] == f"{expected['reals'][ck, 'digits_jpeg']:.2f}"
+    # demo_mixer_p8 is not fine-tuned on its head's dataset: its result there is the released model.
+    p8 = cells[row_label(config, "demo_mixer_p8"), "Digits (JPEG tree)"]
+    assert p8 == ("run", ["11.25", "released model, not fine-tuned"])
+
+
+def test_table3_of_the_study(tmp_path):
+    """The whole study: the paper's column order, released ImageNet-1k results from the baseline at the dataset's
+    eval_protocol, Avg5 over the five results, the earlier study's figures in the cells they belong to."""
+    config = load_config("config.yaml", tmp_path, base_lrs=[0.03])
+    expected = make_results(config)
+    _, page = build_report(tmp_path, config)
+    root = Path(config["output_root"])
+    cells = table3_cells(page, "headline")
+    assert list(dict.fromkeys(column for _, column in cells)) == [
+        "ImageNet", "ImageNet ReaL", "Avg5", "CIFAR-10", "CIFAR-100", "Oxford-IIIT Pets", "Oxford Flowers-102"]
+    assert list(dict.fromkeys(row for row, _ in cells)) == [row_label(config, ck)
+                                                            for ck in config["finetune"]["checkpoints"]]
+    assert 'id="this-run"' not in page  # every row has a published figure
+    for ck in config["finetune"]["checkpoints"]:
+        row = row_label(config, ck)
+        avg = statistics.fmean(expected["results"][ck, ds] for ds in config["averages"]["Avg5"])
+        status, lines = cells[row, "Avg5"]
+        assert status == "run" and lines[0] == f"{avg:.2f}"
+        paper = next(f["value"] for f in REFS["figures"] if f["source"] == "paper_table3" and f["dataset"] == "Avg5"
+                     and row == f"{f['pretraining']} | {f['label']}")
+        assert lines[1:3] == [f"paper_table3: {paper:.2f}", f"Δ {avg - paper:+.2f}"]
+        assert cells[row, "ImageNet ReaL"][1][0] == f"{expected['reals'][ck, 'imagenet']:.2f}"
+    # Released ImageNet-1k checkpoints: the baseline at imagenet's eval_protocol (paper_table3 -> 12.75 here).
+    b16_1k = cells[row_label(config, "mixer_b16_in1k"), "ImageNet"][1]
+    assert b16_1k[:4] == ["12.75", "released model, not fine-tuned", "paper_table3: 76.44", "Δ -63.69"]
+    # The earlier study, labelled as what it was: B/16 ImageNet-1k ImageNet top-1, L/16 ImageNet-21k Avg5 top-1.
+    assert "earlier_study: 73.64" in b16_1k
+    assert "earlier_study: 88.70" in cells[row_label(config, "mixer_l16_in21k"), "Avg5"][1]
+    assert "88.70" not in "".join(line for (_, column), (_, lines) in cells.items() if column != "Avg5"
+                                  for line in lines)
+    assert not re.search(r"top-5[^<]{0,80}88\.70|88\.70[^<]{0,80}top-5", html.unescape(page))
+    md = (root / "aggregate" / "comparison.md").read_text()
+    assert "earlier_study: 88.70" in md.split("| ImageNet-21k | Mixer-L/16 |")[1].split("\n")[0]
+    tex = (root / "aggregate" / "comparison.tex").read_text()
+    assert "earlier\\_study: 88.70" in tex and r"\begin{tabular}[t]{@{}r@{}}" in tex
+    summary = json.loads((root / "aggregate" / "summary.json").read_text())
+    assert {(r["checkpoint"], r["dataset_name"], r["result_from"]) for r in summary["reals"]} == set(
+        matrix.real_results(config))
+
+
+def test_table3_columns_follow_the_paper():
+    """ReaL-labelled datasets first, each followed by its ReaL column, then the averages, then the rest;
+    labels only the references use are placed by the same rule."""
+    config_columns = [{"label": "Pets", "kind": "dataset"}, {"label": "Avg5", "kind": "average"}]
+    reference_labels = ["ImageNet", "ImageNet ReaL", "Avg5", "CIFAR-10"]
+    assert [c["label"] for c in tables.table3_columns(config_columns, reference_labels)] == [
+        "ImageNet", "ImageNet ReaL", "Avg5", "CIFAR-10", "Pets"]
+    demo_columns = [{"label": "D", "kind": "dataset"}, {"label": "D ReaL", "kind": "real"},
+                    {"label": "E", "kind": "dataset"}, {"label": "AvgDemo", "kind": "average"}]
+    columns = tables.table3_columns(demo_columns, reference_labels)
+    assert [(c["label"], c["kind"]) for c in columns] == [
+        ("ImageNet", None), ("ImageNet ReaL", "real"), ("D", "dataset"), ("D ReaL", "real"), ("AvgDemo", "average"),
+        ("Avg5", None), ("CIFAR-10", None), ("E", "dataset")]
+
+
+def test_averages_need_every_member(tmp_path):
+    """A named average is a number only when every member has a result; else "k of N" and no number."""
+    config = load_config("demo/config.yaml", tmp_path, datasets=["digits", "digits_arrays"])
+    config["averages"] = {"AvgDemo": ["digits_jpeg", "digits", "digits_arrays"], "AvgTwo": ["digits", "digits_arrays"]}
+    expected = make_results(config)["results"]
+    summary = run_aggregate(config)
+    averages = {(a["checkpoint"], a["dataset_name"]): a for a in summary["averages"]}
+    for ck in config["finetune"]["checkpoints"]:
+        assert (averages[ck, "AvgDemo"]["status"], averages[ck, "AvgDemo"]["coverage"]) == ("partial", "2 of 3")
+        assert averages[ck, "AvgDemo"]["top1_mean"] is None
+        two = averages[ck, "AvgTwo"]
+        assert two["status"] == "run" and two["top1_mean"] == pytest.approx(
+            (expected[ck, "digits"] + expected[ck, "digits_arrays"]) / 2)
+    _, page = build_report(tmp_path, config)
+    cells = table3_cells(page, "this-run")
+    assert cells[row_label(config, "demo_mixer_p4"), "AvgDemo"] == ("partial", ["2 of 3"])
+    # No ReaL column: the dataset with ReaL labels was not run.
+    assert not any(column.endswith("ReaL") for _, column in cells)
+
+
+def test_two_checkpoints_cannot_share_a_row(tmp_path):
+    config = load_config("demo/config.yaml", tmp_path)
+    config["checkpoints"]["demo_mixer_p8"].update(label="Mixer-T/4 (demo)")
+    make_results(config)
+    with pytest.raises(PipelineError, match=r"'checkpoints\.demo_mixer_p4' and 'checkpoints\.demo_mixer_p8' have "
+                                            r"the same label and pretraining"):
+        run_aggregate(config)
+    assert not (Path(config["output_root"]) / "aggregate").exists()
+
+
 def test_subset_is_flagged_in_the_headline(tmp_path):
-    config = load_config("config.yaml", tmp_path, checkpoints=["mixer_b16_in21k"], base_lrs=[0.03], seeds=[0])
+    config = load_config("config.yaml", tmp_path, base_lrs=[0.03], checkpoints=["mixer_b16_in21k"],
+                         datasets=["imagenet"], seeds=[0])
     make_results(config, subset=("imagenet",))
     _, page = build_report(tmp_path, config)
     headline = page.split('id="headline-section"')[1].split("</section>")[0]
@@ -400,7 +601,7 @@ def test_report_cli_writes_the_page(tmp_path):
     assert res.returncode == 0, res.stderr
     page = (root / "report" / "index.html").read_text()
     assert "snakemake -n" in page
-    assert 'href="../logs/baseline/demo_mixer_p8/digits/official.log"' in page
+    assert 'href="../logs/baseline/demo_mixer_p8/digits_jpeg/official.log"' in page
 
 
 def test_notebook_and_report_draw_with_the_same_chart_functions(tmp_path, monkeypatch):
@@ -427,7 +628,7 @@ def test_notebook_and_report_draw_with_the_same_chart_functions(tmp_path, monkey
 # ---------------------------------------------------------------------------------------------
 def test_notebook_executes_on_the_results(tmp_path):
     config = load_config("demo/config.yaml", tmp_path)
-    expected = make_results(config)
+    expected = make_results(config)["results"]
     root = Path(config["output_root"])
     run_aggregate(config)
     out_ipynb, out_html = root / "report" / "analysis.ipynb", root / "report" / "analysis.html"
@@ -443,7 +644,10 @@ def test_notebook_executes_on_the_results(tmp_path):
     for top1 in expected.values():
         assert f"{top1:.2f}" in outputs
     # The report's charts: accuracy, LR sweep and one curves chart per pair.
-    assert outputs.count('"image/png"') == 2 + len(expected)
+    assert outputs.count('"image/png"') == 2 + len(matrix.pairs(config))
+    # The Table 3 grid, as the report shows it (the same functions).
+    average = statistics.fmean(expected["demo_mixer_p4", ds] for ds in config["averages"]["AvgDemo"])
+    assert "AvgDemo" in outputs and f"{average:.2f}" in outputs
     assert out_html.read_text().lstrip().lower().startswith("<!doctype html")
 
 
@@ -487,4 +691,4 @@ def test_runs_without_benchmark_files_have_no_cost(tmp_path):
     _write(notebook_html, "<html></html>")
     page = report.render_report(root / "aggregate" / "summary.json", root / "aggregate" / "config.json",
                                 notebook_html, root / "logs", root / "report" / "index.html", "").read_text()
-    assert "0 of 8 runs have a benchmark file" in page
+    assert f"0 of {len(matrix.finetune_runs(config))} runs have a benchmark file" in page

@@ -3,6 +3,7 @@
   python -m workflow_scripts.aggregate --config-json '<config as JSON>' \\
       --summaries RUN/summary.json ... --metrics RUN/metrics.jsonl ... --finetune-benchmarks RUN.tsv ... \\
       --selections ... --evaluations ... --baselines ... --parity ... --downloads ... --datasets ... \\
+      --reals R/real/CKPT/DATASET.json ... \\
       --runs-csv runs.csv --comparison-csv comparison.csv --comparison-md comparison.md \\
       --comparison-tex comparison.tex --summary-json summary.json --config-json-out config.json
 
@@ -11,6 +12,10 @@ It reads exactly the files it is given and writes exactly the files it is told (
 its workflow_scripts.matrix function and is paired here with that matrix: a list of another length, or a
 file that records another checkpoint/dataset/LR/seed than its place says, is refused. Reference figures
 come from the config's `references` (report/references.yaml), each with its source.
+
+Results (workflow_scripts.matrix.results): a fine-tuned pair's from its test evaluation, a released
+checkpoint's from its baseline at the dataset's own `eval_protocol`; a ReaL-style top-1 (real.py) is a
+result of its own ("<dataset label> ReaL"), and so is each named average of `averages` per checkpoint.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -35,10 +41,21 @@ from workflow_scripts.matrix import (
     finetune_runs,
     lr_str,
     pairs,
+    real_results,
+    results,
     used_checkpoints,
     used_datasets,
 )
-from workflow_scripts.tables import NOT_RUN, comparison_latex, comparison_markdown, reference_sources, write_csv
+from workflow_scripts.tables import (
+    NOT_RUN,
+    PARTIAL,
+    comparison_latex,
+    comparison_markdown,
+    real_label,
+    reference_sources,
+    table3_columns,
+    write_csv,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # Packages whose versions the provenance section lists.
@@ -64,6 +81,7 @@ class ResultFiles:
     parity: Sequence[str | os.PathLike]
     downloads: Sequence[str | os.PathLike]
     datasets: Sequence[str | os.PathLike]
+    reals: Sequence[str | os.PathLike]
     # Snakemake benchmark TSVs of the finetune jobs; empty = none (stages run by hand): cost left unknown.
     finetune_benchmarks: Sequence[str | os.PathLike] = ()
 
@@ -89,7 +107,11 @@ INPUT_LISTS = {
     "parity": (used_checkpoints, "used checkpoints (parity record)"),
     "downloads": (used_checkpoints, "used checkpoints (download record)"),
     "datasets": (used_datasets, "used datasets (dataset.json)"),
+    "reals": (real_results, "results with ReaL labels (ReaL top-1)"),
 }
+# The fields of a comparison row that come from this run (None where it did not run).
+THIS_RUN_FIELDS = ("checkpoint", "dataset_name", "result_from", "eval_protocol", "coverage", "subset",
+                   "top1_mean", "top1_std", "top5_mean", "top5_std", "num_seeds", "selected_lr")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,48 +295,153 @@ def cost_of(runs: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# This run beside the published figures
-def build_comparison(config: dict, evaluations: dict, subsets: dict) -> list[dict]:
-    """One row per (model, pre-training, dataset): every published figure, this run, and the difference.
+# This run's results: datasets, ReaL and named averages
+def row_keys(config: dict) -> dict[str, tuple[str, str]]:
+    """(model label, pre-training) per used checkpoint: its row of the Table 3 grid, one row per checkpoint."""
+    keys: dict[str, tuple[str, str]] = {}
+    for ck in used_checkpoints(config):
+        key = (config["checkpoints"][ck]["label"], config["checkpoints"][ck]["pretraining"])
+        same = [other for other, k in keys.items() if k == key]
+        if same:
+            raise PipelineError(f"config keys 'checkpoints.{same[0]}' and 'checkpoints.{ck}' have the same label and "
+                                f"pretraining {key}: their results would share one row of the report; give each "
+                                "checkpoint its own label or pretraining")
+        keys[ck] = key
+    return keys
 
-    Rows come from the reference figures (shown "not run" until the config runs them) and from the
-    config's pairs (pairs without any published figure, e.g. the demo's, are rows with no references).
+
+def dataset_results(config: dict, pair_results: dict, baselines: list[dict], datasets: dict) -> dict[tuple, dict]:
+    """Per (checkpoint, dataset) of matrix.results: its test result, from the evaluation of a fine-tuned
+    pair or from the baseline of a released checkpoint at the dataset's own eval_protocol."""
+    at_protocol = {(b["checkpoint"], b["dataset"], b["protocol"]): b for b in baselines}
+    found = {}
+    for ck, ds, source in results(config):
+        protocol = config["datasets"][ds]["eval_protocol"]
+        record = {"checkpoint": ck, "dataset_name": ds, "kind": "dataset", "status": "run", "result_from": source,
+                  "eval_protocol": protocol, "coverage": None, "subset": datasets[ds]["subset"]}
+        if source == "finetune":
+            ev = pair_results["evaluations"][ck, ds]
+            record.update(top1_mean=ev["top1_mean"], top1_std=ev["top1_std"], top5_mean=ev["top5_mean"],
+                          top5_std=ev["top5_std"], num_seeds=ev["num_seeds"], selected_lr=ev["selected_lr"],
+                          models=[run.get("model") for run in ev["runs"]])
+        else:
+            baseline = at_protocol[ck, ds, protocol]
+            record.update(top1_mean=baseline["top1"], top1_std=None, top5_mean=baseline["top5"], top5_std=None,
+                          num_seeds=None, selected_lr=None, models=[baseline["model"]])
+        found[ck, ds] = record
+    return found
+
+
+def read_reals(paired: dict, found: dict[tuple, dict]) -> dict[tuple, dict]:
+    """Per (checkpoint, dataset) with ReaL labels: its ReaL result (real.py), as a result of its own.
+
+    A ReaL file records its dataset and the models whose predictions it scored: they must be those of the
+    result its place in the list names."""
+    reals = {}
+    for (ck, ds, _), path in paired["reals"]:
+        real = read_json(path)
+        result = found[ck, ds]
+        check_matches(path, "--reals", {"dataset": real.get("dataset"),
+                                        "models": sorted(str(run.get("model")) for run in real.get("runs") or [])},
+                      {"dataset": ds, "models": sorted(map(str, result["models"]))})
+        reals[ck, ds] = {**result, "kind": "real", "top1_mean": real["real_top1"], "top1_std": real["real_top1_std"],
+                         "top5_mean": None, "top5_std": None, "original_top1": statistics.fmean(
+                             run["top1"] for run in real["runs"]),
+                         "num_images": real["num_images"], "num_excluded_empty": real["num_excluded_empty"],
+                         "num_validation_images": real["num_validation_images"],
+                         "definition": real["definition"], "path": str(path)}
+    return reals
+
+
+def average_results(config: dict, found: dict[tuple, dict]) -> dict[tuple, dict]:
+    """Per used checkpoint and named average (config `averages`): the mean test top-1 of its members, only
+    when every member has a result; otherwise no number, status PARTIAL and the coverage "k of N"."""
+    averages = {}
+    for ck in used_checkpoints(config):
+        for name, members in config["averages"].items():
+            have = [found[ck, ds] for ds in members if (ck, ds) in found]
+            complete = len(have) == len(members)
+            averages[ck, name] = {
+                "checkpoint": ck, "dataset_name": name, "kind": "average", "status": "run" if complete else PARTIAL,
+                "result_from": None, "eval_protocol": None, "coverage": f"{len(have)} of {len(members)}",
+                "members": list(members), "subset": any(r["subset"] for r in have),
+                "top1_mean": statistics.fmean(r["top1_mean"] for r in have) if complete else None,
+                "top1_std": None, "top5_mean": None, "top5_std": None, "num_seeds": None, "selected_lr": None}
+    return averages
+
+
+def this_run(config: dict, paired: dict, pair_results: dict, baselines: list[dict], datasets: dict) -> dict:
+    """{"results", "reals", "averages"}: each {(checkpoint, dataset or average name): record}."""
+    found = dataset_results(config, pair_results, baselines, datasets)
+    return {"results": found, "reals": read_reals(paired, found), "averages": average_results(config, found)}
+
+
+def column_label(config: dict, record: dict) -> str:
+    """The Table 3 column of a result: the dataset's label, "<label> ReaL", or the average's name."""
+    if record["kind"] == "average":
+        return record["dataset_name"]
+    label = config["datasets"][record["dataset_name"]]["label"]
+    return real_label(label) if record["kind"] == "real" else label
+
+
+def config_columns(config: dict) -> list[dict]:
+    """The Table 3 columns the config defines: every used dataset (with its ReaL column if it has
+    real_labels) and every named average."""
+    columns = []
+    for ds in used_datasets(config):
+        label = config["datasets"][ds]["label"]
+        columns.append({"label": label, "kind": "dataset"})
+        if config["datasets"][ds].get("real_labels"):
+            columns.append({"label": real_label(label), "kind": "real"})
+    return columns + [{"label": name, "kind": "average"} for name in config["averages"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# This run beside the published figures
+def build_comparison(config: dict, ours: dict, columns: list[dict]) -> list[dict]:
+    """One row per (model, pre-training, dataset): this run's result, every published figure and the difference.
+
+    `ours`: this_run's records. Rows: this run's results (datasets, ReaL, averages; in config order), then
+    the published figures' (model, pre-training, dataset) this config did not run ("not run").
     """
-    refs = config["references"]
+    refs, keys = config["references"], row_keys(config)
     values: dict[tuple, dict] = {}
     for fig in refs["figures"]:
-        key = (fig["label"], fig["pretraining"], fig["dataset"])
-        values.setdefault(key, {})[f"{fig['source']}_{fig['metric']}"] = fig["value"]
-
-    ours = {}
-    for (ck, ds), ev in evaluations.items():
-        ck_cfg, ds_cfg = config["checkpoints"][ck], config["datasets"][ds]
-        ours[ck_cfg["label"], ck_cfg["pretraining"], ds_cfg["label"]] = (ck, ds, ev)
-
+        values.setdefault((fig["label"], fig["pretraining"], fig["dataset"]), {})[f"{fig['source']}_{fig['metric']}"] \
+            = fig["value"]
+    kinds = {c["label"]: c["kind"] for c in columns}
+    order = [*keys.values()], [c["label"] for c in columns]
+    run = {(*keys[r["checkpoint"]], column_label(config, r)): r for records in ours.values() for r in records.values()}
+    run = dict(sorted(run.items(), key=lambda item: (order[0].index(item[0][:2]), order[1].index(item[0][2]))))
     rows = []
-    for key in list(values) + [k for k in ours if k not in values]:
-        label, pretraining, dataset = key
-        row = {"model": label, "pretraining": pretraining, "dataset": dataset,
-               "has_reference": key in values, "status": "run" if key in ours else NOT_RUN}
+    for key in list(run) + [k for k in values if k not in run]:
+        record = run.get(key)
+        row = {"model": key[0], "pretraining": key[1], "dataset": key[2], "kind": kinds.get(key[2]),
+               "has_reference": key in values, "status": record["status"] if record else NOT_RUN}
         for metric in ("top1", "top5"):
             for src in reference_sources(refs, metric):
                 row[f"{src}_{metric}"] = values.get(key, {}).get(f"{src}_{metric}")
-        ck, ds, ev = ours.get(key, (None, None, None))
-        row.update({
-            "checkpoint": ck, "dataset_name": ds,
-            "subset": bool(ds and subsets.get(ds, {}).get("subset")),
-            "top1_mean": ev["top1_mean"] if ev else None, "top1_std": ev["top1_std"] if ev else None,
-            "top5_mean": ev["top5_mean"] if ev else None, "top5_std": ev["top5_std"] if ev else None,
-            "num_seeds": ev["num_seeds"] if ev else None, "selected_lr": ev["selected_lr"] if ev else None,
-        })
-        primary = refs["primary"].get(dataset)
-        primary_value = row.get(f"{primary}_top1") if primary else None
-        row["primary_source"] = primary if primary_value is not None else None
-        row["primary_top1"] = primary_value
-        row["diff_to_primary"] = (row["top1_mean"] - primary_value
-                                  if ev and primary_value is not None else None)
+        row.update({field: record[field] if record else None for field in THIS_RUN_FIELDS})
+        row["subset"] = bool(row["subset"])
+        primary = refs["primary"].get(key[2])
+        row["primary_top1"] = row.get(f"{primary}_top1") if primary else None
+        row["primary_source"] = primary if row["primary_top1"] is not None else None
+        row["diff_to_primary"] = (row["top1_mean"] - row["primary_top1"]
+                                  if row["top1_mean"] is not None and row["primary_top1"] is not None else None)
         rows.append(row)
     return rows
+
+
+def published_summary(config: dict, ours: dict) -> dict:
+    """summary.json's view of the ReaL results and averages (the report's ReaL section and legends)."""
+    keys, labels = row_keys(config), {ds: config["datasets"][ds]["label"] for ds in config["datasets"]}
+    reals = [{**{k: v for k, v in r.items() if k != "models"}, "label": keys[r["checkpoint"]][0],
+              "pretraining": keys[r["checkpoint"]][1], "dataset_label": labels[r["dataset_name"]]}
+             for r in ours["reals"].values()]
+    averages = [{**r, "label": keys[r["checkpoint"]][0], "pretraining": keys[r["checkpoint"]][1]}
+                for r in ours["averages"].values()]
+    members = {name: [labels[ds] for ds in ds_list] for name, ds_list in config["averages"].items()}
+    return {"reals": reals, "averages": averages, "average_members": members}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +474,7 @@ def read_baselines(config: dict, paired: dict) -> list[dict]:
                           "dataset": ds, "dataset_label": ds_label, "protocol": protocol,
                           "protocol_settings": config["evaluation"]["protocols"][protocol],
                           "top1": result["top1"], "top5": result["top5"], "top5_note": result.get("top5_note"),
+                          "model": result.get("model"),
                           "num_images": result["num_images"], "images_per_s": result.get("images_per_s"),
                           "published": published, "path": str(path)})
     return baselines
@@ -411,6 +539,9 @@ def aggregate(config: dict, files: ResultFiles, outputs: AggregateOutputs) -> di
     datasets = read_datasets(config, paired)
     pair_results = read_pair_results(paired)
     runs, curves = collect_runs(config, paired, pair_results)
+    baselines = read_baselines(config, paired)
+    ours = this_run(config, paired, pair_results, baselines, datasets)
+    columns = table3_columns(config_columns(config), [f["dataset"] for f in refs["figures"]])
     summary = {
         "title": config["report"]["title"],
         "aggregated_utc": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -418,12 +549,14 @@ def aggregate(config: dict, files: ResultFiles, outputs: AggregateOutputs) -> di
         "runs": runs,
         "curves": curves,
         "pairs": pair_records(config, pair_results),
-        "comparison": build_comparison(config, pair_results["evaluations"], datasets),
+        "comparison": build_comparison(config, ours, columns),
+        "table3_columns": columns,
+        **published_summary(config, ours),
         "references": refs,
         "datasets": datasets,
         "subset_datasets": [d for d in datasets.values() if d["subset"]],
         "checkpoints": read_checkpoints(config, paired),
-        "baselines": read_baselines(config, paired),
+        "baselines": baselines,
         "protocol": config["protocol"],
         "eval_protocols": config["evaluation"]["protocols"],
         "cost": cost_of(runs),
@@ -440,10 +573,10 @@ def write_outputs(config: dict, summary: dict, outputs: AggregateOutputs) -> Non
     comparison_columns = list(comparison[0]) if comparison else ["model", "pretraining", "dataset"]
     write_csv(outputs.comparison_csv, comparison, comparison_columns)
     with atomic_path(outputs.comparison_md) as tmp:
-        tmp.write_text(comparison_markdown(comparison, summary["references"], summary["title"],
-                                           summary["subset_datasets"]))
+        tmp.write_text(comparison_markdown(comparison, summary["table3_columns"], summary["references"],
+                                           summary["title"], summary["subset_datasets"]))
     with atomic_path(outputs.comparison_tex) as tmp:
-        tmp.write_text(comparison_latex(comparison, summary["references"]))
+        tmp.write_text(comparison_latex(comparison, summary["table3_columns"], summary["references"]))
     write_json(outputs.config_json_out, config)
     write_json(outputs.summary_json, summary)  # last: the report rule's input
 

@@ -1,11 +1,16 @@
 """Every benchmark of the pipeline, each against a bare baseline measured in the same run.
 
-    python -m workflow_scripts.bench [training|evaluation|conversion ...] [--threads 2] [--steps 4] [--rounds 5]
+    python -m workflow_scripts.bench [training|evaluation|conversion|image_train|image_eval|image_gpu_decode ...]
+        [--threads 2] [--steps 4] [--rounds 5]
 
 With no name, all of them run (`make bench`). Each prints one JSON line last:
 - training: the fine-tuning engine against a bare timm + torch loop (below);
 - evaluation: the evaluation engine against a bare timm forward loop, same model, batches and threads;
-- conversion: converting a synthesized Mixer-B/16 (21843 classes) in child processes, time and memory.
+- conversion: converting a synthesized Mixer-B/16 (21843 classes) in child processes, time and memory;
+- image_train, image_eval: the image-file path of a DataLoader worker (read, decode, crop + resize to
+  uint8) on generated ImageNet-like JPEGs, per core, against torchvision.io.decode_jpeg alone in the
+  same run (ratio), and the cores one H100 needs for Mixer-B/16 at 40% utilisation (issue #13);
+- image_gpu_decode: decode_device "cuda" (nvJPEG + crop on the GPU), img/s; skipped without CUDA.
 
 Training:
 The engine is `finetune.train` itself (accumulation, clipping, schedule, the real array data path
@@ -21,6 +26,7 @@ The last line printed is a JSON object with engine_img_s, bare_img_s and ratio (
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import resource
 import statistics
@@ -35,9 +41,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from workflow_scripts import evaluate, finetune, model_io
-from workflow_scripts.convert import random_official_params
+from workflow_scripts import data, evaluate, finetune, model_io
 from workflow_scripts.common import PipelineError, run_cli
+from workflow_scripts.convert import random_official_params
 from workflow_scripts.protocol import Protocol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,9 +52,26 @@ SMALL_MIXER = {"patch_size": 4, "hidden_dim": 128, "num_blocks": 4, "tokens_mlp_
                "channels_mlp_dim": 512, "num_classes": 10, "image_size": 32}
 MIXER_B16 = {"patch_size": 16, "hidden_dim": 768, "num_blocks": 12, "tokens_mlp_dim": 384,
              "channels_mlp_dim": 3072, "num_classes": 10, "image_size": 224}
-# Dense bf16 tensor-core peak per device (vendor datasheets), matched against the device name in order.
-PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0)]
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by the exact name CUDA reports (torch.cuda.get_device_name),
+# from NVIDIA's datasheets (where a sheet gives only the figure with sparsity, half of it). Exact names only: a
+# substring would give the L40 the L4's peak, the H100 NVL or PCIe the SXM's, and a MIG slice ("... MIG 1g.10gb")
+# the whole GPU's. A name not listed gets no MFU ("unknown peak").
+PEAK_BF16_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.5,    # H100 SXM5: 1,979 with sparsity (H100 datasheet)
+    "NVIDIA H100 PCIe": 756.5,         # 1,513 with sparsity
+    "NVIDIA H100 NVL": 835.5,          # 1,671 with sparsity
+    "NVIDIA H200": 989.5,              # H200 SXM: 1,979 with sparsity (H200 datasheet)
+    "NVIDIA H200 NVL": 835.5,          # 1,671 with sparsity
+    "NVIDIA GH200 480GB": 989.5,       # its H100 as the SXM5 one (GH200 datasheet)
+    "NVIDIA A100-SXM4-40GB": 312.0,    # A100 datasheet: 312 for every A100 form factor
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA L40S": 362.05,             # L40S datasheet
+    "NVIDIA L40": 181.05,              # L40 datasheet
+    "NVIDIA L4": 121.0,                # 242 with sparsity (L4 datasheet)
+    "NVIDIA A10": 125.0,               # A10 datasheet
+}
 
 
 def forward_flops(arch: dict) -> float:
@@ -64,10 +87,8 @@ def forward_flops(arch: dict) -> float:
 
 
 def peak_tflops(device_name: str) -> float | None:
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in device_name:
-            return tflops
-    return None
+    """The device's dense bf16 peak, or None where its exact name is not in PEAK_BF16_TFLOPS."""
+    return PEAK_BF16_TFLOPS.get(device_name.strip())
 
 
 def write_workload(folder: Path, arch: dict, num_images: int) -> tuple[Path, Path]:
@@ -157,8 +178,11 @@ def describe(arch: dict) -> str:
 def with_utilisation(result: dict, device_name: str) -> dict:
     train_flops = 3 * forward_flops(result["model"])  # backward = 2 x forward
     peak = peak_tflops(device_name)
+    if peak is None:
+        print(f"bench: unknown peak for {device_name!r} (not in bench.PEAK_BF16_TFLOPS: another GPU, or a MIG "
+              "slice); no MFU reported", flush=True)
     result["train_gflops_per_image"] = train_flops / 1e9
-    result["peak_bf16_tflops"] = peak
+    result["peak_bf16_tflops"] = peak if peak is not None else "unknown peak"
     for kind in ("engine", "bare"):
         result[f"{kind}_mfu"] = None if peak is None else result[f"{kind}_img_s"] * train_flops / (peak * 1e12)
     return result
@@ -279,10 +303,156 @@ def training_bench(args) -> dict:
     return report
 
 
+# ---------------------------------------------------------------------------------------------
+# The image-file path (issue #13): per-core throughput against the JPEG decoder's own
+IMAGENET_LIKE_SIZES = [(375, 500), (500, 375), (333, 500), (375, 500)]  # most ImageNet photos: <= 500 px a side
+H100_UTILISATION = 0.4  # the model FLOP utilisation the study plans for (issue #13)
+
+
+def write_imagenet_like_jpegs(folder: Path, count: int, seed: int = 0) -> list[str]:
+    """Photo-like JPEGs of ImageNet's typical sizes and bytes (~100 KiB at quality 90, 4:2:0): smooth
+    random waves plus sensor-like noise (the noise sets the entropy, hence the size and decode cost)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    files = []
+    for i in range(count):
+        height, width = IMAGENET_LIKE_SIZES[i % len(IMAGENET_LIKE_SIZES)]
+        y, x = np.mgrid[0:height, 0:width] / 100.0
+        pixels = np.full((height, width, 3), 128.0)
+        for channel in range(3):
+            for a, b, phase in rng.normal(size=(6, 3)):
+                pixels[..., channel] += 30 * np.sin(3 * a * x + 3 * b * y + phase)
+        pixels += rng.normal(0, 22, pixels.shape)
+        path = folder / f"{i:04d}.JPEG"
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, format="JPEG", quality=90)
+        files.append(str(path))
+    return files
+
+
+def _previous_path(files: list[str], transform) -> None:
+    """The image path before issue #13: PIL decode, then the float resampling of the whole image."""
+    from PIL import Image
+
+    for seed, path in enumerate(files):
+        with Image.open(path) as im:
+            pixels = torch.from_numpy(np.asarray(im.convert("RGB")).copy())
+        transform(pixels[None], [seed])
+
+
+def _cpu_img_s(run, count: int) -> float:
+    """Images per CPU-second of this process: what one dedicated core would do (on a shared machine,
+    time spent waiting for a core is not counted)."""
+    start = time.process_time()
+    run()
+    return count / (time.process_time() - start)
+
+
+def image_path_rates(files: list[str], transforms: dict, rounds: int, batch: int = 32) -> dict[str, list[float]]:
+    """Per-core rates of loops over the same files, measured in turns in every round: for each transform
+    the worker's own code (read, decode, crop + resize to uint8: data._FolderBatches), then decode_jpeg
+    alone on the bytes in memory ("decode") and the previous path with the first transform ("previous")."""
+    labels = np.zeros(len(files), dtype=np.int64)
+    keys = [[(i, 1000 + i) for i in range(start, min(start + batch, len(files)))]
+            for start in range(0, len(files), batch)]
+    encoded = [data.read_encoded(f) for f in files]
+    loops = {}
+    for name, transform in transforms.items():
+        dataset = data._FolderBatches(files, labels, transform, decode_on_device=False)
+        loops[name] = lambda dataset=dataset: [dataset[k] for k in keys]
+    loops["decode"] = lambda: [data._decode_jpeg(e) for e in encoded]
+    loops["previous"] = lambda: _previous_path(files, next(iter(transforms.values())))
+    for run in loops.values():
+        run()  # warm-up: page cache, allocator, kernels
+    rates: dict[str, list[float]] = {name: [] for name in loops}
+    for i in range(rounds):
+        for name in list(loops) if i % 2 == 0 else list(loops)[::-1]:
+            rates[name].append(_cpu_img_s(loops[name], len(files)))
+    return rates
+
+
+def h100_img_s_needed(flops_per_image: float) -> float:
+    """Images per second one H100 consumes at H100_UTILISATION of its dense bf16 peak."""
+    return H100_UTILISATION * PEAK_BF16_TFLOPS["NVIDIA H100 80GB HBM3"] * 1e12 / flops_per_image  # SXM5
+
+
+def _rate_and_ratio(rates: dict[str, list[float]], name: str) -> tuple[float, float]:
+    """Median rate of a loop and the median over rounds of its ratio to decode-only."""
+    return (statistics.median(rates[name]),
+            statistics.median(p / d for p, d in zip(rates[name], rates["decode"])))
+
+
+def image_path_bench(kind: str, rounds: int, count: int = 64) -> dict:
+    """One JSON line for the training ("train") or the evaluation ("eval") image path; evaluation is
+    judged on ImageNet's protocol in config.yaml (paper_table3, the costlier) and also reports official."""
+    torch.set_num_threads(1)  # one core: the rate of one DataLoader worker
+    size = MIXER_B16["image_size"]
+    if kind == "train":  # the study's protocol block: inception crop, flip
+        transforms = {"train": data.TrainAugment(size, True, 0.05, True, 127.5, 127.5)}
+        flops, bar = 3 * forward_flops(MIXER_B16), 0.8  # backward = 2 x forward
+    else:
+        transforms = {name: data.EvalTransform(protocol, size, 127.5, 127.5) for name, protocol in (
+            ("paper_table3", {"resize": "shorter_side", "crop_fraction": 0.875}), ("official", {"resize": "direct"}))}
+        flops, bar = forward_flops(MIXER_B16), 0.85
+    with tempfile.TemporaryDirectory(prefix="mixer-bench-jpegs-") as tmp:
+        files = write_imagenet_like_jpegs(Path(tmp), count)
+        kib = statistics.fmean(Path(f).stat().st_size for f in files) / 1024
+        rates = image_path_rates(files, transforms, rounds)
+    headline = next(iter(transforms))
+    img_s, ratio = _rate_and_ratio(rates, headline)
+    needed = h100_img_s_needed(flops)
+    result = {"path": kind, "protocol": headline, "img_s_per_core": round(img_s, 1),
+              "decode_only_img_s_per_core": round(statistics.median(rates["decode"]), 1), "ratio": round(ratio, 3),
+              "bar": bar, "meets_bar": ratio >= bar, "h100_img_s_needed": round(needed),
+              "h100_cores_needed": round(needed / img_s, 1),
+              "h100_cores_needed_decode_only": round(needed / statistics.median(rates["decode"]), 1)}
+    for name in list(transforms)[1:]:
+        other_img_s, other_ratio = _rate_and_ratio(rates, name)
+        result[name] = {"img_s_per_core": round(other_img_s, 1), "ratio": round(other_ratio, 3)}
+    previous_img_s, previous_ratio = _rate_and_ratio(rates, "previous")
+    return dict(result, previous_img_s_per_core=round(previous_img_s, 1), previous_ratio=round(previous_ratio, 3),
+                images=count, jpeg_kib_mean=round(kib, 1), rounds=rounds,
+                cpu=finetune.device_names(torch.device("cpu"), 1)[0], date=datetime.date.today().isoformat())
+
+
+def gpu_decode_bench(rounds: int, count: int = 256, batch: int = 64) -> dict:
+    """decode_device "cuda": the main process decodes (nvJPEG, batched) and crops on the GPU; img/s of
+    that step on wall-clock time (the workers only read files). Needs CUDA."""
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    device = torch.device("cuda")
+    transform = data.TrainAugment(MIXER_B16["image_size"], True, 0.05, True, 127.5, 127.5)
+    with tempfile.TemporaryDirectory(prefix="mixer-bench-jpegs-") as tmp:
+        files = write_imagenet_like_jpegs(Path(tmp), count)
+        encoded = [data.read_encoded(f) for f in files]
+
+    def run() -> None:
+        for start in range(0, count, batch):
+            chunk = slice(start, start + batch)
+            decoded = data.decode_on_device(encoded[chunk], files[chunk], device)
+            seeds = range(start, start + len(decoded))
+            data.normalise(data.transform_images(decoded, transform, seeds, exact=True), transform.mean, transform.std)
+        torch.cuda.synchronize()
+
+    run()  # warm-up: nvJPEG handles, kernels
+    img_s = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run()
+        img_s.append(count / (time.perf_counter() - start))
+    return {"path": "train, decode_device cuda", "img_s": round(statistics.median(img_s), 1),
+            "h100_img_s_needed": round(h100_img_s_needed(3 * forward_flops(MIXER_B16))),
+            "device_name": torch.cuda.get_device_name(device), "images": count, "batch": batch, "rounds": rounds,
+            "date": datetime.date.today().isoformat()}
+
+
 BENCHMARKS = {
     "training": training_bench,
     "evaluation": lambda args: evaluation_bench(max(1, args.threads)),
     "conversion": lambda args: conversion_bench(),
+    "image_train": lambda args: image_path_bench("train", max(args.rounds, 7)),
+    "image_eval": lambda args: image_path_bench("eval", max(args.rounds, 7)),
+    "image_gpu_decode": lambda args: gpu_decode_bench(max(args.rounds, 5)),
 }
 
 

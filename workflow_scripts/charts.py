@@ -11,7 +11,7 @@ import io
 
 from matplotlib.figure import Figure
 
-from workflow_scripts.tables import NOT_RUN, reference_sources
+from workflow_scripts.tables import reference_sources
 
 PNG_DPI = 100
 
@@ -31,31 +31,36 @@ def png_base64(fig: Figure) -> str:
     return base64.b64encode(png_bytes(fig)).decode("ascii")
 
 
+# Marker per published source in the accuracy chart (cycled when there are more sources).
+SOURCE_MARKERS = ("D", "s", "^", "v", "P", "X", "o")
+
+
 def accuracy_chart(comparison: list[dict], refs: dict) -> Figure | None:
-    """This run's test top-1 (mean ± std) beside every published top-1 figure of the same row; None if nothing ran."""
-    rows = [r for r in comparison if r["status"] != NOT_RUN]
+    """One horizontal bar per result of this run (test top-1, error bar: std over seeds; ReaL and averages
+    included), every published top-1 of the same row as a marker per source; None if nothing has a number."""
+    rows = [r for r in comparison if r["top1_mean"] is not None]
     if not rows:
         return None
     sources = [s for s in reference_sources(refs, "top1") if any(r[f"{s}_top1"] is not None for r in rows)]
-    series = [("this run", [r["top1_mean"] for r in rows], [r["top1_std"] or 0 for r in rows])]
-    series += [(s, [r[f"{s}_top1"] for r in rows], None) for s in sources]
-    width = 0.8 / len(series)
-    fig = Figure(figsize=(max(6, 1.6 * len(rows) + 2), 3.8))
+    fig = Figure(figsize=(9, 1.4 + 0.32 * len(rows)), layout="constrained")
     ax = fig.subplots()
-    for i, (name, values, errors) in enumerate(series):
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))]
-        present = [(x, v, e) for x, v, e in zip(xs, values, errors or [0] * len(values)) if v is not None]
-        if present:
-            bars = ax.bar([p[0] for p in present], [p[1] for p in present], width,
-                          yerr=[p[2] for p in present] if errors else None, capsize=3, label=plain_text(name))
-            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([plain_text(f"{r['model']}\n{r['pretraining']}\n{r['dataset']}"
+    ys = range(len(rows))
+    spread = [r["top1_std"] or 0 for r in rows]
+    bars = ax.barh(ys, [r["top1_mean"] for r in rows], 0.6, xerr=spread if any(spread) else None, capsize=3,
+                   color="#9db7dd", label="this run")
+    ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=3)
+    for source, marker in zip(sources, SOURCE_MARKERS * len(sources)):
+        points = [(r[f"{source}_top1"], y) for y, r in zip(ys, rows) if r[f"{source}_top1"] is not None]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, s=28, zorder=3,
+                   label=plain_text(source))
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([plain_text(f"{r['model']} · {r['pretraining']} · {r['dataset']}"
                                    + (" (subset)" if r["subset"] else "")) for r in rows], fontsize=8)
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_ylim(0, 105)
+    ax.invert_yaxis()  # the first row on top, as in the tables
+    ax.set_xlabel("top-1 accuracy (%)")
+    ax.set_xlim(0, 112)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.grid(axis="y", alpha=0.3)
+    ax.grid(axis="x", alpha=0.3)
     return fig
 
 

@@ -4,20 +4,25 @@ Two storage layouts (both described by D/{dataset}/dataset.json, see docs/design
 - "arrays": <root>/<split>.npz with uint8 NHWC images; the whole split is moved to the device once and
   augmented there in batches (CIFAR-10, the demo's array store);
 - "imagefolder": <root>/<split>/<class>/<image>; images are decoded and transformed in DataLoader
-  workers (ImageNet, the demo's digits tree).
+  workers (ImageNet, the demo's digits tree), or with decode_device "cuda" decoded on the GPU.
 
-Both layouts go through the same resampling function (`resample`), so a protocol's geometry is
-identical whichever layout holds the pixels. Resizing is bilinear with half-pixel centres and no
-antialiasing, as tf.image.resize in the official input pipeline (vit_jax/input_pipeline.py); a
-crop is cut out first, so samples never reach outside it (like tf.slice followed by resize).
+Every path follows one geometry per sample (`TrainAugment.geometry`, `EvalTransform.geometry`: a crop
+box, a resize, an output window, a flip). Resizing is bilinear with half-pixel centres and no
+antialiasing, as tf.image.resize in the official input pipeline (vit_jax/input_pipeline.py); a crop is
+cut out first, so samples never reach outside it (like tf.slice followed by resize). Array splits
+sample it in float (`resample`, the reference); image files take the fast path (`crop_resize`: decode
+with libjpeg-turbo, cut the integer box, resize only the crop in uint8), within one grey level of it.
 
 Every random choice of a training sample (inception crop, flip) is a pure function of its aug seed
 (a counter-based SplitMix64 stream), so resumed and multi-GPU runs see bitwise the same pixels.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -25,6 +30,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from .common import PipelineError, read_json
 
@@ -226,7 +232,14 @@ def inception_crop_boxes(u: np.ndarray, height: np.ndarray, width: np.ndarray, m
 
 
 # ---------------------------------------------------------------------------------------------
-# Resampling shared by every path
+# Geometry shared by every path
+# A sample's geometry is one int64 row of GEOMETRY_FIELDS: cut the box (top, left, height, width) out of
+# the decoded image, resize it to (resize_h, resize_w), keep the image_size window at (out_top, out_left),
+# mirror it when flip is 1. The float reference (`resample` at `sample_coords`) and the fast uint8 path
+# (`crop_resize`) both follow these rows, so the two compute the same geometry by construction.
+GEOMETRY_FIELDS = ("top", "left", "height", "width", "resize_h", "resize_w", "out_top", "out_left", "flip")
+
+
 def _axis(origin, scale, lo, hi, size: int) -> np.ndarray:
     """Source pixel-centre coordinates (B, size) of `size` output pixels: origin + (j + .5) * scale - .5."""
     j = np.arange(size, dtype=np.float64)[None, :] + 0.5
@@ -234,10 +247,21 @@ def _axis(origin, scale, lo, hi, size: int) -> np.ndarray:
     return np.clip(src, np.asarray(lo, np.float64)[:, None], np.asarray(hi, np.float64)[:, None])
 
 
+def sample_coords(geometry: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source rows ys and columns xs, each (B, size), that geometry rows sample (half-pixel centres,
+    clamped to the box, as tf.image.resize after tf.slice)."""
+    top, left, h, w, resize_h, resize_w, out_top, out_left, flip = np.asarray(geometry, dtype=np.int64).T
+    ys = _axis(top + out_top * h / resize_h, h / resize_h, top, top + h - 1, size)
+    xs = _axis(left + out_left * w / resize_w, w / resize_w, left, left + w - 1, size)
+    # Flipping the output = reversing its columns (tf.image.random_flip_left_right after the resize).
+    return ys, np.where(flip[:, None] > 0, xs[:, ::-1], xs)
+
+
 def resample(images_nhwc: torch.Tensor, ys: np.ndarray, xs: np.ndarray) -> torch.Tensor:
     """Bilinear samples of uint8 NHWC images at per-sample source rows ys (B, S) and columns xs (B, S).
 
     Returns float32 NCHW (B, 3, S, S) in 0..255. Coordinates are pixel centres, clamped by the caller.
+    The reference path: array splits use it on the device, and the fast path is tested against it.
     """
     _, height, width, _ = images_nhwc.shape
     device = images_nhwc.device
@@ -247,6 +271,11 @@ def resample(images_nhwc: torch.Tensor, ys: np.ndarray, xs: np.ndarray) -> torch
     grid = torch.stack([gx[:, None, :].expand(b, s_y, s_x), gy[:, :, None].expand(b, s_y, s_x)], dim=-1)
     images = images_nhwc.permute(0, 3, 1, 2).float()
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Pixels in 0..255 (uint8 or float, any memory format) -> contiguous float32 (x - mean) / std."""
+    return (images.to(torch.float32, memory_format=torch.contiguous_format) - mean) / std
 
 
 @dataclass(frozen=True)
@@ -260,29 +289,29 @@ class TrainAugment:
     mean: float
     std: float
 
-    def coords(self, seeds: Sequence[int] | np.ndarray, height, width) -> tuple[np.ndarray, np.ndarray]:
-        """Source coordinates (ys, xs), each (B, image_size), for images of the given sizes."""
+    def geometry(self, seeds: Sequence[int] | np.ndarray, heights, widths) -> np.ndarray:
+        """Geometry rows (B, 9) for images of the given sizes, each a pure function of its aug seed."""
         seeds = np.asarray(seeds)
         n = len(seeds)
-        H = np.broadcast_to(np.asarray(height, dtype=np.int64), (n,))
-        W = np.broadcast_to(np.asarray(width, dtype=np.int64), (n,))
+        H = np.broadcast_to(np.asarray(heights, dtype=np.int64), (n,))
+        W = np.broadcast_to(np.asarray(widths, dtype=np.int64), (n,))
         u = seed_uniforms(seeds, 2 * CROP_ATTEMPTS + 3)
         if self.inception_crop:
             top, left, h, w = inception_crop_boxes(u[:, :-1], H, W, self.min_area).T
         else:
             top, left, h, w = np.zeros(n), np.zeros(n), H, W
-        s = self.image_size
-        ys = _axis(top, h / s, top, top + h - 1, s)
-        xs = _axis(left, w / s, left, left + w - 1, s)
-        if self.flip:  # tf: flip when uniform() > 0.5; flipping the output = reversing its columns
-            flipped = u[:, -1] > 0.5
-            xs = np.where(flipped[:, None], xs[:, ::-1], xs)
-        return ys, xs
+        flip = u[:, -1] > 0.5 if self.flip else np.zeros(n, dtype=bool)  # tf: flip when uniform() > 0.5
+        size, zero = np.full(n, self.image_size), np.zeros(n)
+        return np.stack([top, left, h, w, size, size, zero, zero, flip], axis=1).astype(np.int64)
+
+    def coords(self, seeds: Sequence[int] | np.ndarray, height, width) -> tuple[np.ndarray, np.ndarray]:
+        """Source coordinates (ys, xs), each (B, image_size), for images of the given sizes."""
+        return sample_coords(self.geometry(seeds, height, width), self.image_size)
 
     def __call__(self, images_nhwc: torch.Tensor, seeds: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Augment uint8 NHWC images (all the same size) -> normalised float32 NCHW on their device."""
         ys, xs = self.coords(seeds, images_nhwc.shape[1], images_nhwc.shape[2])
-        return (resample(images_nhwc, ys, xs) - self.mean) / self.std
+        return normalise(resample(images_nhwc, ys, xs), self.mean, self.std)
 
 
 @dataclass(frozen=True)
@@ -294,13 +323,13 @@ class EvalTransform:
     mean: float
     std: float
 
-    def coords(self, n: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    def image_geometry(self, height: int, width: int) -> tuple[int, ...]:
+        """The geometry row of one height x width image."""
         s = self.image_size
         resize = self.protocol.get("resize")
         if resize == "direct":  # official code: tf.image.resize(im, [crop, crop])
-            ys = _axis([0.0], [height / s], [0], [height - 1], s)
-            xs = _axis([0.0], [width / s], [0], [width - 1], s)
-        elif resize == "shorter_side":  # paper Table 3: shorter side to size/crop_fraction, centre crop
+            return 0, 0, height, width, s, s, 0, 0, 0
+        if resize == "shorter_side":  # paper Table 3: shorter side to size/crop_fraction, centre crop
             fraction = self.protocol.get("crop_fraction")
             if fraction is None:
                 raise PipelineError(f"evaluation protocol {self.protocol}: 'shorter_side' needs crop_fraction")
@@ -308,44 +337,209 @@ class EvalTransform:
             scale = short / min(height, width)
             new_h, new_w = max(short, round(height * scale)), max(short, round(width * scale))
             top, left = round((new_h - s) / 2), round((new_w - s) / 2)  # torchvision CenterCrop offsets
-            ys = _axis([top * height / new_h], [height / new_h], [0], [height - 1], s)
-            xs = _axis([left * width / new_w], [width / new_w], [0], [width - 1], s)
-        else:
-            raise PipelineError(f"evaluation protocol {self.protocol}: resize must be 'direct' or 'shorter_side'")
+            return 0, 0, height, width, new_h, new_w, top, left, 0
+        raise PipelineError(f"evaluation protocol {self.protocol}: resize must be 'direct' or 'shorter_side'")
+
+    def geometry(self, seeds, heights, widths) -> np.ndarray:
+        """Geometry rows (B, 9) for images of the given sizes (seeds are unused: evaluation is deterministic)."""
+        rows = [self.image_geometry(int(h), int(w)) for h, w in zip(np.atleast_1d(heights), np.atleast_1d(widths))]
+        return np.asarray(rows, dtype=np.int64).reshape(-1, len(GEOMETRY_FIELDS))
+
+    def coords(self, n: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        ys, xs = sample_coords(self.geometry(None, [height], [width]), self.image_size)
         return np.repeat(ys, n, axis=0), np.repeat(xs, n, axis=0)
 
     def __call__(self, images_nhwc: torch.Tensor, seeds=None) -> torch.Tensor:
         ys, xs = self.coords(images_nhwc.shape[0], images_nhwc.shape[1], images_nhwc.shape[2])
-        return (resample(images_nhwc, ys, xs) - self.mean) / self.std
+        return normalise(resample(images_nhwc, ys, xs), self.mean, self.std)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path of image files: decode with libjpeg-turbo, crop the integer box, resize only the crop
+# How far the uint8 path may lie from the float reference, in grey levels: one level for its two
+# roundings (after each separable pass), plus torch's int16 fixed-point weights (1/16384 steps: at most
+# 2 x 0.016 levels) and the reference's own float32 sample positions (0.02 levels on steep gradients).
+UINT8_PATH_MAX_ERROR = 1.05
+
+
+def crop_resize(image: torch.Tensor, geometry_row, size: int, exact: bool = False) -> torch.Tensor:
+    """One decoded image (uint8 CHW, on any device) through its geometry row -> (3, size, size).
+
+    exact=False: uint8 in and out through torch's vectorised fixed-point bilinear kernel, which rounds
+    after each of its two passes: within UINT8_PATH_MAX_ERROR of the float reference.
+    exact=True: the crop is resized in float32 and not rounded (the decode-on-device path).
+    The result is channels-last (NHWC memory), as the kernel writes it.
+    """
+    top, left, h, w, resize_h, resize_w, out_top, out_left, flip = (int(v) for v in geometry_row)
+    # Always a fresh channels-last (NHWC) copy of the box: the uint8 kernel is vectorised for that layout,
+    # and a worker decodes its whole batch first, so the kernel reading a fresh copy rather than the
+    # decoder's buffer is faster by more than the copy costs (bench image_eval: ratio 0.81 vs 0.76).
+    # The HWC view gives the copy NHWC's batch stride (image[None] would not: pytorch issue 68430).
+    crop = image.permute(1, 2, 0)[None, top:top + h, left:left + w].permute(0, 3, 1, 2)
+    crop = crop.to(torch.float32 if exact else torch.uint8, memory_format=torch.channels_last, copy=True)
+    # Resize to (resize_h, resize_w) but compute only the rows and columns up to the window's far edge:
+    # with the scales given, the op samples as F.interpolate(size=(resize_h, resize_w)) and stops there.
+    # The kernel skips a dimension whose output size equals its input size, so such a prefix is not cut.
+    rows = out_top + size if out_top + size != h else resize_h
+    cols = out_left + size if out_left + size != w else resize_w
+    resized = torch.ops.aten.upsample_bilinear2d(crop, [rows, cols], False, resize_h / h, resize_w / w)
+    window = resized[0, :, out_top:out_top + size, out_left:out_left + size]
+    return window.flip(-1) if flip else window
+
+
+def transform_images(images: Sequence[torch.Tensor], transform: TrainAugment | EvalTransform,
+                     seeds: Sequence[int], exact: bool = False) -> torch.Tensor:
+    """Decoded images of any sizes (uint8 CHW) -> (B, 3, S, S) in 0..255, uint8 (float32 if exact).
+
+    The batch is channels-last: copying the kernel's output into it is a plain memory copy, where an
+    NCHW batch would cost a transpose per image (more than the resize); `normalise` on the device
+    returns NCHW.
+    """
+    geometry = transform.geometry(seeds, [im.shape[1] for im in images], [im.shape[2] for im in images])
+    size = transform.image_size
+    device = images[0].device if len(images) else torch.device("cpu")
+    out = torch.empty((len(images), size, size, 3), dtype=torch.float32 if exact else torch.uint8,
+                      device=device).permute(0, 3, 1, 2)
+    for i, (image, row) in enumerate(zip(images, geometry)):
+        out[i] = crop_resize(image, row, size, exact)
+    return out
+
+
+def read_encoded(path: str) -> torch.Tensor:
+    """A file's bytes as a uint8 1-D tensor."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            encoded = bytearray(os.fstat(f.fileno()).st_size)
+            f.readinto(encoded)
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot be read ({e.strerror or e}); the data changed since "
+                            "prepare_data ran: restore the file or rerun prepare_data") from None
+    return torch.frombuffer(encoded, dtype=torch.uint8) if encoded else torch.empty(0, dtype=torch.uint8)
+
+
+def _is_jpeg(encoded: torch.Tensor) -> bool:
+    return encoded.numel() > 2 and int(encoded[0]) == 0xFF and int(encoded[1]) == 0xD8
+
+
+def _decode_jpeg(encoded, device="cpu"):
+    # torchvision 0.29 deprecates its image decoders in favour of TorchCodec (not in this stack);
+    # the pinned version keeps them, so its DeprecationWarning on every call is noise here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(encoded, mode=ImageReadMode.UNCHANGED, device=device)
+
+
+def _decode_with_pil(encoded: torch.Tensor, path: str) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(encoded.numpy().tobytes())) as im:
+            pixels = np.asarray(im.convert("RGB")).copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise PipelineError(f"{path}: cannot be decoded as an image ({e}); replace or delete the file, "
+                            "then rerun prepare_data") from None
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def decode_image_bytes(encoded: torch.Tensor, path: str) -> torch.Tensor:
+    """A file's bytes -> uint8 CHW RGB (a view of HWC memory, as torchvision decodes).
+
+    Grayscale and RGB JPEGs go through libjpeg-turbo in torchvision (bitwise PIL's pixels: both are
+    libjpeg-turbo); everything else (CMYK JPEGs, PNG, PNG-named-JPEG, JPEGs torchvision rejects) through
+    PIL, as before. A file neither can decode is a PipelineError naming it.
+    """
+    if encoded.numel() == 0:
+        raise PipelineError(f"{path}: empty file (0 bytes); replace or delete it, then rerun prepare_data")
+    if _is_jpeg(encoded):
+        try:
+            image = _decode_jpeg(encoded)
+        except RuntimeError:  # truncated, corrupt or unsupported: PIL decides and names the problem
+            image = None
+        if image is not None and image.shape[0] in (1, 3):
+            return image.expand(3, -1, -1)
+    return _decode_with_pil(encoded, path)
+
+
+def read_image(path: str) -> torch.Tensor:
+    """An image file as a uint8 CHW RGB tensor."""
+    return decode_image_bytes(read_encoded(path), path)
+
+
+def load_image(path: str) -> torch.Tensor:
+    """An image file as a uint8 HWC RGB tensor."""
+    return read_image(path).permute(1, 2, 0).contiguous()
+
+
+def decode_on_device(encoded: Sequence[torch.Tensor], paths: Sequence[str], device) -> list[torch.Tensor]:
+    """Decode a batch of files on `device`: JPEGs batched through torchvision.io.decode_jpeg(device=...)
+    (nvJPEG on CUDA); other files, and any batch the device decoder rejects, one by one through
+    decode_image_bytes on the CPU (which names a bad file), then moved."""
+    device = torch.device(device)
+    jpegs = [i for i, e in enumerate(encoded) if _is_jpeg(e)]
+    images: list[torch.Tensor | None] = [None] * len(encoded)
+    try:
+        decoded = _decode_jpeg([encoded[i] for i in jpegs], device) if jpegs else []
+    except (RuntimeError, ValueError):  # one bad file fails the whole batch: the loop below names it
+        decoded = []
+    for i, image in zip(jpegs, decoded):
+        if image.shape[0] in (1, 3):
+            images[i] = image.expand(3, -1, -1)
+    return [image if image is not None else decode_image_bytes(e, p).to(device)
+            for image, e, p in zip(images, encoded, paths)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Loaders
-def load_image(path: str) -> torch.Tensor:
-    """An image file as a uint8 HWC RGB tensor."""
-    from PIL import Image
+def resolve_num_workers(setting: int | str, cpus: int) -> int:
+    """protocol.num_workers as a DataLoader worker count; "auto" follows the job's CPUs.
 
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy())
+    "auto": one worker per CPU beyond the one the training process keeps for itself (it steps the
+    model and, with decode_device cuda, decodes); a 1-CPU job decodes in the main process (0 workers).
+    """
+    if setting == "auto":
+        return max(0, int(cpus) - 1)
+    if isinstance(setting, str) and setting.isdigit():
+        setting = int(setting)
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise PipelineError(f"protocol.num_workers must be 'auto' or an integer >= 0, not {setting!r}; fix the config")
+    return setting
 
 
-class _FolderSamples(torch.utils.data.Dataset):
-    """Image-folder samples keyed by (index, aug seed); decoded and transformed in the worker."""
+DECODE_DEVICES = ("cpu", "cuda")
 
-    def __init__(self, files: list[str], labels: np.ndarray, transform):
+
+class _FolderBatches(torch.utils.data.Dataset):
+    """Image-folder micro-batches keyed by lists of (index, aug seed), read and decoded in the worker.
+
+    An item is {"images": uint8 (B, 3, S, S), "labels"}, or with decode_on_device {"encoded": [file
+    bytes], "paths", "seeds", "labels"} for the main process to decode on its device. A file that
+    cannot be read comes back as {"error": message}: the main process raises it as one PipelineError
+    naming the file (a worker's exception would reach it wrapped in the worker's traceback).
+    """
+
+    def __init__(self, files: list[str], labels: np.ndarray, transform, decode_on_device: bool):
         self.files, self.labels, self.transform = files, labels, transform
+        self.decode_on_device = decode_on_device
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
-        image = self.transform(load_image(self.files[index])[None], [seed])[0]
-        return image, int(self.labels[index])
+    def __getitem__(self, keys: Sequence[tuple[int, int]]) -> dict:
+        indices, seeds = [int(i) for i, _ in keys], [int(s) for _, s in keys]
+        paths = [self.files[i] for i in indices]
+        labels = torch.from_numpy(self.labels[indices])
+        try:
+            encoded = [read_encoded(p) for p in paths]
+            if self.decode_on_device:
+                return {"encoded": encoded, "paths": paths, "seeds": seeds, "labels": labels}
+            images = [decode_image_bytes(e, p) for e, p in zip(encoded, paths)]
+            return {"images": transform_images(images, self.transform, seeds), "labels": labels}
+        except PipelineError as e:
+            return {"error": str(e)}
 
 
 class _KeyBatches:
-    """A batch sampler over precomputed batches of (index, seed) keys."""
+    """A sampler over precomputed batches of (index, seed) keys (each batch is one dataset item)."""
 
     def __init__(self, batches: Iterable[Sequence[tuple[int, int]]]):
         self.batches = batches
@@ -362,20 +556,37 @@ def _plan_keys(plan: Iterable[tuple[Sequence[int], Sequence[int]]]) -> Iterator[
         yield [(int(i), int(s)) for i, s in zip(indices, seeds)]
 
 
-def _folder_loader(split: Split, transform, batches, device, num_workers: int):
+def _folder_loader(split: Split, transform, batches, device, num_workers: int, decode_on_device: bool = False):
     device = torch.device(device)
     return torch.utils.data.DataLoader(
-        _FolderSamples(split.files, split.labels, transform),
-        batch_sampler=_KeyBatches(batches),
+        _FolderBatches(split.files, split.labels, transform, decode_on_device),
+        sampler=_KeyBatches(batches),
+        batch_size=None,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
     )
 
 
-def _to_device(loader, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for images, labels in loader:
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+def _folder_batches(loader, transform, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(normalised float32 NCHW images, int64 labels) on `device` from _FolderBatches items."""
+    for item in loader:
+        if "error" in item:
+            raise PipelineError(item["error"])
+        if "encoded" in item:  # decode_on_device: the same geometry code on the device's tensors
+            decoded = decode_on_device(item["encoded"], item["paths"], device)
+            images = transform_images(decoded, transform, item["seeds"], exact=device.type != "cpu")
+        else:
+            images = item["images"].to(device, non_blocking=True)
+        yield normalise(images, transform.mean, transform.std), item["labels"].to(device, non_blocking=True)
+
+
+def _decode_on_device_flag(decode_device: str, device: torch.device) -> bool:
+    if decode_device not in DECODE_DEVICES:
+        raise PipelineError(f"protocol.decode_device must be one of {list(DECODE_DEVICES)}, not {decode_device!r}")
+    if decode_device == "cuda" and device.type != "cuda":
+        raise PipelineError(f"protocol.decode_device is 'cuda' but this job runs on {device}; set it to 'cpu'")
+    return decode_device == "cuda"
 
 
 def _device_arrays(split: Split, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,12 +594,18 @@ def _device_arrays(split: Split, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(split.images).to(device), torch.from_numpy(split.labels).to(device)
 
 
-def train_loader(split: Split, augment: TrainAugment, plan, device, num_workers: int):
-    """Yield (images float32 NCHW, labels int64) on `device` for each (indices, aug_seeds) in plan."""
+def train_loader(split: Split, augment: TrainAugment, plan, device, num_workers: int, decode_device: str = "cpu"):
+    """Yield (images float32 NCHW, labels int64) on `device` for each (indices, aug_seeds) in plan.
+
+    Image-folder splits: decode_device "cpu" decodes and augments in `num_workers` DataLoader workers
+    (uint8 until the device); "cuda" has the workers only read the files and decodes on `device`.
+    """
     device = torch.device(device)
     if split.layout == "arrays":
         return _array_train_batches(split, augment, plan, device)
-    return _to_device(_folder_loader(split, augment, _plan_keys(plan), device, num_workers), device)
+    on_device = _decode_on_device_flag(decode_device, device)
+    return _folder_batches(_folder_loader(split, augment, _plan_keys(plan), device, num_workers, on_device),
+                           augment, device)
 
 
 def _array_train_batches(split: Split, augment: TrainAugment, plan, device):
@@ -417,27 +634,86 @@ class _ArrayEvalLoader:
 class _FolderEvalLoader:
     """Evaluation batches of an image-folder split from DataLoader workers (they persist across passes)."""
 
-    def __init__(self, split: Split, transform: EvalTransform, batch_size: int, device, num_workers: int):
+    def __init__(self, split: Split, transform: EvalTransform, batch_size: int, device, num_workers: int,
+                 decode_on_device: bool):
         n = len(split)
         batches = [[(i, 0) for i in range(s, min(n, s + batch_size))] for s in range(0, n, batch_size)]
-        self.device = torch.device(device)
-        self.loader = _folder_loader(split, transform, batches, self.device, num_workers)
+        self.device, self.transform = torch.device(device), transform
+        self.loader = _folder_loader(split, transform, batches, self.device, num_workers, decode_on_device)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        return _to_device(self.loader, self.device)
+        return _folder_batches(self.loader, self.transform, self.device)
 
 
 def eval_loader(split: Split, protocol: dict, image_size: int, batch_size: int, device, num_workers: int,
-                mean: float, std: float):
+                mean: float, std: float, decode_device: str = "cpu"):
     """A re-iterable loader of (images float32 NCHW, labels int64) on `device`, in split order.
 
     Create it once and iterate it at each evaluation: array splits stay on the device and
-    image-folder workers persist between passes.
+    image-folder workers persist between passes. decode_device as in train_loader.
     """
     transform = EvalTransform(dict(protocol), image_size, mean, std)
+    device = torch.device(device)
     if split.layout == "arrays":
         return _ArrayEvalLoader(split, transform, batch_size, device)
-    return _FolderEvalLoader(split, transform, batch_size, device, num_workers)
+    on_device = _decode_on_device_flag(decode_device, device)
+    return _FolderEvalLoader(split, transform, batch_size, device, num_workers, on_device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Is the loader the bottleneck?
+LOADER_BOUND_WAIT_FRACTION = 0.1  # a loader that keeps up leaves ~0 wait; 10% is well above timer noise
+
+
+class TimedBatches:
+    """An iterator wrapper that splits wall time into waiting for the next batch (in next()) and the
+    rest (the consumer's step). The first batch's wait (worker start-up) is kept apart as startup_s."""
+
+    def __init__(self, batches: Iterable):
+        self._batches = iter(batches)
+        self.startup_s: float | None = None
+        self.wait_s = self.step_s = 0.0
+        self._returned: float | None = None
+
+    def __iter__(self) -> TimedBatches:
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        if self._returned is not None:
+            self.step_s += start - self._returned
+        item = next(self._batches)
+        self._returned = time.perf_counter()
+        if self.startup_s is None:
+            self.startup_s = self._returned - start
+        else:
+            self.wait_s += self._returned - start
+        return item
+
+    def take(self) -> dict:
+        """The time since the last take(): {"data_wait_s", "step_s", "data_wait_fraction"}; counters restart.
+
+        Call it when logging, and after work that is not training (minival) to leave that out.
+        """
+        now = time.perf_counter()
+        if self._returned is not None:
+            self.step_s += now - self._returned
+            self._returned = now
+        total = self.wait_s + self.step_s
+        stats = {"data_wait_s": self.wait_s, "step_s": self.step_s,
+                 "data_wait_fraction": self.wait_s / total if total > 0 else 0.0}
+        self.wait_s = self.step_s = 0.0
+        return stats
+
+
+def loader_bottleneck_note(stats: dict) -> str | None:
+    """A log line when the loader, not the model, limited an interval (TimedBatches.take() stats), else None."""
+    fraction = stats["data_wait_fraction"]
+    if fraction < LOADER_BOUND_WAIT_FRACTION:
+        return None
+    return (f"the data loader is the bottleneck: {fraction:.0%} of the interval went to waiting for batches "
+            f"({stats['data_wait_s']:.1f} s); give the job more CPUs (resources.*.cpus with protocol.num_workers "
+            "auto) or set protocol.decode_device: cuda")

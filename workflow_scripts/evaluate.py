@@ -8,8 +8,6 @@ Modes:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import statistics
 import time
 from pathlib import Path
@@ -20,16 +18,46 @@ import torch.nn.functional as F
 
 from . import data, model_io
 from .common import PipelineError, atomic_path, json_arg, read_json, run_cli, write_json
+from .devices import autocast_context, is_out_of_memory, uses_bf16
 
 INTERPOLATION = "bilinear, half-pixel centres, no antialias (as tf.image.resize in the official code)"
+# The evaluation precisions (the result's "precision"): a near-tie between two classes is decided by logits
+# that bf16 would round to steps of 0.06-0.125 (for logits of 8-32), so the head always runs in fp32.
+FP32 = "fp32"
+BF16_FP32_HEAD = "bf16 autocast, fp32 head"
 
 
-def evaluate_model(model: torch.nn.Module, loader, num_classes: int, device) -> dict:
-    """Top-1/top-5 (%), mean cross-entropy, per-class top-1, confusion matrix (<= 100 classes), img/s.
+def has_separate_head(model: torch.nn.Module) -> bool:
+    """timm models split into forward_features (the body) and forward_head (pooling and classifier)."""
+    return callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
+
+
+def evaluation_precision(model: torch.nn.Module, precision: str, device) -> str:
+    """What `fp32_logits` runs: the body in bf16 where `precision` asks for it (protocol.precision's values)
+    and the model has a separate head; everything else in fp32."""
+    return BF16_FP32_HEAD if uses_bf16(precision, device) and has_separate_head(model) else FP32
+
+
+def fp32_logits(model: torch.nn.Module, images: torch.Tensor, precision: str) -> torch.Tensor:
+    """The model's logits computed in fp32 by the classifier head (`evaluation_precision` says how the
+    body ran), whatever autocast context the caller is in."""
+    device_type = images.device.type
+    if evaluation_precision(model, precision, images.device) == FP32:
+        with torch.autocast(device_type, enabled=False):
+            return model(images).float()
+    with autocast_context(precision, images.device):
+        features = model.forward_features(images)
+    with torch.autocast(device_type, enabled=False):
+        return model.forward_head(features.float())
+
+
+def evaluate_model(model: torch.nn.Module, loader, num_classes: int, device, precision: str = "auto") -> dict:
+    """Top-1/top-5 (%), mean cross-entropy, per-class top-1, confusion matrix (<= 100 classes), img/s,
+    and `precision` (`evaluation_precision`: with "auto", bf16 body and fp32 head on CUDA, fp32 on CPU).
 
     Also `predictions`: {"top5": (N, k) int16/int32 class indices, best first, k = min(5, classes);
     "labels": (N,) int64}, numpy, in loader order (not JSON: `main` writes it with --predictions-out).
-    Counts accumulate on the device without per-batch host syncs; bf16 autocast on CUDA, fp32 on CPU.
+    Counts accumulate on the device without per-batch host syncs.
     """
     device = torch.device(device)
     k = min(5, num_classes)
@@ -41,14 +69,11 @@ def evaluate_model(model: torch.nn.Module, loader, num_classes: int, device) -> 
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) if num_classes <= 100 else None
     index_dtype = torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
     top_per_batch, labels_per_batch = [], []  # stay on the device; moved to the host once at the end
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model.eval()
     start = time.perf_counter()
     with torch.inference_mode():
         for images, labels in loader:
-            with autocast:
-                logits = model(images)
-            logits = logits.float()
+            logits = fp32_logits(model, images, precision)
             if logits.shape[1] != num_classes:
                 raise PipelineError(f"the model has {logits.shape[1]} outputs, the dataset {num_classes} classes")
             loss_sum += F.cross_entropy(logits, labels, reduction="sum")
@@ -78,6 +103,7 @@ def evaluate_model(model: torch.nn.Module, loader, num_classes: int, device) -> 
         "per_class_top1": [100.0 * h / c if c else None for h, c in zip(hits.tolist(), counts.tolist())],
         "confusion": None if confusion is None else confusion.cpu().tolist(),
         "images_per_s": n / seconds,
+        "precision": evaluation_precision(model, precision, device),
         "predictions": {"top5": torch.cat(top_per_batch).cpu().numpy(),
                         "labels": torch.cat(labels_per_batch).cpu().numpy()},
     }
@@ -88,8 +114,9 @@ def _device() -> torch.device:
 
 
 def evaluate_checkpoint(model_path, dataset_record: dict, split, protocol: dict, batch_size: int, num_workers: int,
-                        mean: float, std: float, device) -> dict:
-    """One checkpoint on an opened split: an evaluation result with its preprocessing recorded."""
+                        mean: float, std: float, device, precision: str = "auto", decode_device: str = "cpu") -> dict:
+    """One checkpoint on an opened split: an evaluation result with its preprocessing and precision recorded
+    in its `protocol`."""
     arch = model_io.read_architecture(model_path)
     if arch["num_classes"] != dataset_record["num_classes"]:
         raise PipelineError(
@@ -97,10 +124,11 @@ def evaluate_checkpoint(model_path, dataset_record: dict, split, protocol: dict,
             f"{dataset_record['num_classes']}; evaluate a model whose head matches this dataset"
         )
     model = model_io.load_model(model_path).to(device)
-    loader = data.eval_loader(split, protocol, arch["image_size"], batch_size, device, num_workers, mean, std)
-    result = evaluate_model(model, loader, dataset_record["num_classes"], device)
+    loader = data.eval_loader(split, protocol, arch["image_size"], batch_size, device, num_workers, mean, std,
+                              decode_device)
+    result = evaluate_model(model, loader, dataset_record["num_classes"], device, precision)
     result["protocol"] = {**protocol, "image_size": arch["image_size"], "pixel_mean": mean, "pixel_std": std,
-                          "interpolation": INTERPOLATION}
+                          "interpolation": INTERPOLATION, "precision": result.pop("precision")}
     result["split"] = dataset_record["test_split"] if split.name == dataset_record["test_split"] else split.name
     result["model"] = str(model_path)
     result["dataset"] = dataset_record["name"]
@@ -120,9 +148,9 @@ def _normalisation(summary: dict, path: Path, mean: float | None, std: float | N
 
 
 def runs_to_evaluate(summaries: list, models: list, selected_lr: float | None) -> list[tuple[dict, str, str]]:
-    """(summary, summary path, model path) of the runs to evaluate, by seed: all the runs given, or only
-    those of selected_lr (the runs given are then every run of the sweep). `summaries` and `models` are
-    the files of the same runs, in the same order."""
+    """(summary, summary path, model path) of the runs to evaluate, by (lr, seed): all the runs given, or
+    only those of selected_lr (the runs given are then every run of the sweep). `summaries` and `models`
+    are the files of the same runs, in the same order."""
     if not summaries or len(summaries) != len(models):
         raise PipelineError(f"{len(summaries)} summaries and {len(models)} models; give one of each per run")
     runs = [(read_json(s), str(s), str(m)) for s, m in zip(summaries, models)]
@@ -136,18 +164,18 @@ def runs_to_evaluate(summaries: list, models: list, selected_lr: float | None) -
 
 def evaluate_runs(summaries: list, models: list, dataset_record: dict, protocol: dict, batch_size: int,
                   num_workers: int, device, mean: float | None = None, std: float | None = None,
-                  selection_path=None) -> dict:
+                  precision: str = "auto", decode_device: str = "cpu", selection_path=None) -> dict:
     """Evaluate fine-tuned runs (e.g. one per seed) on the test split once; mean and std over them.
 
     With selection_path (select_lr's output), only the runs of the selected LR are evaluated."""
     selection = read_json(selection_path) if selection_path else None
     split = data.open_split(dataset_record, "test")
     runs = []
-    selected_lr = selection["selected_lr"] if selection else None
-    for summary, summary_path, model_path in runs_to_evaluate(summaries, models, selected_lr):
+    for summary, summary_path, model_path in runs_to_evaluate(summaries, models,
+                                                              selection["selected_lr"] if selection else None):
         run_mean, run_std = _normalisation(summary, Path(summary_path), mean, std)
         result = evaluate_checkpoint(model_path, dataset_record, split, protocol, batch_size,
-                                     num_workers, run_mean, run_std, device)
+                                     num_workers, run_mean, run_std, device, precision, decode_device)
         runs.append({"checkpoint": summary.get("checkpoint"), "seed": summary["seed"], "lr": summary["lr"],
                      "trained_on": summary.get("train_on", "train"), **result})
         print(f"{model_path}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
@@ -194,6 +222,26 @@ def write_predictions(path, split: data.Split, runs: list[dict]) -> None:
         np.savez_compressed(f, **arrays)
 
 
+def run_evaluation(args: argparse.Namespace, dataset_record: dict, protocol: dict, device) -> dict:
+    """The evaluation the command line asks for; running out of device memory is one clear error."""
+    try:
+        if args.models:
+            return evaluate_runs(args.summaries, args.models, dataset_record, protocol, args.batch_size,
+                                 args.num_workers, device, args.pixel_mean, args.pixel_std, args.precision,
+                                 args.decode_device, args.selection)
+        result = evaluate_checkpoint(args.model, dataset_record, data.open_split(dataset_record, "test"), protocol,
+                                     args.batch_size, args.num_workers, args.pixel_mean, args.pixel_std, device,
+                                     args.precision, args.decode_device)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        raise PipelineError(f"out of memory on {device} evaluating batches of {args.batch_size} images; set "
+                            f"evaluation.batch_size in the config to a smaller value (e.g. "
+                            f"{max(1, args.batch_size // 2)}; it does not change the result) and rerun") from e
+    print(f"{args.model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group(required=True)
@@ -206,26 +254,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol-name", required=True)
     p.add_argument("--protocol", required=True, help="the evaluation protocol's config entry as JSON")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", default="0", help="DataLoader workers, or auto (the job's CPUs minus one)")
+    p.add_argument("--decode-device", choices=list(data.DECODE_DEVICES), default="cpu",
+                   help="where JPEGs are decoded and cropped (config protocol.decode_device)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--pixel-mean", type=float, help="pixel normalisation (default: the run's training protocol)")
     p.add_argument("--pixel-std", type=float)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the model body's precision (auto: bf16 on CUDA, fp32 on CPU); the head is always fp32")
     p.add_argument("--out", required=True, help="output JSON")
     p.add_argument("--predictions-out", help="also write each image's top-5 classes here (.npz, see write_predictions)")
     args = p.parse_args(argv)
+    if args.model and (args.pixel_mean is None or args.pixel_std is None):
+        p.error("--model needs --pixel-mean and --pixel-std (config protocol.pixel_mean / pixel_std)")
     torch.set_num_threads(max(1, args.threads))
+    args.num_workers = data.resolve_num_workers(args.num_workers, args.threads)
     dataset_record = data.load_dataset_record(args.data)
     protocol = {"name": args.protocol_name, **json_arg(args.protocol, "--protocol")}
-    device = _device()
-    if args.models:
-        result = evaluate_runs(args.summaries, args.models, dataset_record, protocol, args.batch_size,
-                               args.num_workers, device, args.pixel_mean, args.pixel_std, args.selection)
-    else:
-        if args.pixel_mean is None or args.pixel_std is None:
-            p.error("--model needs --pixel-mean and --pixel-std (config protocol.pixel_mean / pixel_std)")
-        result = evaluate_checkpoint(args.model, dataset_record, data.open_split(dataset_record, "test"), protocol, args.batch_size,
-                                     args.num_workers, args.pixel_mean, args.pixel_std, device)
-        print(f"{args.model}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+    result = run_evaluation(args, dataset_record, protocol, _device())
     runs = result["runs"] if args.models else [result]
     if args.predictions_out:
         write_predictions(args.predictions_out, data.open_split(dataset_record, "test"), runs)

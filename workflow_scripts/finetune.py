@@ -3,7 +3,7 @@
     python -m workflow_scripts.finetune --checkpoint R/converted/CKPT.safetensors \
         --data D/DATASET/dataset.json --model-out RUN/model.safetensors --metrics-out RUN/metrics.jsonl \
         --summary-out RUN/summary.json --resume-dir RESUME_DIR \
-        --lr 0.03 --seed 0 --steps 10000 --protocol '{...config protocol block...}' --threads 8
+        --lr 0.03 --seed 0 --steps 10000 --protocol '{...config protocol block...}' --threads 8 [--attempt N]
 
 Protocol (the config's protocol block, `protocol.Protocol`; google-research/vision_transformer
 vit_jax/train.py): momentum SGD, a new zero-initialised head, effective batch `batch_size` reached by
@@ -15,6 +15,10 @@ sees exactly the same data.
 Writes exactly the three files named on the command line (docs/design.md), all at the end.
 Every `checkpoint_every` steps the full training state goes to RESUME_DIR/state.pt, which is not a
 Snakemake output (Snakemake deletes the outputs of a failed job); a rerun continues from it.
+
+A failure that a retry cannot fix (out of device memory, NaN/inf) exits with code 3 (NOT_RETRYABLE_EXIT)
+and is recorded in RESUME_DIR/failed.json; Snakemake's retry of the job (--attempt > 1, same arguments)
+then stops at once with the same message instead of running into it again.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from tqdm import tqdm
 
 from workflow_scripts import data, evaluate, model_io
 from workflow_scripts.common import PipelineError, atomic_path, json_arg, read_json, run_cli, sha256_file, write_json
+from workflow_scripts.devices import autocast_context, is_out_of_memory, precision_name
 from workflow_scripts.protocol import Protocol
 
 # Minival during fine-tuning uses the official code's evaluation preprocessing (plain resize).
@@ -154,6 +159,7 @@ class Process:
     rank: int
     world_size: int
     device: torch.device
+    cpus: int  # this process's share of the job's CPUs (torch threads; "auto" data workers follow it)
 
 
 def world_size_of_job() -> int:
@@ -169,24 +175,18 @@ def setup_process(protocol: Protocol, seed: int, threads: int) -> Process:
     else:
         device = torch.device("cpu")
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.set_num_threads(max(1, (protocol.threads or threads) // world_size))
+        # An explicit timeout (NCCL's default is 10 min) well above the longest time the other ranks wait for
+        # rank 0 (minival, writing the resume state to a slow shared filesystem).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=protocol.ddp_timeout_min))
+    cpus = max(1, (protocol.threads or threads) // world_size)
+    torch.set_num_threads(cpus)
     if protocol.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(seed)
-    return Process(rank, world_size, device)
-
-
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA for "auto" (fp32 on CPU, where bf16 is several times slower)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-
-def precision_name(precision: str, device: torch.device) -> str:
-    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+    return Process(rank, world_size, device, cpus)
 
 
 def device_names(device: torch.device, world_size: int) -> list[str]:
@@ -210,12 +210,15 @@ def training_batches(split: data.Split, protocol: Protocol, image_size: int, see
 
     augment = data.TrainAugment(image_size, protocol.inception_crop, protocol.inception_crop_min_area,
                                 protocol.random_flip, protocol.pixel_mean, protocol.pixel_std)
-    return iter(data.train_loader(split, augment, plan(), process.device, protocol.num_workers))
+    workers = data.resolve_num_workers(protocol.num_workers, process.cpus)
+    loader = data.train_loader(split, augment, plan(), process.device, workers, protocol.decode_device)
+    return data.TimedBatches(loader)  # the log says when the loader, not the model, is the bottleneck
 
 
-def minival_loader(split: data.Split, protocol: Protocol, image_size: int, device: torch.device):
-    return data.eval_loader(split, MINIVAL_PROTOCOL, image_size, protocol.micro_batch_size, device,
-                            protocol.num_workers, protocol.pixel_mean, protocol.pixel_std)
+def minival_loader(split: data.Split, protocol: Protocol, image_size: int, process: Process):
+    workers = data.resolve_num_workers(protocol.num_workers, process.cpus)
+    return data.eval_loader(split, MINIVAL_PROTOCOL, image_size, protocol.micro_batch_size, process.device,
+                            workers, protocol.pixel_mean, protocol.pixel_std, protocol.decode_device)
 
 
 def model_and_optimizer(checkpoint: str | os.PathLike, num_classes: int, protocol: Protocol,
@@ -275,8 +278,8 @@ class IntervalMeter:
         if world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
         if bad.item() <= self.steps:
-            raise PipelineError(f"the loss or gradient became NaN/inf at step {bad.item()} "
-                                f"(lr {base_lr}); lower the learning rate or check the data")
+            raise NotRetryable(f"the loss or gradient became NaN/inf at step {bad.item()} "
+                               f"(lr {base_lr}); lower the learning rate or check the data")
 
     def exclude(self, seconds: float) -> None:
         """Leave `seconds` (minival) out of the training throughput."""
@@ -306,22 +309,27 @@ def print_line(line: dict) -> None:
 
 
 def log_training(run: RunState, meter: IntervalMeter, step: int, lr: float, process: Process,
-                 progress: tqdm) -> None:
+                 progress: tqdm, batches: data.TimedBatches) -> None:
     loss, grad_norm, img_s = meter.read(step, process.world_size)
     line = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-    timing = {"step": step, "img_s": img_s, "elapsed_s": run.elapsed_before + meter.seconds()}
+    loader = batches.take()  # wall-clock time waiting for batches vs in the step: a timing, not a metric
+    timing = {"step": step, "img_s": img_s, "elapsed_s": run.elapsed_before + meter.seconds(), **loader}
     run.metrics.append(line)
     run.timings.append(timing)
     if process.rank == 0:
         print_line({**line, **timing})
         progress.set_postfix(loss=f"{loss:.4f}")
+        note = data.loader_bottleneck_note(loader)
+        if note:
+            print(f"finetune: step {step}: {note}", file=sys.stderr, flush=True)
 
 
 def log_minival(run: RunState, meter: IntervalMeter, step: int, model: nn.Module, loader, num_classes: int,
-                device: torch.device) -> None:
-    """Minival top-1/top-5/loss of the model now (bf16 on CUDA, like training); rank 0 only."""
+                device: torch.device, precision: str) -> None:
+    """Minival top-1/top-5/loss of the model now (the body in the training precision, the head in fp32:
+    evaluate.fp32_logits); rank 0 only."""
     start = time.perf_counter()
-    result = evaluate.evaluate_model(model, loader, num_classes, device)
+    result = evaluate.evaluate_model(model, loader, num_classes, device, precision)
     model.train()
     line = {"step": step, "minival_top1": result["top1"], "minival_top5": result["top5"],
             "minival_loss": result["loss"]}
@@ -341,11 +349,13 @@ def run_fingerprint(checkpoint: str | os.PathLike, dataset_record: dict, train_s
             "steps": steps, "protocol": protocol.fingerprint()}
 
 
-def load_state(resume_dir: Path, fingerprint: dict, device: torch.device) -> dict | None:
+def load_state(resume_dir: Path, fingerprint: dict) -> dict | None:
     path = resume_dir / STATE_FILE
     if not path.exists():
         return None
-    state = torch.load(path, map_location=device, weights_only=True)
+    # Into host memory: restoring copies the weights and momentum onto the device, so the device never
+    # holds a second copy of them (0.24 GB for B/16, 0.83 GB for L/16 with the momentum as much again).
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if state["fingerprint"] != fingerprint:
         print(f"finetune: {path} belongs to a different run (checkpoint, data or protocol changed); "
               "starting from step 0", file=sys.stderr, flush=True)
@@ -355,8 +365,9 @@ def load_state(resume_dir: Path, fingerprint: dict, device: torch.device) -> dic
 
 def resume(resume_dir: Path, fingerprint: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
            process: Process, started_utc: str) -> RunState:
-    """The saved state of this run, loaded into model and optimizer; a fresh RunState without one."""
-    state = load_state(resume_dir, fingerprint, process.device)
+    """The saved state of this run, loaded into model and optimizer; a fresh RunState without one.
+    Of the loaded tensors only those the optimizer adopts (its momentum, on the CPU) outlive this call."""
+    state = load_state(resume_dir, fingerprint)
     if state is None:
         return RunState(0, [], [], 0.0, started_utc)
     model.load_state_dict(state["model"])
@@ -378,28 +389,25 @@ def save_checkpoint(resume_dir: Path, fingerprint: dict, step: int, model: nn.Mo
 
 
 def rng_state() -> dict:
+    """The CPU generator and, on CUDA, the generator of the run's own device (the current one, which
+    setup_process set) only: a state of every visible device could not be restored where fewer are
+    visible (a resume through gpu_pool with other devices, or with another GPU count)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng(state: dict) -> None:
+    """rng_state's generators, the CUDA one into the current device (a run saved on the CPU, or on CUDA
+    and resumed on the CPU, has none to restore)."""
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if isinstance(state.get("cuda"), torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 # ---------------------------------------------------------------------------------------------
 # The end: summary and outputs
-
-def out_of_memory_error(protocol: Protocol, device: torch.device) -> PipelineError:
-    micro = protocol.micro_batch_size
-    return PipelineError(
-        f"CUDA out of memory with micro-batches of {micro} images on {device}; set protocol.micro_batch_size "
-        f"to a smaller divisor of {protocol.batch_size} (e.g. {max(1, micro // 2)}) and rerun: the job "
-        "resumes from its last checkpoint with the same result")
-
 
 def run_summary(checkpoint: str | os.PathLike, dataset_record: dict, lr: float, seed: int, steps: int,
                 protocol: Protocol, process: Process, run: RunState, meter: IntervalMeter, train_on: str) -> dict:
@@ -430,6 +438,62 @@ def write_outputs(outputs: Outputs, model: nn.Module, architecture: dict, metric
 
 
 # ---------------------------------------------------------------------------------------------
+# Failures that a retry cannot fix
+
+NOT_RETRYABLE_EXIT = 3  # the exit code of a NotRetryable failure (docs/slurm.md)
+FAILURE_FILE = "failed.json"  # in the resume folder: what made an attempt fail (NotRetryable only)
+
+
+class NotRetryable(PipelineError):
+    """A failure that a rerun with the same settings meets again: out of device memory, a NaN/inf loss."""
+
+
+def out_of_memory_error(protocol: Protocol, world_size: int, error: BaseException) -> NotRetryable:
+    """The one message of every out-of-memory failure: which key to change, and to what."""
+    micro, smaller = protocol.micro_batch_size, protocol.smaller_micro_batch(world_size)
+    cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    if smaller is None:
+        return NotRetryable(f"out of device memory with micro-batches of {micro} image(s) ({cause}), the smallest "
+                            "possible; run this checkpoint on a GPU with more memory (resources.gpu_model)")
+    return NotRetryable(
+        f"out of device memory with micro-batches of {micro} images ({cause}); set protocol.micro_batch_size to "
+        f"{smaller} (or another smaller divisor of protocol.batch_size {protocol.batch_size}) and rerun with "
+        "--rerun-triggers mtime input (else the changed protocol parameter redoes the finished runs): the job "
+        "resumes from its last checkpoint with the smaller micro-batch")
+
+
+def failure_settings(args: argparse.Namespace) -> dict:
+    """What an attempt ran with: its command line (but the attempt number) and its process count."""
+    settings = {k: v for k, v in vars(args).items() if k != "attempt"}
+    return json.loads(json.dumps({**settings, "world_size": world_size_of_job()}))
+
+
+def stop_if_failed_before(failure_file: Path, attempt: int, settings: dict) -> None:
+    """On a retry (attempt > 1) of a job whose earlier attempt failed NotRetryable with the same settings,
+    fail at once with that error: Snakemake retries every failed job, whatever its exit code. A first
+    attempt (a new Snakemake run, perhaps after the cause was fixed) forgets the earlier failure."""
+    if attempt <= 1:
+        failure_file.unlink(missing_ok=True)
+        return
+    try:
+        earlier = read_json(failure_file) if failure_file.exists() else None
+    except PipelineError:  # unreadable: run the job rather than trust it
+        earlier = None
+    if earlier and earlier.get("settings") == settings:
+        raise NotRetryable(f"not run again on attempt {attempt}: attempt {earlier['attempt']} failed the same way "
+                           f"with the same settings ({failure_file}): {earlier['error']}")
+
+
+def record_failure(failure_file: Path, attempt: int, settings: dict, error: NotRetryable) -> None:
+    write_json(failure_file, {"attempt": attempt, "settings": settings, "error": str(error)})
+
+
+def exit_not_retryable(error: NotRetryable) -> int:
+    print(f"error: {error}", file=sys.stderr, flush=True)  # as run_cli prints a PipelineError
+    return NOT_RETRYABLE_EXIT
+
+
+# ---------------------------------------------------------------------------------------------
 # The training run
 
 def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outputs: Outputs,
@@ -437,7 +501,20 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, output
           threads: int, train_on: str = "train") -> dict | None:
     """Fine-tune and write `outputs`. Returns the summary on rank 0 (None on the other DDP ranks,
     which write nothing). train_on: "train" (the LR sweep: minival held out and evaluated) or "full"
-    (the final run at the selected LR on the entire training data: no minival)."""
+    (the final run at the selected LR on the entire training data: no minival). Running out of device
+    memory anywhere (process group, model.to(device), a training step, minival) is one NotRetryable error
+    naming protocol.micro_batch_size."""
+    try:
+        return _train(checkpoint, dataset_json, outputs, resume_dir, lr, seed, steps, protocol, threads, train_on)
+    except Exception as error:
+        if isinstance(error, PipelineError) or not is_out_of_memory(error):
+            raise
+        raise out_of_memory_error(protocol, world_size_of_job(), error) from error
+
+
+def _train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outputs: Outputs,
+           resume_dir: str | os.PathLike, lr: float, seed: int, steps: int, protocol: Protocol,
+           threads: int, train_on: str) -> dict | None:
     started_utc, resume_dir = utc_now(), Path(resume_dir)
     local_micro = protocol.micro_batches_per_process(world_size_of_job())  # before any process setup
     process = setup_process(protocol, seed, threads)
@@ -451,7 +528,7 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, output
     ddp_model, image_size = data_parallel(model, process), architecture["image_size"]
     batches = training_batches(train_split, protocol, image_size, seed, run.start_step + 1, steps, process)
     evaluates = process.rank == 0 and minival_split is not None  # only rank 0 evaluates
-    minival = minival_loader(minival_split, protocol, image_size, process.device) if evaluates else None
+    minival = minival_loader(minival_split, protocol, image_size, process) if evaluates else None
     autocast = autocast_context(protocol.precision, process.device)
     # Each micro-batch's summed loss times world_size / batch_size: after DDP's average over the
     # processes, the gradient is that of the mean loss over the whole batch.
@@ -468,15 +545,15 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, output
             progress.update(1)
             if step % protocol.log_every == 0 or step == steps:
                 meter.check_finite(process.world_size, lr)
-                log_training(run, meter, step, step_lr, process, progress)
+                log_training(run, meter, step, step_lr, process, progress, batches)
             if evaluates and (step % protocol.eval_every == 0 or step == steps):
-                log_minival(run, meter, step, model, minival, minival_split.num_classes, process.device)
+                log_minival(run, meter, step, model, minival, minival_split.num_classes, process.device,
+                            protocol.precision)
+                batches.take()  # leave minival out of the loader's timing
             if step % protocol.checkpoint_every == 0 and step < steps:
                 meter.check_finite(process.world_size, lr)
                 if process.rank == 0:
                     save_checkpoint(resume_dir, fingerprint, step, model, optimizer, run, meter)
-    except torch.OutOfMemoryError:
-        raise out_of_memory_error(protocol, process.device) from None
     finally:
         progress.close()
     if process.world_size > 1:
@@ -514,15 +591,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, required=True, help="optimizer updates")
     parser.add_argument("--protocol", required=True, help="the config's protocol block as JSON")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (protocol.threads overrides)")
+    parser.add_argument("--attempt", type=int, default=1,
+                        help="Snakemake's attempt number: a retry after a failure a retry cannot fix stops at once")
     args = parser.parse_args(argv)
     for flag, path in (("--checkpoint", args.checkpoint), ("--data", args.data)):
         if not Path(path).is_file():
             raise PipelineError(f"{flag} {path}: file not found (did the stage that writes it run?)")
     protocol = Protocol.from_config(json_arg(args.protocol, "--protocol"))
     outputs = Outputs(Path(args.model_out), Path(args.metrics_out), Path(args.summary_out))
+    failure_file, settings = Path(args.resume_dir) / FAILURE_FILE, failure_settings(args)
+    try:
+        stop_if_failed_before(failure_file, args.attempt, settings)
+    except NotRetryable as error:
+        return exit_not_retryable(error)
     base_lr = args.lr if args.lr is not None else selected_lr(args.lr_from)
-    train(args.checkpoint, args.data, outputs, args.resume_dir, base_lr, args.seed, args.steps, protocol,
-          args.threads, args.train_on)
+    try:
+        train(args.checkpoint, args.data, outputs, args.resume_dir, base_lr, args.seed, args.steps, protocol,
+              args.threads, args.train_on)
+    except NotRetryable as error:
+        record_failure(failure_file, args.attempt, settings, error)
+        return exit_not_retryable(error)
+    failure_file.unlink(missing_ok=True)
     return 0
 
 

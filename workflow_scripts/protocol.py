@@ -40,6 +40,9 @@ class Protocol:
     log_every: int = field(metadata=_EXECUTION_ONLY)
     num_workers: int | str = field(metadata=_EXECUTION_ONLY)
     threads: int = field(metadata=_EXECUTION_ONLY)
+    ddp_timeout_min: int = field(metadata=_EXECUTION_ONLY)
+    # Not execution-only: nvJPEG's pixels may differ slightly from libjpeg-turbo's.
+    decode_device: str
 
     @classmethod
     def key_names(cls) -> tuple[str, ...]:
@@ -92,9 +95,19 @@ class Protocol:
                                 f"GPU count{self._suggestion(gpus)}")
         return batch // micro // gpus
 
-    def _suggestion(self, gpus: int) -> str:
-        fits = [m for m in range(min(self.micro_batch_size, self.batch_size), 0, -1)
+    def _fitting_micro_batches(self, gpus: int, below: int) -> list[int]:
+        """Micro-batch sizes under `below` that split the batch evenly among `gpus` processes, largest first."""
+        return [m for m in range(min(below - 1, self.batch_size), 0, -1)
                 if self.batch_size % m == 0 and (self.batch_size // m) % gpus == 0]
+
+    def smaller_micro_batch(self, gpus: int = 1) -> int | None:
+        """The largest valid micro-batch size below micro_batch_size (what to try after running out of
+        memory); None if there is none."""
+        fits = self._fitting_micro_batches(gpus, self.micro_batch_size)
+        return fits[0] if fits else None
+
+    def _suggestion(self, gpus: int) -> str:
+        fits = self._fitting_micro_batches(gpus, self.micro_batch_size + 1)
         if fits:
             return f" (e.g. {fits[0]})"
         return f" (none exists: protocol.batch_size {self.batch_size} is not a multiple of {gpus} GPUs)"

@@ -26,7 +26,14 @@ from pathlib import Path
 
 from workflow_scripts import charts
 from workflow_scripts.common import PipelineError, atomic_path, read_json, run_cli
-from workflow_scripts.tables import NOT_RUN, comparison_cells, format_cell, format_reference
+from workflow_scripts.tables import (
+    NOT_RUN,
+    TABLE3_LEGEND,
+    comparison_cells,
+    format_cell,
+    format_reference,
+    table3_tables,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "report" / "templates"
@@ -49,15 +56,16 @@ def log_links(logs_dir: Path, out: Path) -> list[dict]:
 def report_context(summary: dict, config: dict, logs_dir: Path, notebook_html: Path, out: Path, command: str) -> dict:
     refs = summary["references"]
     comparison = summary["comparison"]
-    with_refs = [r for r in comparison if r["has_reference"]]
-    without = [r for r in comparison if not r["has_reference"]]
+    published, unpublished = table3_tables(comparison, summary["table3_columns"], refs)
     return {
         "summary": summary,
         "refs": refs,
-        "headline": comparison_cells(with_refs, refs),
-        "unreferenced": comparison_cells(without, refs) if without else None,
+        "headline": published,  # the Table 3 grid of the published configurations
+        "unreferenced": unpublished,  # this config's rows without a published figure (None: none)
+        "legend": TABLE3_LEGEND,
+        "long_form": comparison_cells(comparison, refs),
         "not_run": NOT_RUN,
-        "n_run_with_reference": sum(r["status"] != NOT_RUN for r in with_refs),
+        "n_run_with_reference": sum(r["status"] != NOT_RUN for r in comparison if r["has_reference"]),
         "accuracy_png": chart_png(charts.accuracy_chart(comparison, refs)),
         "sweep_png": chart_png(charts.lr_sweep_chart(summary["pairs"])),
         "curve_charts": [{"pair": pair, "png": chart_png(charts.training_curves_chart(pair, summary["runs"],
