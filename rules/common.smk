@@ -101,8 +101,11 @@ def check_cross_references(config):
         _check_synthesized_dataset(name, ds)
     for name, ck in ckpts.items():
         if "synthesize" in ck and ck["url"] != f"file:{upstream_npz(name)}":
-            config_error(f"checkpoints.{name}.url", "a synthesized checkpoint is fetched from the file "
-                         "synthesize_upstream writes", f"set it to file:{upstream_npz(name)}")
+            config_error(
+                f"checkpoints.{name}.url",
+                "a synthesized checkpoint is fetched from the file " "synthesize_upstream writes",
+                f"set it to file:{upstream_npz(name)}",
+            )
         _check_head_dataset(name, ck, dsets)
     _check_batch_split(config)
 
@@ -113,9 +116,12 @@ def _check_head_dataset(name, ck, dsets):
     _check_names(f"checkpoints.{name}.head_dataset", [ck["head_dataset"]], dsets)
     expected = dsets[ck["head_dataset"]].get("expected", {}).get("num_classes")
     if expected is not None and expected != ck["architecture"]["num_classes"]:
-        config_error(f"checkpoints.{name}.head_dataset", f"the head has {ck['architecture']['num_classes']} "
-                     f"classes but dataset '{ck['head_dataset']}' expects {expected}",
-                     "name the dataset this released head classifies, or remove the key")
+        config_error(
+            f"checkpoints.{name}.head_dataset",
+            f"the head has {ck['architecture']['num_classes']} "
+            f"classes but dataset '{ck['head_dataset']}' expects {expected}",
+            "name the dataset this released head classifies, or remove the key",
+        )
 
 
 def _check_synthesized_dataset(name, ds):
@@ -125,11 +131,17 @@ def _check_synthesized_dataset(name, ds):
     wanted = {"path": tree, "val_ground_truth": f"{tree}/val_ground_truth.txt"}
     for key, value in wanted.items():
         if ds["source"].get(key) != value:
-            config_error(f"datasets.{name}.source.{key}", "a synthesized dataset is read from the tree "
-                         "synthesize_data writes", f"set it to {value}")
+            config_error(
+                f"datasets.{name}.source.{key}",
+                "a synthesized dataset is read from the tree " "synthesize_data writes",
+                f"set it to {value}",
+            )
     if ds.get("real_labels", {}).get("url", f"file:{tree}/real.json") != f"file:{tree}/real.json":
-        config_error(f"datasets.{name}.real_labels.url", "the synthesized tree carries its own ReaL-style labels",
-                     f"set it to file:{tree}/real.json")
+        config_error(
+            f"datasets.{name}.real_labels.url",
+            "the synthesized tree carries its own ReaL-style labels",
+            f"set it to file:{tree}/real.json",
+        )
 
 
 def _check_batch_split(config):
@@ -309,8 +321,11 @@ def real_input(wildcards):
     """The predictions, ReaL labels and dataset record a ReaL job reads."""
     source = {(ck, ds): src for ck, ds, src in matrix.real_results(config)}[wildcards.ckpt, wildcards.dataset]
     result = result_json(wildcards.ckpt, wildcards.dataset, source)
-    return {"predictions": predictions_file(result), "labels": real_labels_json(wildcards.dataset),
-            "data": dataset_json(wildcards.dataset)}
+    return {
+        "predictions": predictions_file(result),
+        "labels": real_labels_json(wildcards.dataset),
+        "data": dataset_json(wildcards.dataset),
+    }
 
 
 def real_labels_download_args(wildcards):
@@ -325,8 +340,10 @@ def aggregate_inputs(wildcards):
         "summaries": [run_file(*r, "summary.json") for r in runs],
         "metrics": [run_file(*r, "metrics.jsonl") for r in runs],
         # The finetune jobs' benchmark files (wall time, peak RSS -> GPU-hours in the report).
-        "finetune_benchmarks": [benchmark_file("finetune", RUN_JOB.format(ckpt=ck, dataset=ds, lr=lr, seed=seed))
-                                for ck, ds, lr, seed in runs],
+        "finetune_benchmarks": [
+            benchmark_file("finetune", RUN_JOB.format(ckpt=ck, dataset=ds, lr=lr, seed=seed))
+            for ck, ds, lr, seed in runs
+        ],
         "selections": [selection_json(ck, ds) for ck, ds in matrix.pairs(config)],
         "evaluations": [evaluation_json(ck, ds) for ck, ds in matrix.pairs(config)],
         "baselines": [baseline_json(*b) for b in matrix.baseline_runs(config)],

@@ -30,6 +30,18 @@ rule evaluate:
     output:
         result=report(evaluation_json("{ckpt}", "{dataset}"), caption="../report/evaluate.rst", category="Evaluation"),
         predictions=predictions_file(evaluation_json("{ckpt}", "{dataset}")),
+    log:
+        log_file("evaluate", PAIR_JOB),
+    benchmark:
+        benchmark_file("evaluate", PAIR_JOB)
+    conda:
+        "../envs/pipeline.yaml"
+    threads: config["resources"]["evaluate"]["cpus"]
+    resources:
+        gpu=config["resources"]["evaluate"]["gpu"],
+        gpu_model=config["resources"]["gpu_model"],
+        mem_mb=config["resources"]["evaluate"]["mem_mb"],
+        runtime=config["resources"]["evaluate"]["runtime_min"],
     params:
         what=lambda wc, input: f"--selection {input.selection} --summaries {input.summaries} --models {input.models}",
         protocol_name=lambda wc: eval_protocol_of(wc.dataset)[0],
@@ -40,18 +52,6 @@ rule evaluate:
         precision=config["protocol"]["precision"],
         pixel_mean=config["protocol"]["pixel_mean"],
         pixel_std=config["protocol"]["pixel_std"],
-    threads: config["resources"]["evaluate"]["cpus"]
-    resources:
-        gpu=config["resources"]["evaluate"]["gpu"],
-        gpu_model=config["resources"]["gpu_model"],
-        mem_mb=config["resources"]["evaluate"]["mem_mb"],
-        runtime=config["resources"]["evaluate"]["runtime_min"],
-    log:
-        log_file("evaluate", PAIR_JOB),
-    benchmark:
-        benchmark_file("evaluate", PAIR_JOB)
-    conda:
-        "../envs/pipeline.yaml"
     shell:
         gpu_job(
             "python -m workflow_scripts.evaluate {params.what} --data {input.data}"
@@ -70,14 +70,14 @@ use rule evaluate as baseline with:
     output:
         result=baseline_json("{ckpt}", "{dataset}", "{protocol}"),
         predictions=predictions_file(baseline_json("{ckpt}", "{dataset}", "{protocol}")),
-    params:
-        what=lambda wc, input: f"--model {input.model}",
-        protocol_name=lambda wc: wc.protocol,
-        protocol=lambda wc: as_json(config["evaluation"]["protocols"][wc.protocol]),
     log:
         log_file("baseline", BASELINE_JOB),
     benchmark:
         benchmark_file("baseline", BASELINE_JOB)
+    params:
+        what=lambda wc, input: f"--model {input.model}",
+        protocol_name=lambda wc: wc.protocol,
+        protocol=lambda wc: as_json(config["evaluation"]["protocols"][wc.protocol]),
 
 
 rule download_real_labels:
@@ -87,17 +87,17 @@ rule download_real_labels:
     output:
         labels=real_labels_json("{dataset}"),
         record=real_labels_record("{dataset}"),
-    params:
-        url=lambda wc: config["datasets"][wc.dataset]["real_labels"]["url"],
-        lock=config["weights_lock"],
-        extra=real_labels_download_args,
-    retries: 3
     log:
         log_file("download_real_labels", "{dataset}"),
     benchmark:
         benchmark_file("download_real_labels", "{dataset}")
+    retries: 3
     conda:
         "../envs/pipeline.yaml"
+    params:
+        url=lambda wc: config["datasets"][wc.dataset]["real_labels"]["url"],
+        lock=config["weights_lock"],
+        extra=real_labels_download_args,
     shell:
         "python -m workflow_scripts.download --key datasets.{wildcards.dataset}.real_labels --content json"
         " --url {params.url:q} --out {output.labels} --record {output.record} --lock {params.lock:q}"

@@ -11,10 +11,12 @@ rule finetune:
         model=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "model.safetensors"),
         metrics=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "metrics.jsonl"),
         summary=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "summary.json"),
-    params:
-        resume_dir=lambda wc: resume_dir(wc.ckpt, wc.dataset, wc.lr, wc.seed),
-        steps=lambda wc: config["datasets"][wc.dataset]["steps"],
-        protocol=as_json(config["protocol"]),
+    log:
+        log_file("finetune", RUN_JOB),
+    benchmark:
+        benchmark_file("finetune", RUN_JOB)
+    conda:
+        "../envs/pipeline.yaml"
     threads: config["resources"]["finetune"]["cpus"]
     resources:
         gpu=lambda wc: matrix.finetune_gpus(config, wc.ckpt),
@@ -24,12 +26,10 @@ rule finetune:
         # Snakemake's attempt number: a retry of a job that failed for a reason a retry cannot fix
         # (out of memory, NaN) stops at once (finetune's failed.json; docs/slurm.md).
         attempt=lambda wc, attempt: attempt,
-    log:
-        log_file("finetune", RUN_JOB),
-    benchmark:
-        benchmark_file("finetune", RUN_JOB)
-    conda:
-        "../envs/pipeline.yaml"
+    params:
+        resume_dir=lambda wc: resume_dir(wc.ckpt, wc.dataset, wc.lr, wc.seed),
+        steps=lambda wc: config["datasets"][wc.dataset]["steps"],
+        protocol=as_json(config["protocol"]),
     shell:
         gpu_job(
             "python -m workflow_scripts.finetune --checkpoint {input.checkpoint} --data {input.data}"

@@ -352,7 +352,9 @@ def test_synthesized_upstream_is_deterministic_and_converts(tmp_path):
 
     for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
         synthesize(SMALL, seed, tmp_path / f"{name}.npz")
-    read = lambda name: (tmp_path / f"{name}.npz").read_bytes()
+    def read(name):
+        return (tmp_path / f"{name}.npz").read_bytes()
+
     assert read("a") == read("b") != read("c")
     record = convert.convert(tmp_path / "a.npz", tmp_path / "a.safetensors", SMALL)
     assert record["max_abs_logit"] > 0.1  # random head: the demo's parity check compares real logits

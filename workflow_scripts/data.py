@@ -116,7 +116,8 @@ def list_imagefolder(split_dir: Path, classes: Sequence[str]) -> tuple[list[str]
 def _open_disk_split(dataset_record: dict, disk_split: str) -> Split:
     if disk_split not in dataset_record["splits"]:
         raise PipelineError(
-            f"dataset '{dataset_record['name']}' has no split '{disk_split}' (it has {sorted(dataset_record['splits'])}); "
+            f"dataset '{dataset_record['name']}' has no split '{disk_split}' "
+            f"(it has {sorted(dataset_record['splits'])}); "
             f"fix datasets.{dataset_record['name']}.test_split / minival.split in the config"
         )
     root = Path(dataset_record["root"])
@@ -124,14 +125,16 @@ def _open_disk_split(dataset_record: dict, disk_split: str) -> Split:
         path = root / f"{disk_split}.npz"
         try:
             with np.load(path) as z:
-                split = Split(disk_split, "arrays", dataset_record["classes"], z["labels"].astype(np.int64), images=z["images"])
+                split = Split(disk_split, "arrays", dataset_record["classes"], z["labels"].astype(np.int64),
+                              images=z["images"])
         except FileNotFoundError:
             raise PipelineError(f"{path}: not found; rerun prepare_data for '{dataset_record['name']}'") from None
     elif dataset_record["layout"] == "imagefolder":
         files, labels = list_imagefolder(root / disk_split, dataset_record["classes"])
         split = Split(disk_split, "imagefolder", dataset_record["classes"], labels, files=files)
     else:
-        raise PipelineError(f"dataset '{dataset_record['name']}': unknown layout '{dataset_record['layout']}'; rerun prepare_data")
+        raise PipelineError(f"dataset '{dataset_record['name']}': unknown layout '{dataset_record['layout']}'; "
+                            "rerun prepare_data")
     if len(split) != dataset_record["splits"][disk_split]:
         raise PipelineError(
             f"{root / disk_split}: {len(split)} images on disk but dataset.json recorded "
