@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SMALL = {"patch_size": 4, "hidden_dim": 32, "num_blocks": 2, "tokens_mlp_dim": 16, "channels_mlp_dim": 64,
          "num_classes": 10, "image_size": 16}
-# vit_jax/configs/models.py; FACTS.md.
+# google-research/vision_transformer vit_jax/configs/models.py.
 B16_21K = {"patch_size": 16, "hidden_dim": 768, "num_blocks": 12, "tokens_mlp_dim": 384, "channels_mlp_dim": 3072,
            "num_classes": 21843, "image_size": 224}
 NAMED = {
