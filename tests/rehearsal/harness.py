@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     output_root = Path(args.workdir).resolve() / overlay_config()["output_root"]
     print(f"Rehearsal ({'short' if args.short else 'full'} form) finished in {time.monotonic() - start:.0f} s "
           f"(exit {result.returncode}); results in {output_root}", flush=True)
-    if result.returncode == 0 and not args.short:
-        print(f"Report: {output_root / 'report' / 'index.html'}")
+    report = output_root / "report" / "index.html"
+    if result.returncode == 0 and not args.short and report.exists():
+        print(f"Report: {report}")
     return result.returncode
 
 

@@ -6,7 +6,8 @@ torchvision modules named in that JSON file ({module: {class: {attribute: value}
 tests/rehearsal/standins.py), the class attributes are replaced right after the module ran (a mapping value
 updates the attribute's mapping): torchvision's CIFAR-10/100 and Flowers-102 md5 checks then run on the
 stand-ins' files against the stand-ins' md5s. Nothing changes without the variable, and torchvision is not
-imported by this module. The pipeline's own code has no switch for this.
+imported by this module. The pipeline's own code has no switch for this. (Being first on the path, this file
+hides any other sitecustomize from the rehearsal's jobs, e.g. Debian's, which only installs an apport hook.)
 """
 import importlib.abc
 import importlib.machinery
