@@ -8,7 +8,10 @@ CORES  ?= 2
 # Rules call `python -m workflow_scripts...`: make sure that python is the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test bench lint dry-run clean-demo venv
+# Where `make rehearsal` writes its stand-ins and results (about 16 GiB; `make clean-rehearsal`).
+REHEARSAL_DIR ?= rehearsal
+
+.PHONY: demo test rehearsal bench lint dry-run clean-demo clean-rehearsal venv
 
 venv: $(STAMP)
 
@@ -30,6 +33,10 @@ demo: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+# The real study (config.yaml) on stand-ins at the real shapes, every job, report included (README "Rehearsal").
+rehearsal: $(STAMP)
+	$(BIN)/python -m tests.rehearsal.harness --workdir $(REHEARSAL_DIR) --cores $(CORES)
+
 bench: $(STAMP)
 	$(BIN)/python -m workflow_scripts.bench
 
@@ -43,3 +50,6 @@ dry-run: $(STAMP)
 
 clean-demo:
 	rm -rf demo_results
+
+clean-rehearsal:
+	rm -rf $(REHEARSAL_DIR)

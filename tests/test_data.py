@@ -251,7 +251,9 @@ def test_short_tree_is_rejected_naming_the_counts(tmp_path):
     (lambda r: (r / "train" / "README.txt").write_text("x"), r"train/README.txt: stray file"),
     (lambda r: (r / "train" / "n02" / "labels.csv").write_text("x"), r"n02/labels.csv: not an image"),
     (lambda r: (r / "train" / "n04").mkdir(), r"train/n04: empty class folder"),
-    (lambda r: __import__("shutil").rmtree(r / "val" / "n03"), r"class folders of train/ and val/ differ.*n03"),
+    (lambda r: __import__("shutil").rmtree(r / "val" / "n03"),
+     r"incomplete: val images of 2 of 3 classes \(none of n03\).*datasets\.imagenet\.allow_subset: true"),
+    (lambda r: (r / "val" / "n01").rename(r / "val" / "n09"), r"class folders of val/ that train/ lacks: \['n09'\]"),
 ])
 def test_malformed_tree_is_rejected_naming_the_path(tmp_path, damage, message):
     src = make_tree(tmp_path / "imagenet")
@@ -301,6 +303,36 @@ def test_flat_val_ground_truth_errors(tmp_path):
     gt.write_text("n09\n" * len(pairs))
     with pytest.raises(PipelineError, match="gt.txt:1: 'n09' is not a class folder"):
         prepare_data.prepare("imagenet", imagenet_spec(src, ground_truth=str(gt)), imagenet_json(tmp_path))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_val_of_some_training_classes_is_a_flagged_subset(tmp_path, flat):
+    """allow_subset: a validation set without images of some training classes is prepared and flagged; its
+    labels stay the training labels (every class has a folder, maybe empty), the source tree is untouched."""
+    src = make_tree(tmp_path / "imagenet", classes=("n01", "n02", "n03", "n04"))
+    for wnid in ("n01", "n03"):
+        __import__("shutil").rmtree(src / "val" / wnid)
+    gt = None
+    if flat:
+        gt = tmp_path / "gt.txt"
+        gt.write_text("".join(f"{n} {w}\n" for n, w in flatten_val(src)))
+    before = sorted(str(p.relative_to(src)) for p in src.rglob("*"))
+    out_json = tmp_path / "data" / "imagenet" / "dataset.json"
+    spec = imagenet_spec(src, allow_subset=True, ground_truth=gt and str(gt))
+    record = prepare_data.prepare("imagenet", spec, out_json)
+    assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == before
+    assert record["classes"] == ["n01", "n02", "n03", "n04"] and record["splits"] == {"train": 12, "val": 4}
+    assert record["subset"] is True and "val images of 2 of 4 classes (none of n01, n03)" in record["subset_note"]
+    test = data.open_split(data.load_dataset_record(out_json), "test")
+    assert list(test.labels) == [1, 1, 3, 3] and [Path(f).parent.name for f in test.files] == ["n02"] * 2 + ["n04"] * 2
+    assert sorted(p.name for p in (out_json.parent / "val").iterdir()) == ["n01", "n02", "n03", "n04"]
+    images, labels = next(iter(data.eval_loader(test, OFFICIAL, 16, 4, "cpu", 0, 127.5, 127.5)))
+    assert images.shape == (4, 3, 16, 16) and labels.tolist() == [1, 1, 3, 3]
+    # Without allow_subset the same tree is refused, and no dataset.json is written.
+    out_json.unlink()
+    with pytest.raises(PipelineError, match=r"incomplete: val images of 2 of 4 classes.*allow_subset: true"):
+        prepare_data.prepare("imagenet", dict(spec, allow_subset=False), out_json)
+    assert not out_json.exists()
 
 
 # ---------------------------------------------------------------------------------------------
