@@ -227,9 +227,6 @@ def test_rerun_has_nothing_to_do(rehearsal):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="aggregate does not yet put the released models' ImageNet results, the ReaL "
-                                       "scores and Avg5 into the comparison (issue #11, aggregate/report branch); "
-                                       "remove this mark when it does")
 def test_every_table3_cell_the_rehearsal_ran_is_in_the_comparison(rehearsal):
     _, root, config, _ = rehearsal
     rows = aggregate_rows(root / "aggregate" / "comparison.csv")
