@@ -8,7 +8,7 @@ CORES  ?= 2
 # Rules call `python -m workflow_scripts...`: make sure that python is the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test bench lint dry-run clean-demo venv
+.PHONY: demo test chaos bench lint dry-run clean-demo venv
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The whole demo while fine-tuning jobs, evaluation jobs and Snakemake are killed at random moments (6 faults;
+# MIXER_CHAOS_SEED=<n> replays a run); the files must equal an uninterrupted run's. `make test` runs a short form.
+chaos: $(STAMP)
+	MIXER_CHAOS_FULL=1 $(BIN)/python -m pytest tests/test_chaos.py -s -q
 
 bench: $(STAMP)
 	$(BIN)/python -m workflow_scripts.bench
