@@ -358,7 +358,7 @@ def log_minival(run: RunState, meter: IntervalMeter, step: int, model: nn.Module
 
 def run_fingerprint(checkpoint: str | os.PathLike, dataset_record: dict, train_size: int, lr: float,
                     seed: int, steps: int, protocol: Protocol) -> dict:
-    """What decides the result; a state.pt with another fingerprint belongs to another run."""
+    """What decides the result; resume state with another fingerprint belongs to another run (or code version)."""
     return {"state_version": STATE_VERSION, "checkpoint_sha256": sha256_file(checkpoint),
             "dataset": dataset_record["name"], "train_size": train_size, "lr": lr, "seed": seed,
             "steps": steps, "protocol": protocol.fingerprint()}
