@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # Where `make rehearsal` writes its stand-ins and results (about 16 GiB; `make clean-rehearsal`).
 REHEARSAL_DIR ?= rehearsal
 
-.PHONY: demo test rehearsal bench lint dry-run clean-demo clean-rehearsal venv
+.PHONY: demo test rehearsal chaos bench lint dry-run clean-demo clean-rehearsal venv
 
 venv: $(STAMP)
 
@@ -38,6 +38,11 @@ test: lint
 # The real study (config.yaml) on stand-ins at the real shapes, every job, report included (README "Rehearsal").
 rehearsal: $(STAMP)
 	$(BIN)/python -m tests.rehearsal.harness --workdir $(REHEARSAL_DIR) --cores $(CORES)
+
+# The whole demo while fine-tuning jobs, evaluation jobs and Snakemake are killed at random moments (6 faults;
+# MIXER_CHAOS_SEED=<n> replays a run); the files must equal an uninterrupted run's. `make test` runs a short form.
+chaos: $(STAMP)
+	MIXER_CHAOS_FULL=1 $(BIN)/python -m pytest tests/test_chaos.py -s -q
 
 bench: $(STAMP)
 	$(BIN)/python -m workflow_scripts.bench
