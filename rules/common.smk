@@ -284,7 +284,9 @@ def as_json(obj):
 def gpu_job(command):
     """A shell command run on the GPUs the job reserves (resources.gpu), through gpu_pool's locks."""
     lock_dir = _escape(config["gpu_lock_dir"])
-    return f"python -m workflow_scripts.gpu_pool --gpus {{resources.gpu}} --lock-dir {lock_dir} -- {command}"
+    # exec: no shell between Snakemake and gpu_pool, so a SIGTERM to the job reaches gpu_pool (which
+    # passes it on to fine-tuning, which saves the step it is at) instead of killing a bash first.
+    return f"exec python -m workflow_scripts.gpu_pool --gpus {{resources.gpu}} --lock-dir {lock_dir} -- {command}"
 
 
 def synthesize_input(wildcards):

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflow_scripts import resume_files
+from workflow_scripts import matrix, resume_files
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "demo" / "config.yaml"
@@ -216,8 +216,7 @@ def test_every_job_ran_under_slurm_on_the_right_partition(slurm_demo):
 def test_ddp_runs_used_both_gpus_of_their_allocation(slurm_demo):
     root, cfg = slurm_demo["root"], slurm_demo["cfg"]
     summaries = sorted((root / "finetune").glob("*/*/*/summary.json"))
-    assert len(summaries) == (len(cfg["finetune"]["checkpoints"]) * len(cfg["finetune"]["datasets"])
-                              * len(cfg["finetune"]["base_lrs"]) * len(cfg["finetune"]["seeds"]))
+    assert len(summaries) == len(matrix.finetune_runs(cfg))  # every run of the sweep, per-dataset LR grids
     for path in summaries:
         summary = json.loads(path.read_text())
         expected = DDP_GPUS if summary["checkpoint"] == slurm_demo["ddp_ckpt"] else 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -553,7 +554,16 @@ def _folder_loader(split: Split, transform, batches, device, num_workers: int, d
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_stop_signals,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker leaves SIGTERM/SIGUSR1/SIGINT to the training process, which finishes its update
+    and saves (a signal sent to the whole job must not kill the workers it still reads from). The
+    workers still end with their parent: torch's DataLoader watches it."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _folder_batches(loader, transform, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
