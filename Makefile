@@ -8,7 +8,10 @@ CORES  ?= 2
 # Rules call `python -m workflow_scripts...`: make sure that python is the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test bench lint dry-run clean-demo venv
+# Where `make rehearsal` writes its stand-ins and results (about 16 GiB; `make clean-rehearsal`).
+REHEARSAL_DIR ?= rehearsal
+
+.PHONY: demo test rehearsal chaos bench lint dry-run clean-demo clean-rehearsal venv
 
 venv: $(STAMP)
 
@@ -27,8 +30,19 @@ demo: $(STAMP)
 	test $$status -eq 0 && echo "Report: $(abspath demo_results/report/index.html)"; \
 	exit $$status
 
+# The suite runs the rehearsal in its short form (the Mixer-B/16 checkpoints, up to the aggregate);
+# `make rehearsal` runs the full one.
 test: lint
-	$(BIN)/python -m pytest
+	MIXER_REHEARSAL=short $(BIN)/python -m pytest
+
+# The real study (config.yaml) on stand-ins at the real shapes, every job, report included (README "Rehearsal").
+rehearsal: $(STAMP)
+	$(BIN)/python -m tests.rehearsal.harness --workdir $(REHEARSAL_DIR) --cores $(CORES)
+
+# The whole demo while fine-tuning jobs, evaluation jobs and Snakemake are killed at random moments (6 faults;
+# MIXER_CHAOS_SEED=<n> replays a run); the files must equal an uninterrupted run's. `make test` runs a short form.
+chaos: $(STAMP)
+	MIXER_CHAOS_FULL=1 $(BIN)/python -m pytest tests/test_chaos.py -s -q
 
 bench: $(STAMP)
 	$(BIN)/python -m workflow_scripts.bench
@@ -43,3 +57,6 @@ dry-run: $(STAMP)
 
 clean-demo:
 	rm -rf demo_results
+
+clean-rehearsal:
+	rm -rf $(REHEARSAL_DIR)

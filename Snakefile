@@ -34,6 +34,6 @@ include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         report_file("index.html"),
-    default_target: True

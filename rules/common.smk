@@ -101,8 +101,11 @@ def check_cross_references(config):
         _check_synthesized_dataset(name, ds)
     for name, ck in ckpts.items():
         if "synthesize" in ck and ck["url"] != f"file:{upstream_npz(name)}":
-            config_error(f"checkpoints.{name}.url", "a synthesized checkpoint is fetched from the file "
-                         "synthesize_upstream writes", f"set it to file:{upstream_npz(name)}")
+            config_error(
+                f"checkpoints.{name}.url",
+                "a synthesized checkpoint is fetched from the file " "synthesize_upstream writes",
+                f"set it to file:{upstream_npz(name)}",
+            )
         _check_head_dataset(name, ck, dsets)
     _check_batch_split(config)
     _check_variants(config)
@@ -114,11 +117,16 @@ def _check_variants(config):
         key = f"variants.{name}"
         unknown = sorted(set(variant["protocol"]) - set(Protocol.key_names()))
         if unknown:
-            config_error(f"{key}.protocol", f"{unknown} are not protocol keys", f"use keys of {list(Protocol.key_names())}")
+            config_error(
+                f"{key}.protocol", f"{unknown} are not protocol keys", f"use keys of {list(Protocol.key_names())}"
+            )
         for i, (ck, ds) in enumerate(variant["pairs"]):
             if (ck, ds) not in fine_tuned:
-                config_error(f"{key}.pairs[{i}]", f"({ck}, {ds}) is not a fine-tuned pair of the study",
-                             "name a checkpoint of finetune.checkpoints and a dataset of finetune.datasets")
+                config_error(
+                    f"{key}.pairs[{i}]",
+                    f"({ck}, {ds}) is not a fine-tuned pair of the study",
+                    "name a checkpoint of finetune.checkpoints and a dataset of finetune.datasets",
+                )
         try:
             variant_protocol(name).micro_batches_per_process(1)
         except PipelineError as e:
@@ -131,9 +139,12 @@ def _check_head_dataset(name, ck, dsets):
     _check_names(f"checkpoints.{name}.head_dataset", [ck["head_dataset"]], dsets)
     expected = dsets[ck["head_dataset"]].get("expected", {}).get("num_classes")
     if expected is not None and expected != ck["architecture"]["num_classes"]:
-        config_error(f"checkpoints.{name}.head_dataset", f"the head has {ck['architecture']['num_classes']} "
-                     f"classes but dataset '{ck['head_dataset']}' expects {expected}",
-                     "name the dataset this released head classifies, or remove the key")
+        config_error(
+            f"checkpoints.{name}.head_dataset",
+            f"the head has {ck['architecture']['num_classes']} "
+            f"classes but dataset '{ck['head_dataset']}' expects {expected}",
+            "name the dataset this released head classifies, or remove the key",
+        )
 
 
 def _check_synthesized_dataset(name, ds):
@@ -143,11 +154,17 @@ def _check_synthesized_dataset(name, ds):
     wanted = {"path": tree, "val_ground_truth": f"{tree}/val_ground_truth.txt"}
     for key, value in wanted.items():
         if ds["source"].get(key) != value:
-            config_error(f"datasets.{name}.source.{key}", "a synthesized dataset is read from the tree "
-                         "synthesize_data writes", f"set it to {value}")
+            config_error(
+                f"datasets.{name}.source.{key}",
+                "a synthesized dataset is read from the tree " "synthesize_data writes",
+                f"set it to {value}",
+            )
     if ds.get("real_labels", {}).get("url", f"file:{tree}/real.json") != f"file:{tree}/real.json":
-        config_error(f"datasets.{name}.real_labels.url", "the synthesized tree carries its own ReaL-style labels",
-                     f"set it to file:{tree}/real.json")
+        config_error(
+            f"datasets.{name}.real_labels.url",
+            "the synthesized tree carries its own ReaL-style labels",
+            f"set it to file:{tree}/real.json",
+        )
 
 
 def _check_batch_split(config):
@@ -316,7 +333,9 @@ def as_json(obj):
 def gpu_job(command):
     """A shell command run on the GPUs the job reserves (resources.gpu), through gpu_pool's locks."""
     lock_dir = _escape(config["gpu_lock_dir"])
-    return f"python -m workflow_scripts.gpu_pool --gpus {{resources.gpu}} --lock-dir {lock_dir} -- {command}"
+    # exec: no shell between Snakemake and gpu_pool, so a SIGTERM to the job reaches gpu_pool (which
+    # passes it on to fine-tuning, which saves the step it is at) instead of killing a bash first.
+    return f"exec python -m workflow_scripts.gpu_pool --gpus {{resources.gpu}} --lock-dir {lock_dir} -- {command}"
 
 
 def synthesize_input(wildcards):
@@ -365,10 +384,15 @@ def final_models(wildcards):
     ck, ds = wildcards.ckpt, wildcards.dataset
     if config["finetune"]["retrain_on_full_train"]:
         seeds = config["finetune"]["seeds"]
-        return {"models": [final_run_file(ck, ds, s, "model.safetensors") for s in seeds],
-                "summaries": [final_run_file(ck, ds, s, "summary.json") for s in seeds]}
-    return {"selection": selection_json(ck, ds), "models": pair_runs(wildcards, "model.safetensors"),
-            "summaries": pair_runs(wildcards, "summary.json")}
+        return {
+            "models": [final_run_file(ck, ds, s, "model.safetensors") for s in seeds],
+            "summaries": [final_run_file(ck, ds, s, "summary.json") for s in seeds],
+        }
+    return {
+        "selection": selection_json(ck, ds),
+        "models": pair_runs(wildcards, "model.safetensors"),
+        "summaries": pair_runs(wildcards, "summary.json"),
+    }
 
 
 def models_arguments(wildcards, input):
@@ -381,8 +405,11 @@ def real_input(wildcards):
     """The predictions, ReaL labels and dataset record a ReaL job reads."""
     source = {(ck, ds): src for ck, ds, src in matrix.real_results(config)}[wildcards.ckpt, wildcards.dataset]
     result = result_json(wildcards.ckpt, wildcards.dataset, source)
-    return {"predictions": predictions_file(result), "labels": real_labels_json(wildcards.dataset),
-            "data": dataset_json(wildcards.dataset)}
+    return {
+        "predictions": predictions_file(result),
+        "labels": real_labels_json(wildcards.dataset),
+        "data": dataset_json(wildcards.dataset),
+    }
 
 
 def real_labels_download_args(wildcards):
@@ -397,8 +424,10 @@ def aggregate_inputs(wildcards):
         "summaries": [run_file(*r, "summary.json") for r in runs],
         "metrics": [run_file(*r, "metrics.jsonl") for r in runs],
         # The finetune jobs' benchmark files (wall time, peak RSS -> GPU-hours in the report).
-        "finetune_benchmarks": [benchmark_file("finetune", RUN_JOB.format(ckpt=ck, dataset=ds, lr=lr, seed=seed))
-                                for ck, ds, lr, seed in runs],
+        "finetune_benchmarks": [
+            benchmark_file("finetune", RUN_JOB.format(ckpt=ck, dataset=ds, lr=lr, seed=seed))
+            for ck, ds, lr, seed in runs
+        ],
         "selections": [selection_json(ck, ds) for ck, ds in matrix.pairs(config)],
         "evaluations": [evaluation_json(*e) for e in matrix.evaluations(config)],
         "variant_evaluations": [variant_evaluation_json(*v) for v in matrix.variant_pairs(config)],

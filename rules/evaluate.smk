@@ -32,6 +32,18 @@ rule evaluate:
             category="Evaluation",
         ),
         predictions=predictions_file(evaluation_json("{ckpt}", "{dataset}", "{protocol}")),
+    log:
+        log_file("evaluate", PROTOCOL_JOB),
+    benchmark:
+        benchmark_file("evaluate", PROTOCOL_JOB)
+    conda:
+        "../envs/pipeline.yaml"
+    threads: config["resources"]["evaluate"]["cpus"]
+    resources:
+        gpu=config["resources"]["evaluate"]["gpu"],
+        gpu_model=config["resources"]["gpu_model"],
+        mem_mb=config["resources"]["evaluate"]["mem_mb"],
+        runtime=config["resources"]["evaluate"]["runtime_min"],
     params:
         what=models_arguments,
         protocol_name=lambda wc: wc.protocol,
@@ -42,18 +54,6 @@ rule evaluate:
         precision=config["protocol"]["precision"],
         pixel_mean=config["protocol"]["pixel_mean"],
         pixel_std=config["protocol"]["pixel_std"],
-    threads: config["resources"]["evaluate"]["cpus"]
-    resources:
-        gpu=config["resources"]["evaluate"]["gpu"],
-        gpu_model=config["resources"]["gpu_model"],
-        mem_mb=config["resources"]["evaluate"]["mem_mb"],
-        runtime=config["resources"]["evaluate"]["runtime_min"],
-    log:
-        log_file("evaluate", PROTOCOL_JOB),
-    benchmark:
-        benchmark_file("evaluate", PROTOCOL_JOB)
-    conda:
-        "../envs/pipeline.yaml"
     shell:
         gpu_job(
             "python -m workflow_scripts.evaluate {params.what} --data {input.data}"
@@ -72,32 +72,35 @@ use rule evaluate as baseline with:
     output:
         result=baseline_json("{ckpt}", "{dataset}", "{protocol}"),
         predictions=predictions_file(baseline_json("{ckpt}", "{dataset}", "{protocol}")),
-    params:
-        what=lambda wc, input: f"--model {input.model}",
     log:
         log_file("baseline", BASELINE_JOB),
     benchmark:
         benchmark_file("baseline", BASELINE_JOB)
+    params:
+        what=lambda wc, input: f"--model {input.model}",
 
 
 use rule evaluate as evaluate_variant with:
     input:
-        models=lambda wc: [variant_run_file(wc.variant, wc.ckpt, wc.dataset, s, "model.safetensors")
-                           for s in config["finetune"]["seeds"]],
-        summaries=lambda wc: [variant_run_file(wc.variant, wc.ckpt, wc.dataset, s, "summary.json")
-                              for s in config["finetune"]["seeds"]],
+        models=lambda wc: [
+            variant_run_file(wc.variant, wc.ckpt, wc.dataset, s, "model.safetensors")
+            for s in config["finetune"]["seeds"]
+        ],
+        summaries=lambda wc: [
+            variant_run_file(wc.variant, wc.ckpt, wc.dataset, s, "summary.json") for s in config["finetune"]["seeds"]
+        ],
         data=dataset_json("{dataset}"),
     output:
         result=variant_evaluation_json("{variant}", "{ckpt}", "{dataset}"),
         predictions=predictions_file(variant_evaluation_json("{variant}", "{ckpt}", "{dataset}")),
-    params:
-        what=models_arguments,
-        protocol_name=config["evaluation"]["headline_protocol"],
-        protocol=eval_protocol(),
     log:
         log_file("evaluate_variant", VARIANT_PAIR_JOB),
     benchmark:
         benchmark_file("evaluate_variant", VARIANT_PAIR_JOB)
+    params:
+        what=models_arguments,
+        protocol_name=config["evaluation"]["headline_protocol"],
+        protocol=eval_protocol(),
 
 
 use rule evaluate as evaluate_selection_bias with:
@@ -108,14 +111,14 @@ use rule evaluate as evaluate_selection_bias with:
     output:
         result=selection_bias_json("{ckpt}", "{dataset}"),
         predictions=predictions_file(selection_bias_json("{ckpt}", "{dataset}")),
-    params:
-        what=models_arguments,
-        protocol_name=config["evaluation"]["headline_protocol"],
-        protocol=eval_protocol(),
     log:
         log_file("evaluate_selection_bias", PAIR_JOB),
     benchmark:
         benchmark_file("evaluate_selection_bias", PAIR_JOB)
+    params:
+        what=models_arguments,
+        protocol_name=config["evaluation"]["headline_protocol"],
+        protocol=eval_protocol(),
 
 
 rule download_real_labels:
@@ -125,17 +128,17 @@ rule download_real_labels:
     output:
         labels=real_labels_json("{dataset}"),
         record=real_labels_record("{dataset}"),
-    params:
-        url=lambda wc: config["datasets"][wc.dataset]["real_labels"]["url"],
-        lock=config["weights_lock"],
-        extra=real_labels_download_args,
-    retries: 3
     log:
         log_file("download_real_labels", "{dataset}"),
     benchmark:
         benchmark_file("download_real_labels", "{dataset}")
+    retries: 3
     conda:
         "../envs/pipeline.yaml"
+    params:
+        url=lambda wc: config["datasets"][wc.dataset]["real_labels"]["url"],
+        lock=config["weights_lock"],
+        extra=real_labels_download_args,
     shell:
         "python -m workflow_scripts.download --key datasets.{wildcards.dataset}.real_labels --content json"
         " --url {params.url:q} --out {output.labels} --record {output.record} --lock {params.lock:q}"

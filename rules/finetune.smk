@@ -13,11 +13,12 @@ rule finetune:
         model=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "model.safetensors"),
         metrics=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "metrics.jsonl"),
         summary=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "summary.json"),
-    params:
-        lr=lambda wc: f"--lr {wc.lr} --train-on train",
-        resume_dir=lambda wc, output: resume_dir(output.model),
-        steps=lambda wc: config["datasets"][wc.dataset]["steps"],
-        protocol=as_json(config["protocol"]),
+    log:
+        log_file("finetune", RUN_JOB),
+    benchmark:
+        benchmark_file("finetune", RUN_JOB)
+    conda:
+        "../envs/pipeline.yaml"
     threads: config["resources"]["finetune"]["cpus"]
     resources:
         gpu=lambda wc: matrix.finetune_gpus(config, wc.ckpt),
@@ -27,12 +28,11 @@ rule finetune:
         # Snakemake's attempt number: a retry of a job that failed for a reason a retry cannot fix
         # (out of memory, NaN) stops at once (finetune's failed.json; docs/slurm.md).
         attempt=lambda wc, attempt: attempt,
-    log:
-        log_file("finetune", RUN_JOB),
-    benchmark:
-        benchmark_file("finetune", RUN_JOB)
-    conda:
-        "../envs/pipeline.yaml"
+    params:
+        lr=lambda wc: f"--lr {wc.lr} --train-on train",
+        resume_dir=lambda wc, output: resume_dir(output.model),
+        steps=lambda wc: config["datasets"][wc.dataset]["steps"],
+        protocol=as_json(config["protocol"]),
     shell:
         gpu_job(
             "python -m workflow_scripts.finetune --checkpoint {input.checkpoint} --data {input.data}"
@@ -52,12 +52,12 @@ use rule finetune as final_finetune with:
         model=final_run_file("{ckpt}", "{dataset}", "{seed}", "model.safetensors"),
         metrics=final_run_file("{ckpt}", "{dataset}", "{seed}", "metrics.jsonl"),
         summary=final_run_file("{ckpt}", "{dataset}", "{seed}", "summary.json"),
-    params:
-        lr=lambda wc, input: f"--lr-from {input.selection} --train-on full",
     log:
         log_file("final_finetune", FINAL_JOB),
     benchmark:
         benchmark_file("final_finetune", FINAL_JOB)
+    params:
+        lr=lambda wc, input: f"--lr-from {input.selection} --train-on full",
 
 
 use rule finetune as variant_finetune with:
@@ -69,11 +69,11 @@ use rule finetune as variant_finetune with:
         model=variant_run_file("{variant}", "{ckpt}", "{dataset}", "{seed}", "model.safetensors"),
         metrics=variant_run_file("{variant}", "{ckpt}", "{dataset}", "{seed}", "metrics.jsonl"),
         summary=variant_run_file("{variant}", "{ckpt}", "{dataset}", "{seed}", "summary.json"),
-    params:
-        # Trained on what the paper-protocol model it is compared with was trained on.
-        lr=lambda wc, input: f"--lr-from {input.selection} --train-on {final_training_data()}",
-        protocol=lambda wc: as_json(variant_protocol(wc.variant).as_dict()),
     log:
         log_file("variant_finetune", VARIANT_JOB),
     benchmark:
         benchmark_file("variant_finetune", VARIANT_JOB)
+    params:
+        # Trained on what the paper-protocol model it is compared with was trained on.
+        lr=lambda wc, input: f"--lr-from {input.selection} --train-on {final_training_data()}",
+        protocol=lambda wc: as_json(variant_protocol(wc.variant).as_dict()),

@@ -8,21 +8,19 @@ rule aggregate:
         unpack(aggregate_inputs),
     output:
         runs=report(aggregate_file("runs.csv"), caption="../report/runs.rst", category="Tables"),
-        comparison=report(
-            aggregate_file("comparison.csv"), caption="../report/comparison.rst", category="Tables"
-        ),
+        comparison=report(aggregate_file("comparison.csv"), caption="../report/comparison.rst", category="Tables"),
         markdown=aggregate_file("comparison.md"),
         latex=aggregate_file("comparison.tex"),
         summary=aggregate_file("summary.json"),
         config=aggregate_file("config.json"),
-    params:
-        config=as_json(config),
     log:
         log_file("aggregate", "aggregate"),
     benchmark:
         benchmark_file("aggregate", "aggregate")
     conda:
         "../envs/pipeline.yaml"
+    params:
+        config=as_json(config),
     shell:
         "python -m workflow_scripts.aggregate --config-json {params.config:q}"
         " --summaries {input.summaries} --metrics {input.metrics}"
@@ -64,16 +62,16 @@ rule report:
         notebook=report_file("analysis.html"),
     output:
         report(report_file("index.html"), caption="../report/report.rst", category="Report"),
-    params:
-        logs_dir=logs_dir(),  # every job's log is linked from the page
     log:
         log_file("report", "report"),
     benchmark:
         benchmark_file("report", "report")
     conda:
         "../envs/pipeline.yaml"
+    params:
+        logs_dir=logs_dir(),  # every job's log is linked from the page
     shell:
         "python -m workflow_scripts.report --summary {input.summary} --config {input.config}"
         " --notebook-html {input.notebook} --logs-dir {params.logs_dir} --out {output}"
-        " --command \"${{MIXER_COMMAND_LINE:-}}\" > {log} 2>&1"
+        ' --command "${{MIXER_COMMAND_LINE:-}}" > {log} 2>&1'
         " && echo 'Report: {output}'"

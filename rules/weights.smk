@@ -5,15 +5,15 @@ rule synthesize_upstream:
     """Write a small random-init Mixer in the official .npz layout (demo checkpoints, via the inverse export)."""
     output:
         upstream_npz("{ckpt}"),
-    params:
-        architecture=lambda wc: as_json(config["checkpoints"][wc.ckpt]["architecture"]),
-        seed=lambda wc: config["checkpoints"][wc.ckpt]["synthesize"]["seed"],
     log:
         log_file("synthesize_upstream", "{ckpt}"),
     benchmark:
         benchmark_file("synthesize_upstream", "{ckpt}")
     conda:
         "../envs/pipeline.yaml"
+    params:
+        architecture=lambda wc: as_json(config["checkpoints"][wc.ckpt]["architecture"]),
+        seed=lambda wc: config["checkpoints"][wc.ckpt]["synthesize"]["seed"],
     shell:
         "python -m workflow_scripts.synthesize_upstream --architecture {params.architecture:q}"
         " --seed {params.seed} --out {output} > {log} 2>&1"
@@ -26,17 +26,17 @@ rule download_weights:
     output:
         npz=downloaded_npz("{ckpt}"),
         record=download_record("{ckpt}"),
-    params:
-        url=lambda wc: config["checkpoints"][wc.ckpt]["url"],
-        lock=config["weights_lock"],
-        extra=download_args,
-    retries: 3
     log:
         log_file("download_weights", "{ckpt}"),
     benchmark:
         benchmark_file("download_weights", "{ckpt}")
+    retries: 3
     conda:
         "../envs/pipeline.yaml"
+    params:
+        url=lambda wc: config["checkpoints"][wc.ckpt]["url"],
+        lock=config["weights_lock"],
+        extra=download_args,
     shell:
         "python -m workflow_scripts.download --checkpoint {wildcards.ckpt} --url {params.url:q}"
         " --out {output.npz} --record {output.record} --lock {params.lock:q} {params.extra} > {log} 2>&1"
@@ -49,14 +49,14 @@ rule convert_weights:
     output:
         model=converted_model("{ckpt}"),
         parity=report(parity_record("{ckpt}"), caption="../report/parity.rst", category="Conversion"),
-    params:
-        architecture=lambda wc: as_json(config["checkpoints"][wc.ckpt]["architecture"]),
     log:
         log_file("convert_weights", "{ckpt}"),
     benchmark:
         benchmark_file("convert_weights", "{ckpt}")
     conda:
         "../envs/pipeline.yaml"
+    params:
+        architecture=lambda wc: as_json(config["checkpoints"][wc.ckpt]["architecture"]),
     shell:
         "python -m workflow_scripts.convert {input} {output.model} --checkpoint {wildcards.ckpt}"
         " --expect-architecture {params.architecture:q} --parity {output.parity} > {log} 2>&1"

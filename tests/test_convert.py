@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SMALL = {"patch_size": 4, "hidden_dim": 32, "num_blocks": 2, "tokens_mlp_dim": 16, "channels_mlp_dim": 64,
          "num_classes": 10, "image_size": 16}
-# vit_jax/configs/models.py; FACTS.md.
+# google-research/vision_transformer vit_jax/configs/models.py.
 B16_21K = {"patch_size": 16, "hidden_dim": 768, "num_blocks": 12, "tokens_mlp_dim": 384, "channels_mlp_dim": 3072,
            "num_classes": 21843, "image_size": 224}
 NAMED = {
@@ -352,7 +352,9 @@ def test_synthesized_upstream_is_deterministic_and_converts(tmp_path):
 
     for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
         synthesize(SMALL, seed, tmp_path / f"{name}.npz")
-    read = lambda name: (tmp_path / f"{name}.npz").read_bytes()
+    def read(name):
+        return (tmp_path / f"{name}.npz").read_bytes()
+
     assert read("a") == read("b") != read("c")
     record = convert.convert(tmp_path / "a.npz", tmp_path / "a.safetensors", SMALL)
     assert record["max_abs_logit"] > 0.1  # random head: the demo's parity check compares real logits

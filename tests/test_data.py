@@ -24,6 +24,11 @@ OFFICIAL = {"name": "official", "resize": "direct"}
 TABLE3 = {"name": "paper_table3", "resize": "shorter_side", "crop_fraction": 0.875}
 
 
+
+def imagenet_json(tmp_path):
+    """Where prepare_data writes the ImageNet test trees' dataset.json (the data goes beside it)."""
+    return tmp_path / "data" / "imagenet" / "dataset.json"
+
 def digits_spec(layout: str) -> dict:
     minival = {"split": "val"} if layout == "imagefolder" else {"fraction": 0.1}
     return {"label": "Digits", "source": {"kind": "sklearn_digits", "layout": layout}, "minival": minival,
@@ -216,10 +221,10 @@ def imagenet_spec(path, expected=None, allow_subset=False, ground_truth=None) ->
 def test_complete_tree_is_prepared_and_loads(tmp_path):
     src = make_tree(tmp_path / "imagenet")
     record = prepare_data.prepare("imagenet", imagenet_spec(src, {"num_classes": 3, "train": 9, "val": 6}),
-                                  tmp_path / "data" / "imagenet" / "dataset.json")
+                                  imagenet_json(tmp_path))
     assert record["classes"] == ["n01", "n02", "n03"] and record["splits"] == {"train": 9, "val": 6}
     assert record["subset"] is False
-    dataset_record = data.load_dataset_record(tmp_path / "data" / "imagenet" / "dataset.json")
+    dataset_record = data.load_dataset_record(imagenet_json(tmp_path))
     test = data.open_split(dataset_record, "test")
     assert len(test) == 6 and list(test.labels) == [0, 0, 1, 1, 2, 2]
     assert len(data.open_split(dataset_record, "train")) + len(data.open_split(dataset_record, "minival")) == 9
@@ -231,14 +236,14 @@ def test_short_tree_is_rejected_naming_the_counts(tmp_path):
     src = make_tree(tmp_path / "imagenet")
     expected = {"num_classes": 1000, "train": 1281167, "val": 50000}
     with pytest.raises(PipelineError, match=r"3 of 1,000 classes, 9 of 1,281,167 train images, 6 of 50,000 val"):
-        prepare_data.prepare("imagenet", imagenet_spec(src, expected), tmp_path / "data" / "imagenet" / "dataset.json")
-    assert not (tmp_path / "data" / "imagenet" / "dataset.json").exists()
-    record = prepare_data.prepare("imagenet", imagenet_spec(src, expected, allow_subset=True), tmp_path / "data" / "imagenet" / "dataset.json")
+        prepare_data.prepare("imagenet", imagenet_spec(src, expected), imagenet_json(tmp_path))
+    assert not (imagenet_json(tmp_path)).exists()
+    record = prepare_data.prepare("imagenet", imagenet_spec(src, expected, allow_subset=True), imagenet_json(tmp_path))
     assert record["subset"] is True and "9 of 1,281,167 train images" in record["subset_note"]
-    saved = json.loads((tmp_path / "data" / "imagenet" / "dataset.json").read_text())
+    saved = json.loads((imagenet_json(tmp_path)).read_text())
     assert saved["subset"] is True and saved["subset_note"] == record["subset_note"]
     with pytest.raises(PipelineError, match="more than expected"):
-        prepare_data.prepare("imagenet", imagenet_spec(src, {"train": 5}, allow_subset=True), tmp_path / "data" / "imagenet" / "dataset.json")
+        prepare_data.prepare("imagenet", imagenet_spec(src, {"train": 5}, allow_subset=True), imagenet_json(tmp_path))
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -246,14 +251,16 @@ def test_short_tree_is_rejected_naming_the_counts(tmp_path):
     (lambda r: (r / "train" / "README.txt").write_text("x"), r"train/README.txt: stray file"),
     (lambda r: (r / "train" / "n02" / "labels.csv").write_text("x"), r"n02/labels.csv: not an image"),
     (lambda r: (r / "train" / "n04").mkdir(), r"train/n04: empty class folder"),
-    (lambda r: __import__("shutil").rmtree(r / "val" / "n03"), r"class folders of train/ and val/ differ.*n03"),
+    (lambda r: __import__("shutil").rmtree(r / "val" / "n03"),
+     r"incomplete: val images of 2 of 3 classes \(none of n03\).*datasets\.imagenet\.allow_subset: true"),
+    (lambda r: (r / "val" / "n01").rename(r / "val" / "n09"), r"class folders of val/ that train/ lacks: \['n09'\]"),
 ])
 def test_malformed_tree_is_rejected_naming_the_path(tmp_path, damage, message):
     src = make_tree(tmp_path / "imagenet")
     damage(src)
     with pytest.raises(PipelineError, match=message):
-        prepare_data.prepare("imagenet", imagenet_spec(src), tmp_path / "data" / "imagenet" / "dataset.json")
-    assert not (tmp_path / "data" / "imagenet" / "dataset.json").exists()
+        prepare_data.prepare("imagenet", imagenet_spec(src), imagenet_json(tmp_path))
+    assert not (imagenet_json(tmp_path)).exists()
 
 
 def flatten_val(src: Path) -> list[tuple[str, str]]:
@@ -275,7 +282,7 @@ def test_flat_val_is_sorted_by_the_ground_truth(tmp_path, form):
     shuffled = pairs[::-1]
     gt.write_text("".join(f"{w}\n" for _, w in pairs) if form == "wnid" else
                   "".join(f"{n} {w}\n" for n, w in shuffled))
-    record = prepare_data.prepare("imagenet", imagenet_spec(src, ground_truth=str(gt)), tmp_path / "data" / "imagenet" / "dataset.json")
+    record = prepare_data.prepare("imagenet", imagenet_spec(src, ground_truth=str(gt)), imagenet_json(tmp_path))
     assert record["splits"]["val"] == 6
     val = tmp_path / "data" / "imagenet" / "val"
     for name, wnid in pairs:
@@ -289,13 +296,43 @@ def test_flat_val_ground_truth_errors(tmp_path):
     gt = tmp_path / "gt.txt"
     gt.write_text("".join(f"{i + 1}\n" for i in range(len(pairs))))
     with pytest.raises(PipelineError, match="integer label '1'.*ILSVRC2012_ID"):
-        prepare_data.prepare("imagenet", imagenet_spec(src, ground_truth=str(gt)), tmp_path / "data" / "imagenet" / "dataset.json")
+        prepare_data.prepare("imagenet", imagenet_spec(src, ground_truth=str(gt)), imagenet_json(tmp_path))
     gt.write_text("n01\n" * (len(pairs) - 1))
     with pytest.raises(PipelineError, match="5 labels for 6 validation images"):
-        prepare_data.prepare("imagenet", imagenet_spec(src, ground_truth=str(gt)), tmp_path / "data" / "imagenet" / "dataset.json")
+        prepare_data.prepare("imagenet", imagenet_spec(src, ground_truth=str(gt)), imagenet_json(tmp_path))
     gt.write_text("n09\n" * len(pairs))
     with pytest.raises(PipelineError, match="gt.txt:1: 'n09' is not a class folder"):
-        prepare_data.prepare("imagenet", imagenet_spec(src, ground_truth=str(gt)), tmp_path / "data" / "imagenet" / "dataset.json")
+        prepare_data.prepare("imagenet", imagenet_spec(src, ground_truth=str(gt)), imagenet_json(tmp_path))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_val_of_some_training_classes_is_a_flagged_subset(tmp_path, flat):
+    """allow_subset: a validation set without images of some training classes is prepared and flagged; its
+    labels stay the training labels (every class has a folder, maybe empty), the source tree is untouched."""
+    src = make_tree(tmp_path / "imagenet", classes=("n01", "n02", "n03", "n04"))
+    for wnid in ("n01", "n03"):
+        __import__("shutil").rmtree(src / "val" / wnid)
+    gt = None
+    if flat:
+        gt = tmp_path / "gt.txt"
+        gt.write_text("".join(f"{n} {w}\n" for n, w in flatten_val(src)))
+    before = sorted(str(p.relative_to(src)) for p in src.rglob("*"))
+    out_json = tmp_path / "data" / "imagenet" / "dataset.json"
+    spec = imagenet_spec(src, allow_subset=True, ground_truth=gt and str(gt))
+    record = prepare_data.prepare("imagenet", spec, out_json)
+    assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == before
+    assert record["classes"] == ["n01", "n02", "n03", "n04"] and record["splits"] == {"train": 12, "val": 4}
+    assert record["subset"] is True and "val images of 2 of 4 classes (none of n01, n03)" in record["subset_note"]
+    test = data.open_split(data.load_dataset_record(out_json), "test")
+    assert list(test.labels) == [1, 1, 3, 3] and [Path(f).parent.name for f in test.files] == ["n02"] * 2 + ["n04"] * 2
+    assert sorted(p.name for p in (out_json.parent / "val").iterdir()) == ["n01", "n02", "n03", "n04"]
+    images, labels = next(iter(data.eval_loader(test, OFFICIAL, 16, 4, "cpu", 0, 127.5, 127.5)))
+    assert images.shape == (4, 3, 16, 16) and labels.tolist() == [1, 1, 3, 3]
+    # Without allow_subset the same tree is refused, and no dataset.json is written.
+    out_json.unlink()
+    with pytest.raises(PipelineError, match=r"incomplete: val images of 2 of 4 classes.*allow_subset: true"):
+        prepare_data.prepare("imagenet", dict(spec, allow_subset=False), out_json)
+    assert not out_json.exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,10 +385,11 @@ CIFAR_SPEC = {"label": "CIFAR-10", "source": {"kind": "cifar10", "path": None}, 
 def test_cifar10_download_path(tmp_path, cifar_server):
     _, arrays, label_names = cifar_server
     prepare_data.main(["--name", "cifar10", "--dataset-config", json.dumps(CIFAR_SPEC),
-                       "--out", str(tmp_path / "d" / "cifar10" / "dataset.json")])
-    dataset_record = data.load_dataset_record(tmp_path / "d" / "cifar10" / "dataset.json")
+                       "--out", str(tmp_path / "d/cifar10/dataset.json")])
+    dataset_record = data.load_dataset_record(tmp_path / "d/cifar10/dataset.json")
     assert dataset_record["layout"] == "arrays" and dataset_record["classes"] == label_names
-    assert dataset_record["splits"] == {"train": 50, "test": 4} and dataset_record["minival"] == {"fraction": 0.02, "seed": 0}
+    assert dataset_record["splits"] == {"train": 50, "test": 4}
+    assert dataset_record["minival"] == {"fraction": 0.02, "seed": 0}
     test = data.open_split(dataset_record, "test")
     assert np.array_equal(test.images, arrays["test_batch"][0]) and np.array_equal(test.labels, arrays["test_batch"][1])
     with np.load(tmp_path / "d" / "cifar10" / "train.npz") as z:
@@ -360,22 +398,23 @@ def test_cifar10_download_path(tmp_path, cifar_server):
     assert len(data.open_split(dataset_record, "minival")) == 1 and len(data.open_split(dataset_record, "train")) == 49
     # An existing torchvision folder (source.path) is used as it is, and verified by md5.
     spec2 = dict(CIFAR_SPEC, source={"kind": "cifar10", "path": str(tmp_path / "d" / "cifar10" / "raw")})
-    assert prepare_data.prepare("c2", spec2, tmp_path / "d" / "c2" / "dataset.json")["splits"] == {"train": 50, "test": 4}
+    assert prepare_data.prepare("c2", spec2, tmp_path / "d/c2/dataset.json")["splits"] == {"train": 50, "test": 4}
     (tmp_path / "d" / "cifar10" / "raw" / "cifar-10-batches-py" / "test_batch").write_bytes(b"corrupt")
     with pytest.raises(PipelineError, match="md5"):
-        prepare_data.prepare("c3", spec2, tmp_path / "d" / "c3" / "dataset.json")
+        prepare_data.prepare("c3", spec2, tmp_path / "d/c3/dataset.json")
 
 
 def test_cifar10_corrupted_download_is_rejected(tmp_path, cifar_server, monkeypatch):
     CIFAR10, _, _ = cifar_server
     monkeypatch.setattr(CIFAR10, "tgz_md5", "0" * 32)
     with pytest.raises(PipelineError):
-        prepare_data.prepare("cifar10", CIFAR_SPEC, tmp_path / "d" / "cifar10" / "dataset.json")
-    assert not (tmp_path / "d" / "cifar10" / "dataset.json").exists()
+        prepare_data.prepare("cifar10", CIFAR_SPEC, tmp_path / "d/cifar10/dataset.json")
+    assert not (tmp_path / "d/cifar10/dataset.json").exists()
 
 
 def test_config_split_names_are_checked(tmp_path):
     with pytest.raises(PipelineError, match="test_split: 'val' is not one of"):
         prepare_data.prepare("d", dict(digits_spec("arrays"), test_split="val"), tmp_path / "d" / "dataset.json")
     with pytest.raises(PipelineError, match="nothing is selected on test"):
-        prepare_data.prepare("d", dict(digits_spec("imagefolder"), minival={"split": "test"}), tmp_path / "d" / "dataset.json")
+        prepare_data.prepare("d", dict(digits_spec("imagefolder"), minival={"split": "test"}),
+                             tmp_path / "d" / "dataset.json")

@@ -309,3 +309,28 @@ def test_class_folder_names_sort_in_label_order():
     assert sorted(folders) == folders and folders[0] == "000_class_z0" and folders[101] == "101_class_c101"
     assert prepare_data.class_folder_names(["colt's foot", "pink-yellow dahlia?"], 2) == [
         "000_colt_s_foot", "001_pink_yellow_dahlia"]
+
+
+def test_test_split_of_some_training_classes_is_a_flagged_subset(tmp_path, served):
+    """allow_subset: a test split without images of some breeds is prepared under the training labels and
+    flagged; without it, refused. A test label the training split lacks is refused either way."""
+    folder = served.staged / prepare_data.PETS_FOLDER
+    test_txt = folder / "annotations" / "test.txt"
+    lines = test_txt.read_text().splitlines(keepends=True)
+    test_txt.write_text("".join(line for line in lines if not line.startswith("american_bulldog")))
+    out_json = tmp_path / "d" / "pets" / "dataset.json"
+    with pytest.raises(PipelineError, match=r"incomplete: test images of 2 of 3 classes \(none of "
+                                            r"001_american_bulldog\).*datasets\.pets\.allow_subset: true"):
+        prepare_data.prepare("pets", study_entry("pets", str(folder)), out_json)
+    assert not out_json.exists()
+    record = prepare_data.prepare("pets", study_entry("pets", str(folder), allow_subset=True), out_json)
+    assert record["subset"] is True and record["splits"] == {"train": 9, "test": 4}
+    assert record["classes"] == ["000_siamese", "001_american_bulldog", "002_bengal"]
+    test = data.open_split(data.load_dataset_record(out_json), "test")
+    assert test.labels.tolist() == [0, 0, 2, 2] and not any((out_json.parent / "test" / record["classes"][1]).iterdir())
+    trainval = folder / "annotations" / "trainval.txt"
+    trainval.write_text("".join(line for line in trainval.read_text().splitlines(keepends=True)
+                                if not line.startswith("Bengal")))
+    test_txt.write_text("".join(lines))
+    with pytest.raises(PipelineError, match=r"the test split has labels outside 0\.\.1"):
+        prepare_data.prepare("pets", study_entry("pets", str(folder), allow_subset=True), out_json)

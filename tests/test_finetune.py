@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workflow_scripts import convert, data, finetune, gpu_pool, model_io, synthesize_upstream
+from workflow_scripts import convert, data, finetune, gpu_pool, model_io, resume_files, synthesize_upstream
 from workflow_scripts.common import PipelineError, sha256_file
 from workflow_scripts.protocol import Protocol
 
@@ -57,8 +57,9 @@ def tiny(tmp_path_factory):
 
 
 def run_finetune(tiny: Path, out: Path, *, steps: int = 20, lr: float = 0.1, protocol: dict | None = None,
-                 ranks: int = 1, wait: bool = True, checkpoint: Path | None = None):
-    """The CLI as the finetune rule calls it, on the CPU; with ranks > 1 under torchrun, as gpu_pool runs it.
+                 ranks: int = 1, wait: bool = True, checkpoint: Path | None = None, prefix: list[str] = ()):
+    """The CLI as the finetune rule calls it, on the CPU; with ranks > 1 under torchrun, as gpu_pool runs it;
+    after `prefix` if given (e.g. gpu_pool ... --).
 
     Writes out/run/{model.safetensors, metrics.jsonl, summary.json}; resume state goes to out/resume.
     """
@@ -71,6 +72,7 @@ def run_finetune(tiny: Path, out: Path, *, steps: int = 20, lr: float = 0.1, pro
            "--protocol", json.dumps(protocol or PROTOCOL), "--threads", "1"]
     if ranks > 1:
         cmd = gpu_pool.torchrun_command(cmd, ranks)
+    cmd = [*prefix, *cmd]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
@@ -264,7 +266,7 @@ def test_run_writes_model_metrics_and_summary(tiny, tmp_path):
     assert all(t["img_s"] > 0 and t["elapsed_s"] > 0 for t in summary["timings"])
     assert model_io.read_architecture(run / "model.safetensors") == dict(TINY_ARCH, num_classes=3)
     assert model_io.load_model(run / "model.safetensors", num_classes=3).head.weight.any()
-    assert not (tmp_path / "resume" / finetune.STATE_FILE).exists()
+    assert resume_files.checkpoint_steps(tmp_path / "resume") == []
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "model.safetensors", "summary.json"]
     assert "finetune" in log and '"step": 20' in log  # progress bar and metric lines in the job log
     assert '"img_s"' in log and '"elapsed_s"' in log
@@ -353,16 +355,15 @@ def test_sigkill_then_rerun_gives_bitwise_the_same_weights(tiny, tmp_path):
     steps = 300
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = run_finetune(tiny, killed, steps=steps, protocol=protocol, wait=False)
-    state = killed / "resume" / finetune.STATE_FILE
     deadline = time.monotonic() + 120
-    while not state.exists():
+    while not list((killed / "resume").glob("state-*.json")):  # a checkpoint is complete with its sidecar
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
     assert not (killed / "run" / "summary.json").exists(), "the run finished before it was killed"
-    assert torch.load(state, weights_only=True)["step"] < steps
+    assert resume_files.checkpoint_steps(killed / "resume")[0] < steps
 
     code, log = run_finetune(tiny, killed, steps=steps, protocol=protocol)
     assert code == 0, log
@@ -401,7 +402,7 @@ def test_nan_loss_stops_with_the_step(tiny, tmp_path):
     code, log = run_finetune(tiny, tmp_path, steps=20, lr=float("inf"))
     assert code == finetune.NOT_RETRYABLE_EXIT == 3, log  # a retry meets the same NaN
     assert "NaN/inf at step 2 " in log
-    assert not (tmp_path / "run").exists() and not (tmp_path / "resume" / finetune.STATE_FILE).exists()
+    assert not (tmp_path / "run").exists() and resume_files.checkpoint_steps(tmp_path / "resume") == []
 
 
 def test_bad_protocol_is_one_clear_error(tiny, tmp_path):

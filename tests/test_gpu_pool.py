@@ -100,6 +100,7 @@ def test_too_many_gpus_is_one_clear_error(tmp_path):
 def test_multi_gpu_command_runs_under_torchrun():
     cmd = gpu_pool.torchrun_command(["python", "-m", "workflow_scripts.finetune", "--lr", "0.1"], 2)
     assert cmd == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "300",
                    "-m", "workflow_scripts.finetune", "--lr", "0.1"]
     with pytest.raises(PipelineError, match="python command"):
         gpu_pool.torchrun_command(["bash", "-c", "true"], 2)

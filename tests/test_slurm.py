@@ -5,7 +5,8 @@ machine (two partitions, `cpu` and `gpu`, and two fake "a100" GPUs as GRES); the
 through `--executor slurm` with the shipped profile (profiles/slurm), unchanged. One checkpoint's
 fine-tuning jobs ask for 2 GPUs, so they run as DDP (torchrun, gloo on CPU) inside a 2-GPU
 allocation, and one of them is preempted (requeued, as SLURM's PreemptMode=REQUEUE does) once it
-has saved resume state. Needs root and the Debian package registry; skipped otherwise. Takes
+has saved resume state: on SIGTERM it saves the step it is at, and the requeued job resumes from
+exactly that step. Needs root and the Debian package registry; skipped otherwise. Takes
 5-8 minutes.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from workflow_scripts import matrix, resume_files
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "demo" / "config.yaml"
@@ -65,27 +68,51 @@ def _squeue(*args):
     return res.stdout.splitlines() if res.returncode == 0 else []
 
 
+def _newest_checkpoint(resume_dir):
+    steps = resume_files.checkpoint_steps(resume_dir)
+    return steps[0] if steps else None
+
+
+def _settled_newest_checkpoint(resume_dir, quiet_s=3.0, timeout_s=30.0):
+    """The newest checkpoint once none has appeared for quiet_s (the stopped job may still be saving)."""
+    deadline, newest, since = time.monotonic() + timeout_s, _newest_checkpoint(resume_dir), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.2)
+        if (now := _newest_checkpoint(resume_dir)) != newest:
+            newest, since = now, time.monotonic()
+    return newest
+
+
 def _preempt_one_finetune_job(resume_root, ckpt):
     """Requeue the running fine-tuning job of ckpt that has saved resume state, if there is one yet.
 
-    Returns {"job_id", "run"} once done, else None. `scontrol requeue` is what preemption with
-    PreemptMode=REQUEUE does: the job is killed and queued again under the same id.
+    Returns {"job_id", "run", "newest_at_requeue", "stopped_at"} once done, else None. `scontrol requeue`
+    is what preemption with PreemptMode=REQUEUE does: SIGTERM to the job's processes (fine-tuning saves
+    the step it is at and exits), SIGKILL after KillWait, and the job queued again under the same id.
     """
-    for state in sorted(resume_root.glob(f"{ckpt}/*/*/state.pt")):
-        dataset, run = state.parent.parent.name, state.parent.name
+    for sidecar in sorted(resume_root.glob(f"{ckpt}/*/*/state-*.json")):
+        resume_dir = sidecar.parent
+        dataset, run = resume_dir.parent.name, resume_dir.name
         lr, seed = re.fullmatch(r"lr(.+)_s(\d+)", run).groups()
         comment = f"rule_finetune_wildcards_{ckpt}_{dataset}_{lr}_{seed}"
         for line in _squeue("-t", "RUNNING", "-o", "%i|%k"):
             job_id, job_comment = line.split("|", 1)
             if job_comment == comment:
+                newest_at_requeue = _newest_checkpoint(resume_dir)
                 subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
-                # A requeued job becomes eligible only after a delay (BeginTime): release it now.
+                # Wait for the old run to end and save, then release the requeued job (it becomes eligible
+                # only after a delay, BeginTime): the first checkpoint it finds is the one saved on SIGTERM.
                 deadline = time.monotonic() + 60
+                while any(state in ("RUNNING", "COMPLETING") for state in _squeue("-j", job_id, "-o", "%T")):
+                    assert time.monotonic() < deadline, f"requeued job {job_id} is still running"
+                    time.sleep(0.5)
+                stopped_at = _settled_newest_checkpoint(resume_dir)
                 while subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
                                      capture_output=True, timeout=30).returncode != 0:
                     assert time.monotonic() < deadline, f"requeued job {job_id} never became pending"
                     time.sleep(1)
-                return {"job_id": job_id, "run": f"{ckpt}/{dataset}/{run}"}
+                return {"job_id": job_id, "run": f"{ckpt}/{dataset}/{run}", "newest_at_requeue": newest_at_requeue,
+                        "stopped_at": stopped_at}
     return None
 
 
@@ -189,8 +216,7 @@ def test_every_job_ran_under_slurm_on_the_right_partition(slurm_demo):
 def test_ddp_runs_used_both_gpus_of_their_allocation(slurm_demo):
     root, cfg = slurm_demo["root"], slurm_demo["cfg"]
     summaries = sorted((root / "finetune").glob("*/*/*/summary.json"))
-    assert len(summaries) == (len(cfg["finetune"]["checkpoints"]) * len(cfg["finetune"]["datasets"])
-                              * len(cfg["finetune"]["base_lrs"]) * len(cfg["finetune"]["seeds"]))
+    assert len(summaries) == len(matrix.finetune_runs(cfg))  # every run of the sweep, per-dataset LR grids
     for path in summaries:
         summary = json.loads(path.read_text())
         expected = DDP_GPUS if summary["checkpoint"] == slurm_demo["ddp_ckpt"] else 1
@@ -215,8 +241,10 @@ def test_preempted_job_resumes_from_its_checkpoint(slurm_demo):
                          capture_output=True, text=True, timeout=60, check=True)
     assert res.stdout.split() == ["REQUEUED", "COMPLETED"], res.stdout
     summary = json.loads((slurm_demo["root"] / "finetune" / preempted["run"] / "summary.json").read_text())
-    assert summary["resumed_from_step"], summary
-    assert summary["resumed_from_step"] % slurm_demo["cfg"]["protocol"]["checkpoint_every"] == 0
+    # On SIGTERM the DDP job saved the step it was at, past its last periodic checkpoint, and the requeued
+    # job resumed from exactly there (nothing lost).
+    assert preempted["stopped_at"] > preempted["newest_at_requeue"], preempted
+    assert summary["resumed_from_step"] == preempted["stopped_at"], (summary["resumed_from_step"], preempted)
     assert summary["world_size"] == DDP_GPUS
 
 

@@ -227,7 +227,8 @@ def evaluation_bench(threads: int, batch_size: int = 256, batches: int = 2, roun
             eval_img_s.append(engine())
             bare_img_s.append(bare())
     ratios = [e / b for e, b in zip(eval_img_s, bare_img_s)]
-    return {"eval_img_s": round(statistics.median(eval_img_s), 1), "bare_img_s": round(statistics.median(bare_img_s), 1),
+    return {"eval_img_s": round(statistics.median(eval_img_s), 1),
+            "bare_img_s": round(statistics.median(bare_img_s), 1),
             "ratio": round(statistics.median(ratios), 3), "threads": threads, "batch_size": batch_size,
             "rounds": rounds, "architecture": EVAL_MIXER}
 
@@ -265,11 +266,13 @@ def conversion_bench(repeats: int = 3) -> dict:
     seconds, base = min(times), record["rss_at_start_mib"]
     rows = [
         ("checkpoint", f"{model_io.architecture_name(CONVERT_MIXER)}, {file_mib:.1f} MiB npz"),
-        ("process seconds, best of runs (with imports)", f"{seconds:.2f}  (runs: {', '.join(f'{t:.2f}' for t in times)})"),
+        ("process seconds, best of runs (with imports)",
+         f"{seconds:.2f}  (runs: {', '.join(f'{t:.2f}' for t in times)})"),
         ("CPU seconds per run (user + sys)", f"{(usage.ru_utime + usage.ru_stime) / repeats:.2f}"),
         ("conversion seconds, last run (after imports)", f"{record['convert_seconds']:.2f}"),
         ("peak RSS MiB (process)", f"{peak:.0f}  = {peak / file_mib:.2f} x file"),
-        ("RSS MiB after imports (torch, timm)", f"{base:.0f}  (peak during imports {record['peak_rss_at_start_mib']:.0f})"),
+        ("RSS MiB after imports (torch, timm)",
+         f"{base:.0f}  (peak during imports {record['peak_rss_at_start_mib']:.0f})"),
         ("conversion memory MiB (peak - after imports)", f"{peak - base:.0f}  = {(peak - base) / file_mib:.2f} x file"),
         ("max |logit diff| vs the Flax reference", f"{record['max_abs_logit_diff']:.3g}"),
     ]

@@ -7,28 +7,26 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import re
-import subprocess
-import sys
-import tempfile
 import time
 import zipfile
-from functools import partial
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-from timm.models.mlp_mixer import MlpMixer
 from torch import nn
 
 from workflow_scripts import flax_reference
-from workflow_scripts.model_io import ARCH_KEYS, architecture_name, check_architecture, module_from_state, save_state_dict
-from workflow_scripts.common import PipelineError, json_arg, atomic_path, peak_rss_mib, run_cli, sha256_file, write_json
+from workflow_scripts.common import PipelineError, atomic_path, json_arg, peak_rss_mib, run_cli, sha256_file, write_json
+from workflow_scripts.model_io import (
+    ARCH_KEYS,
+    architecture_name,
+    check_architecture,
+    module_from_state,
+    save_state_dict,
+)
 
 # Parity: allowed max |logit difference| per unit of logit magnitude (float32 round-off is ~1e-6 of it).
 PARITY_RTOL = 1e-4
@@ -232,7 +230,8 @@ def check_expected(arch: Mapping, expected: Mapping, source: str) -> None:
     expected = check_architecture(expected, "expected architecture (config checkpoints.<name>.architecture)")
     if dict(arch) != expected:
         diff = ", ".join(f"{k} {arch[k]} vs {expected[k]}" for k in ARCH_KEYS if arch[k] != expected[k])
-        raise PipelineError(f"{source} holds {architecture_name(arch)} but the config expects {architecture_name(expected)} "
+        raise PipelineError(f"{source} holds {architecture_name(arch)} but the config expects "
+                            f"{architecture_name(expected)} "
                             f"({diff}); wrong file for this checkpoint: fix its url or its architecture")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -127,7 +128,8 @@ def list_imagefolder(split_dir: Path, classes: Sequence[str]) -> tuple[list[str]
 def _open_disk_split(dataset_record: dict, disk_split: str) -> Split:
     if disk_split not in dataset_record["splits"]:
         raise PipelineError(
-            f"dataset '{dataset_record['name']}' has no split '{disk_split}' (it has {sorted(dataset_record['splits'])}); "
+            f"dataset '{dataset_record['name']}' has no split '{disk_split}' "
+            f"(it has {sorted(dataset_record['splits'])}); "
             f"fix datasets.{dataset_record['name']}.test_split / minival.split in the config"
         )
     root = Path(dataset_record["root"])
@@ -135,14 +137,16 @@ def _open_disk_split(dataset_record: dict, disk_split: str) -> Split:
         path = root / f"{disk_split}.npz"
         try:
             with np.load(path) as z:
-                split = Split(disk_split, "arrays", dataset_record["classes"], z["labels"].astype(np.int64), images=z["images"])
+                split = Split(disk_split, "arrays", dataset_record["classes"], z["labels"].astype(np.int64),
+                              images=z["images"])
         except FileNotFoundError:
             raise PipelineError(f"{path}: not found; rerun prepare_data for '{dataset_record['name']}'") from None
     elif dataset_record["layout"] == "imagefolder":
         files, labels = list_imagefolder(root / disk_split, dataset_record["classes"])
         split = Split(disk_split, "imagefolder", dataset_record["classes"], labels, files=files)
     else:
-        raise PipelineError(f"dataset '{dataset_record['name']}': unknown layout '{dataset_record['layout']}'; rerun prepare_data")
+        raise PipelineError(f"dataset '{dataset_record['name']}': unknown layout '{dataset_record['layout']}'; "
+                            "rerun prepare_data")
     if len(split) != dataset_record["splits"][disk_split]:
         raise PipelineError(
             f"{root / disk_split}: {len(split)} images on disk but dataset.json recorded "
@@ -565,7 +569,16 @@ def _folder_loader(split: Split, transform, batches, device, num_workers: int, d
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_stop_signals,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker leaves SIGTERM/SIGUSR1/SIGINT to the training process, which finishes its update
+    and saves (a signal sent to the whole job must not kill the workers it still reads from). The
+    workers still end with their parent: torch's DataLoader watches it."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _folder_batches(loader, transform, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

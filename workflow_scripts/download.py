@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import errno
 import fcntl
 import http.client
+import json
 import os
 import re
 import socket
@@ -396,7 +396,8 @@ def _transfer(url: str, dest: Path, checks: dict, http_options: dict) -> tuple[s
 
 def fetch(url: str, dest: str | os.PathLike, *, expected_sha256: str | None = None,
           lock_path: str | os.PathLike | None = None, expected_bytes: int | None = None, key: str = DEFAULT_KEY,
-          content: str = "npz", retries: int = MAX_ATTEMPTS, timeout: float = SOCKET_TIMEOUT_S, backoff: float = BACKOFF_S,
+          content: str = "npz", retries: int = MAX_ATTEMPTS, timeout: float = SOCKET_TIMEOUT_S,
+          backoff: float = BACKOFF_S,
           budget: float = RETRY_BUDGET_S) -> dict:
     """Download (or copy) url to dest, verified; returns the download record (without "checkpoint").
 

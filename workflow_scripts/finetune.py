@@ -13,8 +13,11 @@ samples and augmentation seeds are a pure function of (seed, step), so a resumed
 sees exactly the same data.
 
 Writes exactly the three files named on the command line (docs/design.md), all at the end.
-Every `checkpoint_every` steps the full training state goes to RESUME_DIR/state.pt, which is not a
-Snakemake output (Snakemake deletes the outputs of a failed job); a rerun continues from it.
+Every `checkpoint_every` steps the full training state goes to RESUME_DIR (`resume_files`: the last two
+checkpoints, each with its sha256), which is not a Snakemake output (Snakemake deletes the outputs of a
+failed job); a rerun continues from the newest intact one. SIGTERM, SIGUSR1 (SLURM's notice before it
+kills or requeues a job) and SIGINT (Ctrl-C) end the update in progress, save a checkpoint of it and exit
+with 128 + the signal's number, so that Snakemake reruns or SLURM requeues the job and nothing is lost.
 
 A failure that a retry cannot fix (out of device memory, NaN/inf) exits with code 3 (NOT_RETRYABLE_EXIT)
 and is recorded in RESUME_DIR/failed.json; Snakemake's retry of the job (--attempt > 1, same arguments)
@@ -30,6 +33,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -44,7 +48,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from workflow_scripts import data, evaluate, model_io
+from workflow_scripts import data, evaluate, model_io, resume_files
 from workflow_scripts.common import PipelineError, atomic_path, json_arg, read_json, run_cli, sha256_file, write_json
 from workflow_scripts.devices import autocast_context, is_out_of_memory, precision_name
 from workflow_scripts.protocol import Protocol
@@ -52,10 +56,11 @@ from workflow_scripts.protocol import Protocol
 # Minival during fine-tuning uses the official code's evaluation preprocessing (plain resize).
 MINIVAL_PROTOCOL = {"name": "official", "resize": "direct"}
 MINIVAL_KEYS = ("minival_top1", "minival_top5", "minival_loss")
-STATE_FILE = "state.pt"
-# Part of the resume fingerprint: a state.pt written by an engine with another schedule or state
-# layout is not resumed from.
-STATE_VERSION = 2
+# Part of the resume fingerprint: resume state written by an engine with another schedule or state
+# layout is moved aside, not resumed from. 3: checkpoints with sha256 sidecars (resume_files).
+STATE_VERSION = 3
+# What SLURM sends before it kills or requeues a job (sbatch --signal, preemption) and Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +258,7 @@ class RunState:
     timings: list[dict]      # one {"step", "img_s", "elapsed_s"} per training line (summary.json)
     elapsed_before: float    # training seconds of the attempts before a resume
     started_utc: str
+    interval: dict | None = None  # the open logging interval at a stop between two lines (IntervalMeter)
 
 
 class IntervalMeter:
@@ -263,6 +269,7 @@ class IntervalMeter:
         self.loss, self.grad_norm = torch.zeros((), device=device), torch.zeros((), device=device)
         self.first_bad_step = torch.full((), steps + 1, dtype=torch.int64, device=device)
         self.steps, self.last_step, self.images = steps, start_step, 0
+        self.images_before = 0  # of the open interval, before a resume: in the mean loss, not in images/s
         self.loop_start = self.last_log = time.perf_counter()
         self.eval_seconds = 0.0
 
@@ -294,12 +301,29 @@ class IntervalMeter:
         if world_size > 1:
             dist.all_reduce(self.loss)
         now = time.perf_counter()
-        result = (self.loss.item() / self.images, self.grad_norm.item() / (step - self.last_step),
-                  self.images / (now - self.last_log))
+        result = (self.loss.item() / (self.images_before + self.images),
+                  self.grad_norm.item() / (step - self.last_step), self.images / (now - self.last_log))
         self.loss.zero_()
         self.grad_norm.zero_()
-        self.images, self.last_step, self.last_log = 0, step, now
+        self.images, self.images_before, self.last_step, self.last_log = 0, 0, step, now
         return result
+
+    def interval_state(self, world_size: int) -> dict:
+        """The open interval's sums, for a checkpoint between two training lines (all ranks call it: each
+        rank's loss sum is kept, as they are added up only when the line is logged)."""
+        losses = [self.loss]
+        if world_size > 1:
+            losses = [torch.zeros_like(self.loss) for _ in range(world_size)]
+            dist.all_gather(losses, self.loss)
+        return {"loss": [loss.cpu() for loss in losses], "grad_norm": self.grad_norm.cpu(),
+                "last_step": self.last_step, "images": self.images_before + self.images}
+
+    def restore_interval(self, interval: dict | None, rank: int) -> None:
+        """Continue the interval a resumed checkpoint was saved in: the next line equals an uninterrupted run's."""
+        if interval is not None:
+            self.loss.copy_(interval["loss"][rank])
+            self.grad_norm.copy_(interval["grad_norm"])
+            self.last_step, self.images_before = interval["last_step"], interval["images"]
 
 
 def print_line(line: dict) -> None:
@@ -343,49 +367,54 @@ def log_minival(run: RunState, meter: IntervalMeter, step: int, model: nn.Module
 
 def run_fingerprint(checkpoint: str | os.PathLike, dataset_record: dict, train_size: int, lr: float,
                     seed: int, steps: int, protocol: Protocol) -> dict:
-    """What decides the result; a state.pt with another fingerprint belongs to another run."""
+    """What decides the result; resume state with another fingerprint belongs to another run (or code version)."""
     return {"state_version": STATE_VERSION, "checkpoint_sha256": sha256_file(checkpoint),
             "dataset": dataset_record["name"], "train_size": train_size, "lr": lr, "seed": seed,
             "steps": steps, "protocol": protocol.fingerprint()}
 
 
-def load_state(resume_dir: Path, fingerprint: dict) -> dict | None:
-    path = resume_dir / STATE_FILE
-    if not path.exists():
+def load_state(resume_dir: Path, fingerprint: dict, process: Process) -> dict | None:
+    """The newest usable saved state of this run, the same one on every rank; None: start at step 0.
+
+    Rank 0 checks the checkpoints and moves failing ones aside (resume_files.newest_usable); the other
+    ranks then load the step it chose. Into host memory: restoring copies the weights and momentum onto
+    the device, so the device never holds a second copy of them (0.24 GB for B/16, 0.83 GB for L/16, with
+    the momentum as much again).
+    """
+    host = torch.device("cpu")
+    found = resume_files.newest_usable(resume_dir, fingerprint, host) if process.rank == 0 else None
+    if process.world_size == 1:
+        return found[1] if found else None
+    chosen = [found[0] if found else None]
+    dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is None:
         return None
-    # Into host memory: restoring copies the weights and momentum onto the device, so the device never
-    # holds a second copy of them (0.24 GB for B/16, 0.83 GB for L/16 with the momentum as much again).
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["fingerprint"] != fingerprint:
-        print(f"finetune: {path} belongs to a different run (checkpoint, data or protocol changed); "
-              "starting from step 0", file=sys.stderr, flush=True)
-        return None
-    return state
+    return found[1] if process.rank == 0 else resume_files.load(resume_dir, chosen[0], host)
 
 
 def resume(resume_dir: Path, fingerprint: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
            process: Process, started_utc: str) -> RunState:
     """The saved state of this run, loaded into model and optimizer; a fresh RunState without one.
     Of the loaded tensors only those the optimizer adopts (its momentum, on the CPU) outlive this call."""
-    state = load_state(resume_dir, fingerprint)
+    state = load_state(resume_dir, fingerprint, process)
     if state is None:
         return RunState(0, [], [], 0.0, started_utc)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     restore_rng(state["rng"])
     if process.rank == 0:
-        print(f"finetune: resuming from step {state['step']} ({resume_dir / STATE_FILE})", file=sys.stderr)
-    return RunState(state["step"], state["metrics"], state["timings"], state["elapsed_s"], state["started_utc"])
+        path = resume_files.state_path(resume_dir, state["step"])
+        print(f"finetune: resuming from step {state['step']} ({path})", file=sys.stderr, flush=True)
+    return RunState(state["step"], state["metrics"], state["timings"], state["elapsed_s"], state["started_utc"],
+                    state["interval"])
 
 
 def save_checkpoint(resume_dir: Path, fingerprint: dict, step: int, model: nn.Module,
-                    optimizer: torch.optim.Optimizer, run: RunState, meter: IntervalMeter) -> None:
-    state = {"fingerprint": fingerprint, "step": step, "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "rng": rng_state(), "metrics": run.metrics,
-             "timings": run.timings, "elapsed_s": run.elapsed_before + meter.seconds(),
-             "started_utc": run.started_utc}
-    with atomic_path(resume_dir / STATE_FILE) as tmp:
-        torch.save(state, tmp)
+                    optimizer: torch.optim.Optimizer, run: RunState, meter: IntervalMeter, interval: dict) -> Path:
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+             "metrics": run.metrics, "timings": run.timings, "elapsed_s": run.elapsed_before + meter.seconds(),
+             "started_utc": run.started_utc, "interval": interval}
+    return resume_files.save(resume_dir, step, state, fingerprint)
 
 
 def rng_state() -> dict:
@@ -404,6 +433,68 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if isinstance(state.get("cuda"), torch.Tensor) and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def save_resume_state(resume_dir: Path, fingerprint: dict, step: int, model: nn.Module,
+                      optimizer: torch.optim.Optimizer, run: RunState, meter: IntervalMeter, process: Process,
+                      base_lr: float) -> None:
+    """Checkpoint after `step` (rank 0; every rank takes part), never of a NaN/inf state."""
+    meter.check_finite(process.world_size, base_lr)
+    interval = meter.interval_state(process.world_size)
+    if process.rank == 0:
+        save_checkpoint(resume_dir, fingerprint, step, model, optimizer, run, meter, interval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping on a signal: finish the update, save it, exit non-zero
+
+class StoppedBySignal(Exception):
+    """The run saved its state after `step` on a stop signal; the process exits with 128 + signum."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.signum, self.step = signum, step
+
+
+class StopRequest:
+    """Notes SIGTERM, SIGUSR1 and SIGINT instead of dying at once (the loop asks after each update).
+
+    Under DDP the ranks get a signal at different moments (torchrun forwards it to each in turn), so
+    `requested` all-reduces the flag (MAX) every update: all ranks stop after the same one. It runs on a
+    CPU (gloo) group, so it never waits for the GPU; it costs one small loopback message per update.
+    """
+
+    def __init__(self, process: Process):
+        self.signum, self.world_size, self.group = 0, process.world_size, None
+        if process.world_size > 1 and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")  # collective: every rank creates it here
+        self.previous = {signum: signal.signal(signum, self._note) for signum in STOP_SIGNALS}
+
+    def _note(self, signum: int, _frame) -> None:
+        self.signum = self.signum or signum  # later signals (SLURM repeats SIGTERM) change nothing
+
+    def requested(self) -> int:
+        """The stop signal's number if any rank got one (the same answer on every rank), else 0."""
+        if self.world_size == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
+
+    def finish(self, signum: int, step: int, steps: int, resume_dir: Path, process: Process) -> None:
+        """After the state of `step` is saved: every rank waits for rank 0's save, then raises StoppedBySignal."""
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+            dist.destroy_process_group()
+        if process.rank == 0:  # tqdm.write: on a line of its own, above the progress bar
+            tqdm.write(f"finetune: {signal.Signals(signum).name}: stopped after step {step} of {steps}; its state is "
+                       f"in {resume_files.state_path(resume_dir, step)}; rerun the job to continue from there",
+                       file=sys.stderr)
+        raise StoppedBySignal(signum, step)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,8 +625,10 @@ def _train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outpu
     # processes, the gradient is that of the mean loss over the whole batch.
     loss_scale = process.world_size / protocol.batch_size
     meter = IntervalMeter(process.device, steps, run.start_step)
+    meter.restore_interval(run.interval, process.rank)
     progress = tqdm(total=steps, initial=run.start_step, desc="finetune", unit="step", file=sys.stderr,
                     disable=process.rank != 0, mininterval=5.0)
+    stop = StopRequest(process)
     try:
         for step in range(run.start_step + 1, steps + 1):
             step_lr = lr_at(step, lr, steps, protocol.warmup_steps)
@@ -550,11 +643,13 @@ def _train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outpu
                 log_minival(run, meter, step, model, minival, minival_split.num_classes, process.device,
                             protocol.precision)
                 batches.take()  # leave minival out of the loader's timing
-            if step % protocol.checkpoint_every == 0 and step < steps:
-                meter.check_finite(process.world_size, lr)
-                if process.rank == 0:
-                    save_checkpoint(resume_dir, fingerprint, step, model, optimizer, run, meter)
+            stop_signal = stop.requested() if step < steps else 0  # after the last update: finish instead
+            if stop_signal or (step % protocol.checkpoint_every == 0 and step < steps):
+                save_resume_state(resume_dir, fingerprint, step, model, optimizer, run, meter, process, lr)
+            if stop_signal:
+                stop.finish(stop_signal, step, steps, resume_dir, process)
     finally:
+        stop.restore()
         progress.close()
     if process.world_size > 1:
         dist.destroy_process_group()
@@ -562,7 +657,7 @@ def _train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outpu
         return None
     summary = run_summary(checkpoint, dataset_record, lr, seed, steps, protocol, process, run, meter, train_on)
     write_outputs(outputs, model, architecture, run.metrics, summary)
-    (resume_dir / STATE_FILE).unlink(missing_ok=True)  # the outputs now hold everything
+    resume_files.remove_all(resume_dir)  # the outputs now hold everything
     return summary
 
 
@@ -611,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     except NotRetryable as error:
         record_failure(failure_file, args.attempt, settings, error)
         return exit_not_retryable(error)
+    except StoppedBySignal as stopped:  # not a failure: the saved step is resumed by the rerun
+        return 128 + stopped.signum  # what a shell reports for a process killed by that signal
     failure_file.unlink(missing_ok=True)
     return 0
 

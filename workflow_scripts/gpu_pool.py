@@ -7,6 +7,8 @@ device a job may use, and it knows nothing of other runs on the node. Each GPU j
 
 which takes N per-device locks, sets CUDA_VISIBLE_DEVICES to those devices and runs CMD as a child while
 holding them. N > 1 runs CMD under torchrun (DDP, one process per device). N = 0 hides all GPUs.
+SIGTERM, SIGINT and SIGUSR1 are passed on to CMD, and by torchrun to each rank (FORWARDED_SIGNALS), so a
+fine-tuning job stopped by SLURM or Ctrl-C saves its state before it exits.
 
 Locks: fcntl.flock on DIR/gpu<id>.lock; the kernel frees them when the holder dies, so a killed job never leaves
 a stale lock. Jobs take turns through DIR/queue.lock: the job whose turn it is keeps the devices it got and waits
@@ -47,6 +49,13 @@ from workflow_scripts.common import PipelineError, run_cli
 DEVICE_COUNT_ENV = "MIXER_GPU_COUNT"  # overrides the detected device count (tests, odd machines)
 QUEUE_LOCK = "queue.lock"
 _PR_SET_PDEATHSIG = 1
+# Passed on to the job, which stops cleanly on each (finetune: ends the update, saves it, exits 128 + signal):
+# SIGTERM and SIGUSR1 are what SLURM sends before it kills or requeues a job, SIGINT is Ctrl-C.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# torchrun passes these on to its ranks (its default list lacks SIGUSR1, which would kill torchrun) and then
+# waits this long for them to exit before it kills them: time to finish an update and save the state.
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+TORCHRUN_SHUTDOWN_S = 300
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -249,7 +258,8 @@ def torchrun_command(cmd: list[str], nproc: int) -> list[str]:
     """`python -m mod args` or `python script.py args` -> the same under torchrun with nproc ranks."""
     if len(cmd) < 2 or "python" not in Path(cmd[0]).name:
         raise PipelineError(f"a multi-GPU job must be a python command to run under torchrun, got: {cmd}")
-    return [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *cmd[1:]]
+    return [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "--signals-to-handle", TORCHRUN_SIGNALS, "--shutdown-timeout", str(TORCHRUN_SHUTDOWN_S), *cmd[1:]]
 
 
 def _die_with_parent() -> None:
@@ -258,13 +268,22 @@ def _die_with_parent() -> None:
 
 
 def run_child(cmd: list[str], env: dict[str, str]) -> int:
-    """Run cmd, forwarding SIGTERM/SIGINT to it; return its exit code (128 + signal if killed)."""
+    """Run cmd, forwarding FORWARDED_SIGNALS to it; return its exit code (128 + signal if killed)."""
     child = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
-    forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    forwarded = []
+
+    def forward(signum: int, _frame) -> None:
+        forwarded.append(signum)
+        child.send_signal(signum)
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, forward)
     code = child.wait()
-    return 128 - code if code < 0 else code
+    code = 128 - code if code < 0 else code
+    if forwarded:  # torchrun prints the exception it stops on: say what happened
+        print(f"gpu_pool: passed {signal.Signals(forwarded[0]).name} on to the job, which exited with {code}",
+              file=sys.stderr, flush=True)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,11 @@ Source kinds (config `datasets.<name>.source.kind`):
   val folder plus `source.val_ground_truth`, sorted here into val/<wnid>/ with symlinks.
 - sklearn_digits (demo): scikit-learn's bundled 8x8 digits, split train/val/test (stratified, fixed
   seed), written as a PNG image-folder tree (the ImageNet code path) or as arrays (the CIFAR-10 one).
-Every kind's class and image counts are checked against `expected` when the config gives it; a
-shortfall is an error unless `allow_subset: true`.
+Every kind's class and image counts are checked against `expected` when the config gives it, and the
+held-out splits of the image-folder kinds against the training classes: a shortfall (fewer images, or a
+held-out split without images of some training classes) is an error unless `allow_subset: true`, and
+then dataset.json says what is missing. A prepared image-folder split has a folder for every training
+class (empty where the split has no image of it), so its labels are the training labels.
 """
 from __future__ import annotations
 
@@ -144,16 +147,25 @@ def link_image_splits(name: str, source: dict, root: Path, splits: dict[str, lis
         )
     count = min(len({label for _, label in samples["train"]}), len(class_names))
     for split, items in samples.items():
-        if {label for _, label in items} != set(range(count)):
+        # count is the number of training labels: a gap among them also puts a label outside 0..count - 1
+        if {label for _, label in items} - set(range(count)):
             raise PipelineError(
-                f"{root}: the {split} split does not have images of every label 0..{count - 1} "
-                f"(of {len(class_names)} classes); {fix}"
+                f"{root}: the {split} split has labels outside 0..{count - 1} (of {len(class_names)} classes): the "
+                f"training split must have images of every label from 0 up, a held-out split only of those; {fix}"
             )
     classes = class_folder_names(class_names, count)
     for split, items in samples.items():
-        link_class_tree(out_dir / split, ((classes[label], path.resolve()) for path, label in items))
-    counts = {split: sum(scan_class_tree(out_dir / split).values()) for split in samples}
-    return {"layout": "imagefolder", "classes": classes, "splits": counts}
+        link_class_tree(out_dir / split, ((classes[label], path.resolve()) for path, label in items), classes)
+    return {"layout": "imagefolder", "classes": classes,
+            "splits": {split: len(items) for split, items in samples.items()},
+            "uncovered": {split: uncovered_classes(classes, (classes[label] for _, label in items))
+                          for split, items in samples.items()}}
+
+
+def uncovered_classes(classes: list[str], found: Iterable[str]) -> list[str]:
+    """The classes (in order) of which a split has no image."""
+    have = set(found)
+    return [c for c in classes if c not in have]
 
 
 def prepare_pets(name: str, dataset_config: dict, out_dir: Path) -> dict:
@@ -275,12 +287,15 @@ def _replace_with_symlink(link: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
-def link_class_tree(out: Path, links: Iterable[tuple[str, Path]]) -> None:
-    """out/<class>/<file name> symlinks to (class, target file) pairs; built beside out, then renamed onto it."""
+def link_class_tree(out: Path, links: Iterable[tuple[str, Path]], classes: Iterable[str] = ()) -> None:
+    """out/<class>/<file name> symlinks to (class, target file) pairs, and a folder (maybe empty) for each of
+    `classes`; built beside out, then renamed onto it."""
     tmp = out.with_name(f".{out.name}.linking")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    for cls in classes:
+        (tmp / cls).mkdir()
     for cls, target in links:
         (tmp / cls).mkdir(exist_ok=True)
         (tmp / cls / target.name).symlink_to(target)
@@ -291,15 +306,24 @@ def link_class_tree(out: Path, links: Iterable[tuple[str, Path]]) -> None:
     os.replace(tmp, out)
 
 
-def sort_flat_val(val_dir: Path, ground_truth: Path, classes: list[str], out: Path) -> None:
-    """Build out/<wnid>/<file> symlinks to the flat validation images."""
-    files = _flat_images(val_dir)
-    labels = read_ground_truth(ground_truth, files, classes)
-    link_class_tree(out, ((wnid, val_dir.resolve() / name) for name, wnid in labels.items()))
+def val_images(src: Path, source: dict, classes: list[str]) -> list[tuple[str, Path]]:
+    """(wnid, file) of every validation image: the flat folder with source.val_ground_truth, or val/<wnid>/*."""
+    val_dir = src / "val"
+    if source.get("val_ground_truth"):
+        labels = read_ground_truth(Path(source["val_ground_truth"]), _flat_images(val_dir), classes)
+        return [(wnid, val_dir.resolve() / name) for name, wnid in labels.items()]
+    counts = scan_class_tree(val_dir)
+    only_val = sorted(set(counts) - set(classes))
+    if only_val:
+        raise PipelineError(f"{src}: class folders of val/ that train/ lacks: {only_val[:5]}"
+                            f"{'...' if len(only_val) > 5 else ''}; every validation class must be a training class")
+    return [(cls, val_dir.resolve() / cls / name) for cls in counts for name in sorted(os.listdir(val_dir / cls))]
 
 
-def _expected_counts(name: str, dataset_config: dict, found: dict[str, int]) -> tuple[bool, str | None]:
-    """Compare found counts ({"num_classes", <split>: images}) with dataset_config["expected"].
+def _expected_counts(name: str, dataset_config: dict, found: dict[str, int],
+                     uncovered: dict[str, list[str]]) -> tuple[bool, str | None]:
+    """Compare found counts ({"num_classes", <split>: images}) with dataset_config["expected"], and take in
+    the held-out splits' uncovered classes ({split: [classes without an image]}).
 
     Returns (subset, note) or raises.
     """
@@ -318,6 +342,10 @@ def _expected_counts(name: str, dataset_config: dict, found: dict[str, int]) -> 
         raise PipelineError(
             f"dataset '{name}': more than expected ({', '.join(over)}); fix datasets.{name}.expected or the tree"
         )
+    for split, missing in uncovered.items():
+        if missing:
+            short.append(f"{split} images of {found['num_classes'] - len(missing):,} of {found['num_classes']:,} "
+                         f"classes (none of {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
     if not short:
         return False, None
     if not dataset_config.get("allow_subset", False):
@@ -340,21 +368,14 @@ def prepare_imagefolder(name: str, dataset_config: dict, out_dir: Path) -> dict:
     classes = sorted(train_counts)
     out_dir.mkdir(parents=True, exist_ok=True)
     _replace_with_symlink(out_dir / "train", src / "train")
-    if source.get("val_ground_truth"):
-        sort_flat_val(src / "val", Path(source["val_ground_truth"]), classes, out_dir / "val")
-        val_counts = scan_class_tree(out_dir / "val")
+    val = val_images(src, source, classes)
+    uncovered = uncovered_classes(classes, (cls for cls, _ in val))
+    if source.get("val_ground_truth") or uncovered:  # a tree of links, with a folder for every class
+        link_class_tree(out_dir / "val", val, classes)
     else:
-        val_counts = scan_class_tree(src / "val")
         _replace_with_symlink(out_dir / "val", src / "val")
-    if set(val_counts) != set(classes):
-        only_train = sorted(set(classes) - set(val_counts))
-        only_val = sorted(set(val_counts) - set(classes))
-        raise PipelineError(
-            f"{src}: class folders of train/ and val/ differ (only in train: {only_train[:5]}"
-            f"{'...' if len(only_train) > 5 else ''}, only in val: {only_val[:5]}{'...' if len(only_val) > 5 else ''})"
-        )
-    splits = {"train": sum(train_counts.values()), "val": sum(val_counts.values())}
-    return {"layout": "imagefolder", "classes": classes, "splits": splits}
+    splits = {"train": sum(train_counts.values()), "val": len(val)}
+    return {"layout": "imagefolder", "classes": classes, "splits": splits, "uncovered": {"val": uncovered}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +477,8 @@ def prepare(name: str, dataset_config: dict, out_json: str | os.PathLike) -> dic
         raise PipelineError(f"datasets.{name}.source.kind: unknown kind '{kind}' (one of {sorted(PREPARE_BY_KIND)})")
     prepared = PREPARE_BY_KIND[kind](name, dataset_config, out_dir)
     found = {"num_classes": len(prepared["classes"]), **prepared["splits"]}
-    prepared["subset"], prepared["subset_note"] = _expected_counts(name, dataset_config, found)
+    uncovered = prepared.get("uncovered", {})
+    prepared["subset"], prepared["subset_note"] = _expected_counts(name, dataset_config, found, uncovered)
     record = dataset_record(name, dataset_config, prepared)
     write_json(out_json, record)
     return record
