@@ -62,6 +62,7 @@ from workflow_scripts.tables import (
     comparison_latex,
     comparison_markdown,
     eval_protocol_records,
+    other_protocol_names,
     real_label,
     reference_sources,
     table3_columns,
@@ -526,9 +527,14 @@ def build_comparison(config: dict, ours: dict, columns: list[dict]) -> list[dict
     return rows
 
 
+def protocol_records(config: dict) -> list[dict]:
+    """summary.json's `eval_protocols`: every protocol, the headline one marked, the others labelled."""
+    return eval_protocol_records(config["evaluation"]["protocols"], config["evaluation"]["headline_protocol"])
+
+
 def other_protocols(config: dict) -> list[str]:
     """The evaluation protocols shown beside the headline one."""
-    return [p for p in config["evaluation"]["protocols"] if p != config["evaluation"]["headline_protocol"]]
+    return other_protocol_names(protocol_records(config))
 
 
 def other_protocol_fields(config: dict, record: dict | None) -> dict:
@@ -741,8 +747,7 @@ def aggregate(config: dict, files: ResultFiles, outputs: AggregateOutputs) -> di
         "checkpoints": read_checkpoints(config, paired),
         "baselines": baselines,
         "protocol": config["protocol"],
-        "eval_protocols": eval_protocol_records(config["evaluation"]["protocols"],
-                                                config["evaluation"]["headline_protocol"]),
+        "eval_protocols": protocol_records(config),
         "headline_protocol": config["evaluation"]["headline_protocol"],
         "final_models_trained_on": TRAINED_ON[bool(config["finetune"]["retrain_on_full_train"])],
         "variants": read_variants(config, paired, pair_results, ours["results"]),

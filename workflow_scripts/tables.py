@@ -74,8 +74,9 @@ def verdict_sentence(counts: dict) -> str:
 def training_sentence(trained_on: str) -> str:
     """What the final (tested) models were trained on (summary.json `final_models_trained_on`)."""
     if trained_on == "full":
-        return ("The final models were retrained at the selected learning rate on the full training split (training "
-                "+ dev split), as the paper's ViT protocol does (finetune.retrain_on_full_train: true).")
+        return ("The final models were retrained at the selected learning rate on the full training split "
+                "(training + dev split), as in the ViT fine-tuning setup the paper follows "
+                "(finetune.retrain_on_full_train: true).")
     return ("The final models are the dev-split runs: the LR sweep's runs at the selected learning rate, trained "
             "without the held-out dev split (finetune.retrain_on_full_train: false).")
 
