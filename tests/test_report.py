@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from workflow_scripts import aggregate, charts, matrix, report, tables
+from workflow_scripts import aggregate, charts, matrix, report, stats, tables
 from workflow_scripts.common import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +41,11 @@ def load_config(name: str, tmp_path: Path, base_lrs: list[float] | None = None, 
     config["finetune"].update(finetune)
     for ds in config["datasets"].values():
         ds["base_lrs"] = base_lrs or ds["base_lrs"]
+    # A subset keeps only the variants of its pairs (the workflow refuses a variant of a pair it does not run).
+    fine_tuned = set(matrix.pairs(config))
+    variants = {name: {**v, "pairs": [p for p in v["pairs"] if tuple(p) in fine_tuned]}
+                for name, v in config["variants"].items()}
+    config["variants"] = {name: v for name, v in variants.items() if v["pairs"]}
     return config
 
 
@@ -53,22 +58,131 @@ def _json(path: Path, obj) -> None:
     _write(path, json.dumps(obj, indent=1))
 
 
-def eval_result(top1, top5, num_classes, protocol, split, model, dataset) -> dict:
-    return {"top1": top1, "top5": top5, "top5_note": None, "loss": 0.5, "num_images": 360,
+def eval_result(top1, top5, num_classes, protocol, split, model, dataset, num_images=360) -> dict:
+    return {"top1": top1, "top5": top5, "top5_note": None, "loss": 0.5, "num_images": num_images,
             "num_classes": num_classes, "per_class_top1": [top1] * num_classes, "confusion": None,
             "images_per_s": 900.0, "protocol": protocol, "split": split, "model": model, "dataset": dataset}
+
+
+def evaluation_file(ck: str, ds: str, runs: list[dict], selected_lr) -> dict:
+    """An evaluation file as evaluate.seed_summary writes it (its runs carry lr, seed and trained_on)."""
+    top1s = [r["top1"] for r in runs]
+    return {"checkpoint": ck, "dataset": ds, "selected_lr": selected_lr, "selection": None,
+            "protocol": runs[0]["protocol"], "runs": runs, "top1_mean": float(np.mean(top1s)),
+            "top1_std": float(np.std(top1s, ddof=1)) if len(runs) > 1 else None,  # sample std, as evaluate.py
+            "top5_mean": 99.5, "top5_std": 0.0 if len(runs) > 1 else None,
+            "num_seeds": len({r["seed"] for r in runs}), "num_images": runs[0]["num_images"]}
+
+
+def evaluated_runs(config: dict, ck: str, ds: str, models: dict, protocol: str, trained_on: str, rng) -> list[dict]:
+    """One evaluation result per model ({(lr, seed): path}) with the named protocol, random top-1."""
+    settings = {"name": protocol, **config["evaluation"]["protocols"][protocol], "precision": "fp32"}
+    return [{"checkpoint": ck, "seed": seed, "lr": lr, "trained_on": trained_on,
+             **eval_result(float(np.round(rng.uniform(60, 99), 4)), 99.5, 10, settings, "test", str(path), ds)}
+            for (lr, seed), path in models.items()]
+
+
+def write_sweep(config: dict, root: Path, ck: str, ds: str, rng) -> dict:
+    """The LR sweep of a pair (summary, metrics, benchmark, log per run) and its selection; returns the selection."""
+    steps, proto = config["datasets"][ds]["steps"], config["protocol"]
+    candidates = []
+    for lr in config["datasets"][ds]["base_lrs"]:
+        per_seed = []
+        for seed in config["finetune"]["seeds"]:
+            rel = f"finetune/{ck}/{ds}/lr{lr:g}_s{seed}"
+            top1 = float(np.round(rng.uniform(60, 99), 3))
+            per_seed.append(top1)
+            lines = []
+            for step in range(proto["log_every"], steps + 1, proto["log_every"]):
+                lines.append({"step": step, "loss": 2.3 * np.exp(-step / steps) + 0.05,
+                              "lr": cosine_lr(step, lr, steps, proto["warmup_steps"]),
+                              "grad_norm": 0.8, "img_s": 400.0, "elapsed_s": step / 10})
+                if step % proto["eval_every"] == 0 or step == steps:
+                    lines.append({"step": step, "minival_top1": top1 * step / steps,
+                                  "minival_top5": 99.0, "minival_loss": 0.3})
+            _write(root / rel / "metrics.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+            _json(root / rel / "summary.json", {
+                "checkpoint": ck, "dataset": ds, "lr": lr, "seed": seed, "steps": steps,
+                "batch_size": proto["batch_size"], "micro_batch_size": proto["micro_batch_size"],
+                "world_size": 1, "device": "cpu", "device_names": ["cpu: Fixture CPU @ 2.0GHz"],
+                "precision": "fp32", "inception_crop": proto["inception_crop"], "minival_top1": top1,
+                "minival_top5": 99.0, "minival_loss": 0.3, "train_seconds": 12.5, "img_s": 400.0,
+                "resumed_from_step": None, "protocol": proto, "train_on": "train",
+                "started_utc": "2025-01-01T10:00:00+00:00", "finished_utc": "2025-01-01T10:01:00+00:00"})
+            _write(root / "benchmarks" / "finetune" / ck / ds / f"lr{lr:g}_s{seed}.tsv",
+                   f"{BENCH_HEADER}\n14.2500\t0:00:14\t412.3\t900.1\t400.0\t401.0\t1.0\t2.0\t95.0\t13.1\n")
+            _write(root / "logs" / "finetune" / ck / ds / f"lr{lr:g}_s{seed}.log", "training...\n")
+        candidates.append({"lr": lr, "seeds": config["finetune"]["seeds"], "minival_top1_per_seed": per_seed,
+                           "minival_top1_mean": float(np.mean(per_seed))})
+    best = max(candidates, key=lambda c: c["minival_top1_mean"])
+    selection = {"checkpoint": ck, "dataset": ds, "criterion": "minival_top1_mean", "candidates": candidates,
+                 "selected_lr": best["lr"], "selected_runs": [str(root / f"finetune/{ck}/{ds}/lr{best['lr']:g}_s{s}")
+                                                              for s in best["seeds"]]}
+    _json(root / "selection" / ck / f"{ds}.json", selection)
+    return selection
+
+
+def final_models(config: dict, root: Path, ck: str, ds: str, lr: float) -> tuple[dict, str]:
+    """{(lr, seed): model path} of a pair's final models and what they were trained on (as the rules plan them)."""
+    seeds = config["finetune"]["seeds"]
+    if config["finetune"]["retrain_on_full_train"]:
+        return {(lr, s): root / f"final/{ck}/{ds}/s{s}/model.safetensors" for s in seeds}, "full"
+    return {(lr, s): root / f"finetune/{ck}/{ds}/lr{lr:g}_s{s}/model.safetensors" for s in seeds}, "train"
 
 
 def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) -> dict:
     """Write every file the aggregate stage reads, in the formats of docs/design.md.
 
-    Returns {"results": {(ckpt, dataset): test top-1}, "reals": {(ckpt, dataset): ReaL top-1}}: every
-    matrix.results entry (a pair's mean over seeds, a released checkpoint's baseline at the dataset's
-    eval_protocol) and every matrix.real_results entry.
+    Returns {"results": {(ckpt, dataset): headline test top-1}, "protocols": {(ckpt, dataset, protocol): top-1},
+    "reals": {(ckpt, dataset): ReaL top-1}, "variants": {(variant, ckpt, dataset): top-1}, "selection_bias":
+    {(ckpt, dataset): {lr: test top-1 mean over seeds}}}: every matrix.results entry (a pair's mean over seeds, a
+    released checkpoint's baseline) at every protocol, and every matrix.real_results entry.
     """
     rng = np.random.default_rng(rng_seed)
+    root, headline = Path(config["output_root"]), config["evaluation"]["headline_protocol"]
+    write_records(config, subset)
+    expected = {"results": {}, "protocols": {}, "reals": {}, "variants": {}, "selection_bias": {}}
+    selections = {}
+    for ck, ds in matrix.pairs(config):
+        selections[ck, ds] = selection = write_sweep(config, root, ck, ds, rng)
+        models, trained_on = final_models(config, root, ck, ds, selection["selected_lr"])
+        for p in config["evaluation"]["protocols"]:
+            record = evaluation_file(ck, ds, evaluated_runs(config, ck, ds, models, p, trained_on, rng),
+                                     selection["selected_lr"])
+            _json(root / "evaluate" / ck / ds / f"{p}.json", record)
+            expected["protocols"][ck, ds, p] = record["top1_mean"]
+        expected["results"][ck, ds] = expected["protocols"][ck, ds, headline]
+    for name, ck, ds in matrix.variant_pairs(config):
+        lr = selections[ck, ds]["selected_lr"]
+        models = {(lr, s): root / f"variants/{name}/{ck}/{ds}/s{s}/model.safetensors"
+                  for s in config["finetune"]["seeds"]}
+        record = evaluation_file(ck, ds, evaluated_runs(config, ck, ds, models, headline,
+                                                        final_models(config, root, ck, ds, lr)[1], rng), lr)
+        _json(root / "variants" / name / ck / ds / "evaluation.json", record)
+        expected["variants"][name, ck, ds] = record["top1_mean"]
+    for ck, ds in matrix.selection_bias_pairs(config):
+        models = {(float(lr), seed): root / f"finetune/{ck}/{ds}/lr{lr}_s{seed}/model.safetensors"
+                  for _, _, lr, seed in matrix.pair_runs(config, ck, ds)}
+        runs = evaluated_runs(config, ck, ds, models, headline, "train", rng)
+        _json(root / "selection_bias" / ck / f"{ds}.json", evaluation_file(ck, ds, runs, None))
+        expected["selection_bias"][ck, ds] = {lr: float(np.mean([r["top1"] for r in runs if r["lr"] == lr]))
+                                              for lr in sorted({r["lr"] for r in runs})}
+    for ck, ds, p in matrix.baseline_runs(config):
+        top1 = 11.25 if p == "official" else 12.75
+        _json(root / "baseline" / ck / ds / f"{p}.json", eval_result(top1, 52.5, 10, {"name": p}, "test",
+                                                                     str(root / "converted" / f"{ck}.safetensors"), ds))
+        _write(root / "logs" / "baseline" / ck / ds / f"{p}.log", "evaluating...\n")
+        expected["protocols"][ck, ds, p] = top1
+        if p == headline:
+            expected["results"][ck, ds] = top1
+    for ck, ds, source in matrix.real_results(config):
+        expected["reals"][ck, ds] = write_real(root, ck, ds, source, headline, rng)
+    return expected
+
+
+def write_records(config: dict, subset: tuple[str, ...]) -> None:
+    """dataset.json per used dataset, parity and download records per used checkpoint."""
     root, data, weights = Path(config["output_root"]), Path(config["data_root"]), Path(config["weights_dir"])
-    proto = config["protocol"]
     for ds in matrix.used_datasets(config):
         _json(data / ds / "dataset.json", {
             "name": ds, "label": config["datasets"][ds]["label"], "layout": "arrays", "root": str(data / ds),
@@ -86,76 +200,16 @@ def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) 
         _json(weights / f"{ck}.download.json", {
             "checkpoint": ck, "url": config["checkpoints"][ck]["url"], "path": str(weights / f"{ck}.npz"),
             "bytes": 2_306_000, "sha256": "a" * 64, "verified_against": "recorded", "seconds": 0.1})
-    expected = {"results": {}, "reals": {}}
-    for ck, ds in matrix.pairs(config):
-        steps = config["datasets"][ds]["steps"]
-        candidates = []
-        for lr in config["datasets"][ds]["base_lrs"]:
-            per_seed = []
-            for seed in config["finetune"]["seeds"]:
-                rel = f"finetune/{ck}/{ds}/lr{lr:g}_s{seed}"
-                top1 = float(np.round(rng.uniform(60, 99), 3))
-                per_seed.append(top1)
-                lines = []
-                for step in range(proto["log_every"], steps + 1, proto["log_every"]):
-                    lines.append({"step": step, "loss": 2.3 * np.exp(-step / steps) + 0.05,
-                                  "lr": cosine_lr(step, lr, steps, proto["warmup_steps"]),
-                                  "grad_norm": 0.8, "img_s": 400.0, "elapsed_s": step / 10})
-                    if step % proto["eval_every"] == 0 or step == steps:
-                        lines.append({"step": step, "minival_top1": top1 * step / steps,
-                                      "minival_top5": 99.0, "minival_loss": 0.3})
-                _write(root / rel / "metrics.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
-                _json(root / rel / "summary.json", {
-                    "checkpoint": ck, "dataset": ds, "lr": lr, "seed": seed, "steps": steps,
-                    "batch_size": proto["batch_size"], "micro_batch_size": proto["micro_batch_size"],
-                    "world_size": 1, "device": "cpu", "device_names": ["cpu: Fixture CPU @ 2.0GHz"],
-                    "precision": "fp32", "inception_crop": proto["inception_crop"], "minival_top1": top1,
-                    "minival_top5": 99.0, "minival_loss": 0.3, "train_seconds": 12.5, "img_s": 400.0,
-                    "resumed_from_step": None, "protocol": proto,
-                    "started_utc": "2025-01-01T10:00:00+00:00", "finished_utc": "2025-01-01T10:01:00+00:00"})
-                _write(root / "benchmarks" / "finetune" / ck / ds / f"lr{lr:g}_s{seed}.tsv",
-                       f"{BENCH_HEADER}\n14.2500\t0:00:14\t412.3\t900.1\t400.0\t401.0\t1.0\t2.0\t95.0\t13.1\n")
-                _write(root / "logs" / "finetune" / ck / ds / f"lr{lr:g}_s{seed}.log", "training...\n")
-            candidates.append({"lr": lr, "seeds": config["finetune"]["seeds"], "minival_top1_per_seed": per_seed,
-                               "minival_top1_mean": float(np.mean(per_seed))})
-        best = max(candidates, key=lambda c: c["minival_top1_mean"])
-        sel_path = root / "selection" / ck / f"{ds}.json"
-        _json(sel_path, {"checkpoint": ck, "dataset": ds, "criterion": "minival_top1_mean",
-                         "candidates": candidates, "selected_lr": best["lr"],
-                         "selected_runs": [str(root / f"finetune/{ck}/{ds}/lr{best['lr']:g}_s{s}")
-                                           for s in best["seeds"]]})
-        protocol = {"name": config["datasets"][ds]["eval_protocol"],
-                    **config["evaluation"]["protocols"][config["datasets"][ds]["eval_protocol"]]}
-        models = {s: root / f"finetune/{ck}/{ds}/lr{best['lr']:g}_s{s}/model.safetensors" for s in best["seeds"]}
-        runs = [{"seed": s, **eval_result(float(np.round(rng.uniform(60, 99), 4)), 99.5, 10, protocol, "test",
-                                          str(models[s]), ds)}
-                for s in best["seeds"]]
-        top1s = [r["top1"] for r in runs]
-        expected["results"][ck, ds] = float(np.mean(top1s))
-        _json(root / "evaluate" / ck / f"{ds}.json", {
-            "checkpoint": ck, "dataset": ds, "selected_lr": best["lr"], "selection": str(sel_path),
-            "protocol": protocol, "runs": runs, "top1_mean": expected["results"][ck, ds],
-            "top1_std": float(np.std(top1s, ddof=1)) if len(runs) > 1 else None,  # as evaluate.py: sample std
-            "top5_mean": 99.5, "top5_std": 0.0 if len(runs) > 1 else None, "num_seeds": len(runs)})
-    for ck, ds, p in matrix.baseline_runs(config):
-        top1 = 11.25 if p == "official" else 12.75
-        _json(root / "baseline" / ck / ds / f"{p}.json", eval_result(top1, 52.5, 10, {"name": p}, "test",
-                                                                     str(root / "converted" / f"{ck}.safetensors"), ds))
-        _write(root / "logs" / "baseline" / ck / ds / f"{p}.log", "evaluating...\n")
-        if p == config["datasets"][ds]["eval_protocol"]:
-            expected["results"][ck, ds] = top1
-    for ck, ds, source in matrix.real_results(config):
-        expected["reals"][ck, ds] = write_real(root, ck, ds, source, rng)
-    return expected
 
 
-def write_real(root: Path, ck: str, ds: str, source: str, rng) -> float:
-    """A ReaL result (real.py's format) for the models of the (ckpt, dataset) result; returns its ReaL top-1."""
+def write_real(root: Path, ck: str, ds: str, source: str, protocol: str, rng) -> float:
+    """A ReaL result (real.py's format) for the models of the (ckpt, dataset) result at the headline protocol;
+    returns its ReaL top-1."""
     if source == "finetune":
-        models = [r["model"] for r in json.loads((root / "evaluate" / ck / f"{ds}.json").read_text())["runs"]]
+        evaluation = json.loads((root / "evaluate" / ck / ds / f"{protocol}.json").read_text())
+        models = [r["model"] for r in evaluation["runs"]]
     else:
-        protocols = sorted((root / "baseline" / ck / ds).glob("*.json"))
-        models = [json.loads(protocols[0].read_text())["model"]]
+        models = [json.loads((root / "baseline" / ck / ds / f"{protocol}.json").read_text())["model"]]
     scores = [float(np.round(rng.uniform(60, 99), 3)) for _ in models]
     _json(root / "real" / ck / f"{ds}.json", {
         "dataset": ds, "real_top1": float(np.mean(scores)),
@@ -184,13 +238,21 @@ def result_files(config: dict, benchmarks: bool = True) -> aggregate.ResultFiles
         finetune_benchmarks=[root / f"benchmarks/finetune/{ck}/{ds}/lr{lr}_s{seed}.tsv" for ck, ds, lr, seed in runs]
         if benchmarks else [],
         selections=[root / "selection" / ck / f"{ds}.json" for ck, ds in matrix.pairs(config)],
-        evaluations=[root / "evaluate" / ck / f"{ds}.json" for ck, ds in matrix.pairs(config)],
+        evaluations=[root / "evaluate" / ck / ds / f"{p}.json" for ck, ds, p in matrix.evaluations(config)],
+        variant_evaluations=[root / "variants" / v / ck / ds / "evaluation.json"
+                             for v, ck, ds in matrix.variant_pairs(config)],
+        selection_bias=[root / "selection_bias" / ck / f"{ds}.json" for ck, ds in matrix.selection_bias_pairs(config)],
         baselines=[root / "baseline" / ck / ds / f"{p}.json" for ck, ds, p in matrix.baseline_runs(config)],
         parity=[root / "converted" / f"{ck}.parity.json" for ck in matrix.used_checkpoints(config)],
         downloads=[weights / f"{ck}.download.json" for ck in matrix.used_checkpoints(config)],
         datasets=[data / ds / "dataset.json" for ds in matrix.used_datasets(config)],
         reals=[root / "real" / ck / f"{ds}.json" for ck, ds, _ in matrix.real_results(config)],
     )
+
+
+def make_results_protocol(root: Path, ck: str, ds: str, protocol: str) -> float:
+    """The mean test top-1 make_results wrote for a pair at a protocol."""
+    return json.loads((root / "evaluate" / ck / ds / f"{protocol}.json").read_text())["top1_mean"]
 
 
 def aggregate_outputs(out_dir: Path) -> aggregate.AggregateOutputs:
@@ -299,7 +361,7 @@ def test_aggregate_tables_follow_the_config_matrix(tmp_path):
     for r in runs:
         sel = json.loads((root / "selection" / r["checkpoint"] / f"{r['dataset']}.json").read_text())
         assert (r["selected"] == "True") == (float(r["lr"]) == sel["selected_lr"])
-        assert (r["test_top1"] != "") == (r["selected"] == "True")
+        assert r["test_top1"] == ""  # retrained on the full training split: no sweep run was tested
         assert float(r["gpu_hours"]) == pytest.approx(14.25 * 1 / 3600)
         assert r["label"] == "Mixer-B/16" and r["pretraining"] == "ImageNet-21k"
         assert r["device_names"] == "cpu: Fixture CPU @ 2.0GHz"
@@ -332,13 +394,29 @@ def test_aggregate_tables_follow_the_config_matrix(tmp_path):
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "not run" in tex and "paper\\_table3" in tex
     assert summary["subset_datasets"][0]["name"] == "imagenet"
     assert json.loads((root / "aggregate" / "config.json").read_text())["finetune"]["seeds"] == [0, 1]
-    assert str(root / "evaluate" / "mixer_b16_in21k" / "cifar10.json") in summary["inputs"]
+    assert str(root / "evaluate" / "mixer_b16_in21k" / "cifar10" / "official.json") in summary["inputs"]
+    # Every row that was run carries its interval, every published figure a verdict, both protocols side by side.
+    evaluation = json.loads((root / "evaluate/mixer_b16_in21k/cifar10/official.json").read_text())
+    seeds = [r["top1"] for r in evaluation["runs"]]
+    interval = stats.top1_interval(seeds, 360)
+    assert (float(cifar["ci_low"]), float(cifar["ci_high"])) == pytest.approx((interval.low, interval.high))
+    assert "2 seeds" in cifar["ci_method"] and cifar["eval_protocol"] == "official"
+    assert cifar["verdict"] == stats.verdict(float(cifar["official_repo_top1"]), interval)[0]
+    assert float(cifar["top1_resize_crop"]) == pytest.approx(
+        make_results_protocol(root, "mixer_b16_in21k", "cifar10", "resize_crop"))
+    assert cifar["trained_on"] == "full"
+    assert avg["verdict"] == "not run" and comp["Mixer-L/16", "ImageNet-21k", "CIFAR-10"]["verdict"] == "not run"
+    assert real["ci_low"] != "" and real["top1_resize_crop"] == ""  # ReaL is scored at the headline protocol only
+    for row in comp.values():
+        assert (row["ci_low"] != "") == (row["ci_high"] != "") == (row["status"] == "run")
+        assert row["verdict"] in {"consistent", "below", "above", "not run"} if row["primary_top1"] else \
+            row["verdict"] == ("no reference" if row["status"] == "run" else "not run")
 
 
 def test_aggregate_names_a_missing_input(tmp_path):
     config = load_config("demo/config.yaml", tmp_path)
     make_results(config)
-    missing = Path(config["output_root"]) / "evaluate" / "demo_mixer_p4" / "digits.json"
+    missing = Path(config["output_root"]) / "evaluate" / "demo_mixer_p4" / "digits" / "resize_crop.json"
     missing.unlink()
     with pytest.raises(PipelineError, match=re.escape(str(missing))):
         run_aggregate(config)
@@ -438,7 +516,12 @@ def test_report_shows_each_pair_references_and_provenance(demo):
         assert citation in text
     # The demo's own rows: this run only, no published figure, Δ or source.
     this_run = table3_cells(page, "this-run")
-    assert all(len(lines) <= 2 for _, lines in this_run.values())  # the value, and "released ..." for p8
+    for (row, column), (_, lines) in this_run.items():
+        # the value, its interval, the other protocol's figure (not for ReaL), and "released ..." for p8
+        assert lines[1].startswith("95% CI ") and all(not line.startswith(("Δ", *REFS["sources"])) for line in lines)
+        assert any(line.startswith("resize_crop: ") and line.endswith("(not verified as the paper's)")
+                   for line in lines) == (not column.endswith("ReaL")), (row, column)
+        assert len(lines) <= 4
     # Provenance
     for field in ("Git commit", "Working tree dirty", "Package versions", "torch ", "timm ", "snakemake ",
                   "snakemake --cores 2", "cpu: Fixture CPU @ 2.0GHz", "2025-01-01T10:00:00+00:00",
@@ -471,16 +554,26 @@ def test_table3_of_the_demo_has_real_and_the_average(demo):
     for ck in config["finetune"]["checkpoints"]:
         row = row_label(config, ck)
         mean = statistics.fmean(expected["results"][ck, ds] for ds in members)
-        assert cells[row, "AvgDemo"] == ("run", [f"{mean:.2f}"])
+        # The average's interval from its members' (one seed each: Wilson over the 360 test images).
+        average = stats.average_interval([stats.top1_interval([expected["results"][ck, ds]], 360) for ds in members])
+        other = statistics.fmean(expected["protocols"][ck, ds, "resize_crop"] for ds in members)
+        assert cells[row, "AvgDemo"] == ("run", [f"{mean:.2f}", f"95% CI {average.low:.2f}–{average.high:.2f}",
+                                                 f"resize_crop: {other:.2f} (not verified as the paper's)"])
         assert cells[row, "Digits (JPEG tree) ReaL"][1][0] == f"{expected['reals'][ck, 'digits_jpeg']:.2f}"
+        # ReaL: Wilson over the 327 images with a ReaL label.
+        real = stats.top1_interval([expected["reals"][ck, "digits_jpeg"]], 327)
+        assert cells[row, "Digits (JPEG tree) ReaL"][1][1] == f"95% CI {real.low:.2f}–{real.high:.2f}"
     # demo_mixer_p8 is not fine-tuned on its head's dataset: its result there is the released model.
     p8 = cells[row_label(config, "demo_mixer_p8"), "Digits (JPEG tree)"]
-    assert p8 == ("run", ["11.25", "released model, not fine-tuned"])
+    released = stats.wilson(11.25, 360)
+    assert p8 == ("run", ["11.25", f"95% CI {released[0]:.2f}–{released[1]:.2f}",
+                          "resize_crop: 12.75 (not verified as the paper's)", "released model, not fine-tuned"])
 
 
 def test_table3_of_the_study(tmp_path):
-    """The whole study: the paper's column order, released ImageNet-1k results from the baseline at the dataset's
-    eval_protocol, Avg5 over the five results, the earlier study's figures in the cells they belong to."""
+    """The whole study: the paper's column order, released ImageNet-1k results from the baseline at the headline
+    protocol, Avg5 over the five results with its interval and verdict, the earlier study's figures in the cells
+    they belong to."""
     config = load_config("config.yaml", tmp_path, base_lrs=[0.03])
     expected = make_results(config)
     _, page = build_report(tmp_path, config)
@@ -498,11 +591,18 @@ def test_table3_of_the_study(tmp_path):
         assert status == "run" and lines[0] == f"{avg:.2f}"
         paper = next(f["value"] for f in REFS["figures"] if f["source"] == "paper_table3" and f["dataset"] == "Avg5"
                      and row == f"{f['pretraining']} | {f['label']}")
-        assert lines[1:3] == [f"paper_table3: {paper:.2f}", f"Δ {avg - paper:+.2f}"]
+        interval = stats.average_interval([stats.top1_interval([expected["results"][ck, ds]], 360)
+                                           for ds in config["averages"]["Avg5"]])
+        verdict = "consistent" if interval.low <= paper <= interval.high else \
+            "below" if interval.high < paper else "above"
+        assert lines[1] == f"95% CI {interval.low:.2f}–{interval.high:.2f}"
+        assert lines[3:6] == [f"paper_table3: {paper:.2f}", f"Δ {avg - paper:+.2f}", verdict]
         assert cells[row, "ImageNet ReaL"][1][0] == f"{expected['reals'][ck, 'imagenet']:.2f}"
-    # Released ImageNet-1k checkpoints: the baseline at imagenet's eval_protocol (paper_table3 -> 12.75 here).
+    # Released ImageNet-1k checkpoints: the baseline at the headline protocol (official -> 11.25 here), the other
+    # protocol's figure (12.75) beside it.
     b16_1k = cells[row_label(config, "mixer_b16_in1k"), "ImageNet"][1]
-    assert b16_1k[:4] == ["12.75", "released model, not fine-tuned", "paper_table3: 76.44", "Δ -63.69"]
+    assert b16_1k[2:7] == ["resize_crop: 12.75 (not verified as the paper's)", "released model, not fine-tuned",
+                           "paper_table3: 76.44", "Δ -65.19", "below"]
     # The earlier study, labelled as what it was: B/16 ImageNet-1k ImageNet top-1, L/16 ImageNet-21k Avg5 top-1.
     assert "earlier_study: 73.64" in b16_1k
     assert "earlier_study: 88.70" in cells[row_label(config, "mixer_l16_in21k"), "Avg5"][1]
@@ -648,6 +748,12 @@ def test_notebook_executes_on_the_results(tmp_path):
     # The Table 3 grid, as the report shows it (the same functions).
     average = statistics.fmean(expected["demo_mixer_p4", ds] for ds in config["averages"]["AvgDemo"])
     assert "AvgDemo" in outputs and f"{average:.2f}" in outputs
+    # The verdicts, the protocol variants and the selection-bias tables, as the report states them.
+    summary = json.loads((root / "aggregate" / "summary.json").read_text())
+    assert tables.verdict_sentence(summary["verdicts"]) in outputs
+    assert config["variants"]["batch32"]["label"] in outputs
+    for entry in summary["selection_bias"]:
+        assert tables.selection_bias_sentence(entry) in outputs
     assert out_html.read_text().lstrip().lower().startswith("<!doctype html")
 
 
@@ -692,3 +798,200 @@ def test_runs_without_benchmark_files_have_no_cost(tmp_path):
     page = report.render_report(root / "aggregate" / "summary.json", root / "aggregate" / "config.json",
                                 notebook_html, root / "logs", root / "report" / "index.html", "").read_text()
     assert f"0 of {len(matrix.finetune_runs(config))} runs have a benchmark file" in page
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals and verdicts, both protocols, protocol variants and the selection-bias table
+def set_evaluation(root: Path, ck: str, ds: str, per_seed: list[float], num_images: int, protocol="official") -> None:
+    """Give a pair's evaluation file these per-seed top-1 figures over num_images test images."""
+    path = root / "evaluate" / ck / ds / f"{protocol}.json"
+    record = json.loads(path.read_text())
+    for run, top1 in zip(record["runs"], per_seed, strict=True):
+        run.update(top1=top1, num_images=num_images)
+    record.update(top1_mean=statistics.fmean(per_seed), top1_std=statistics.stdev(per_seed), num_images=num_images)
+    _json(path, record)
+
+
+def set_real(root: Path, ck: str, ds: str, per_run: list[float], num_images: int) -> None:
+    path = root / "real" / ck / f"{ds}.json"
+    record = json.loads(path.read_text())
+    for run, top1 in zip(record["runs"], per_run, strict=True):
+        run["real_top1"] = top1
+    record.update(real_top1=statistics.fmean(per_run), num_images=num_images,
+                  real_top1_std=statistics.stdev(per_run) if len(per_run) > 1 else None)
+    _json(path, record)
+
+
+# A study-like fixture: (checkpoint, dataset) -> (per-seed top-1, test images, verdict against the primary figure).
+STUDY_EVALUATIONS = {
+    ("mixer_b16_in21k", "cifar10"): ([96.70, 96.94], 10_000, "consistent"),  # official_repo 96.82
+    ("mixer_l16_in21k", "cifar10"): ([95.00, 95.20], 10_000, "below"),       # official_repo 98.34
+    ("mixer_b16_in1k", "cifar10"): ([98.50, 98.60], 10_000, "above"),        # official_repo 96.72
+    ("mixer_b16_in21k", "imagenet"): ([80.60, 80.68], 50_000, "consistent"),  # paper_table3 80.64
+    ("mixer_l16_in21k", "imagenet"): ([85.00, 85.10], 50_000, "above"),       # paper_table3 82.89
+}
+STUDY_REALS = {
+    ("mixer_b16_in21k", "imagenet"): ([85.70, 85.90], 46_837, "consistent"),  # paper_table3 85.80
+    ("mixer_l16_in21k", "imagenet"): ([80.00, 80.20], 46_837, "below"),       # paper_table3 87.54
+    ("mixer_b16_in1k", "imagenet"): ([90.00], 46_837, "above"),               # released model; paper_table3 82.36
+}
+
+
+@pytest.fixture
+def study(tmp_path):
+    """Three checkpoints of the study on ImageNet and CIFAR-10 with two seeds, figures set around the published ones."""
+    config = load_config("config.yaml", tmp_path, base_lrs=[0.03], datasets=["imagenet", "cifar10"], seeds=[0, 1],
+                         checkpoints=["mixer_b16_in21k", "mixer_l16_in21k", "mixer_b16_in1k"])
+    make_results(config)
+    root = Path(config["output_root"])
+    for (ck, ds), (per_seed, n, _) in STUDY_EVALUATIONS.items():
+        set_evaluation(root, ck, ds, per_seed, n)
+    for (ck, ds), (per_run, n, _) in STUDY_REALS.items():
+        set_real(root, ck, ds, per_run, n)
+    _, page = build_report(tmp_path, config)
+    return config, root, page
+
+
+def test_verdicts_of_published_figures(study):
+    """Published figures inside, below and above this run's intervals; the count in the headline, the CSV, the
+    Markdown and LaTeX tables and the page all agree."""
+    config, root, page = study
+    comp = {(r["model"], r["pretraining"], r["dataset"]): r
+            for r in csv.DictReader((root / "aggregate" / "comparison.csv").open())}
+    labels = {ck: (config["checkpoints"][ck]["label"], config["checkpoints"][ck]["pretraining"])
+              for ck in config["finetune"]["checkpoints"]}
+    cases = [(ck, config["datasets"][ds]["label"], *case) for (ck, ds), case in STUDY_EVALUATIONS.items()]
+    cases += [(ck, "ImageNet ReaL", *case) for (ck, _), case in STUDY_REALS.items()]
+    for ck, column, per_seed, n, expected in cases:
+        row = comp[(*labels[ck], column)]
+        interval = stats.top1_interval(per_seed, n)
+        assert (float(row["ci_low"]), float(row["ci_high"])) == pytest.approx((interval.low, interval.high))
+        assert row["verdict"] == expected, (ck, column)
+        assert float(row["diff_to_primary"]) == pytest.approx(statistics.fmean(per_seed) - float(row["primary_top1"]))
+        cell = table3_cells(page, "headline")[f"{labels[ck][1]} | {labels[ck][0]}", column]
+        assert expected in cell[1] and f"95% CI {interval.low:.2f}–{interval.high:.2f}" in cell[1]
+    released = comp["Mixer-B/16", "ImageNet-1k", "ImageNet"]  # the released model at 11.25 over 360 images
+    assert released["verdict"] == "below" and float(released["ci_high"]) == pytest.approx(stats.wilson(11.25, 360)[1])
+    not_run = [r for r in comp.values() if r["primary_top1"] and r["status"] != "run"]
+    assert len(not_run) == 7 and {r["verdict"] for r in not_run} == {"not run"}  # L/16 ImageNet-1k, the Avg5s
+    summary = json.loads((root / "aggregate" / "summary.json").read_text())
+    assert summary["verdicts"] == {"published": 16, "consistent": 3, "below": 3, "above": 3, "not run": 7}
+    sentence = ("Of 16 published figures (each cell's primary reference), 3 were reproduced (consistent: inside this "
+                "run's 95% interval), 6 not (3 below, 3 above), and 7 were not run by this config.")
+    headline = html.unescape(page.split('id="verdict-summary"')[1].split("</p>")[0])
+    assert sentence in headline
+    assert sentence in (root / "aggregate" / "comparison.md").read_text()
+    assert tables.latex_escape(sentence) in (root / "aggregate" / "comparison.tex").read_text()
+    md = (root / "aggregate" / "comparison.md").read_text()
+    assert "96.82 ± 0.17 (n=2) (95% CI 95.25–98.38; resize_crop: " in md
+    assert "official_repo: 96.82; Δ +0.00; consistent)" in md
+
+
+def test_both_protocols_and_the_final_models_are_stated(study):
+    config, root, page = study
+    text = html.unescape(page)
+    assert "retrained at the selected learning rate on the full training split" in text
+    assert "shown beside it: resize_crop (resize=shorter_side crop_fraction=0.875), not verified as the paper's" in \
+        re.sub(r"<[^>]+>", "", text)
+    comp = {(r["model"], r["pretraining"], r["dataset"]): r
+            for r in csv.DictReader((root / "aggregate" / "comparison.csv").open())}
+    other = json.loads((root / "evaluate/mixer_b16_in21k/cifar10/resize_crop.json").read_text())
+    row = comp["Mixer-B/16", "ImageNet-21k", "CIFAR-10"]
+    interval = stats.top1_interval([r["top1"] for r in other["runs"]], other["num_images"])
+    assert (float(row["top1_resize_crop"]), float(row["ci_low_resize_crop"]), float(row["ci_high_resize_crop"])) == \
+        pytest.approx((interval.value, interval.low, interval.high))
+    # The verdict is against the headline protocol's figure only.
+    assert row["verdict"] == "consistent" and row["eval_protocol"] == "official"
+    baseline = page.split('id="baseline-table"')[1].split("</table>")[0]
+    assert baseline.count("not verified as the paper&#39;s") == 1  # the released B/16 at resize_crop
+
+
+def test_selection_bias_numbers_never_feed_the_headline(tmp_path):
+    """Every LR's test figure is in its own table; rewriting the selection-bias files changes that table and
+    nothing else: not the selection, not the headline, not comparison.csv or runs.csv."""
+    config = load_config("demo/config.yaml", tmp_path)
+    expected = make_results(config)
+    root = Path(config["output_root"])
+    summary = run_aggregate(config)
+    for entry in summary["selection_bias"]:
+        key = entry["checkpoint"], entry["dataset"]
+        assert {c["lr"]: c["top1_mean"] for c in entry["lrs"]} == pytest.approx(expected["selection_bias"][key])
+        best = max(expected["selection_bias"][key].items(), key=lambda item: (item[1], -item[0]))
+        assert (entry["best_lr"], entry["best_top1"]) == pytest.approx(best)
+        assert entry["inflation"] == pytest.approx(best[1] - expected["results"][key])
+        assert entry["headline"]["top1_mean"] == pytest.approx(expected["results"][key])
+    before = {name: (root / "aggregate" / name).read_bytes() for name in ("comparison.csv", "runs.csv")}
+    for ck, ds in matrix.selection_bias_pairs(config):  # every LR on test now scores 99.87
+        path = root / "selection_bias" / ck / f"{ds}.json"
+        record = json.loads(path.read_text())
+        for run in record["runs"]:
+            run["top1"] = 99.87
+        _json(path, record)
+    _, page = build_report(tmp_path, config)
+    after = json.loads((root / "aggregate" / "summary.json").read_text())
+    assert {name: (root / "aggregate" / name).read_bytes() for name in before} == before
+    for key in ("comparison", "pairs", "verdicts", "runs"):
+        assert after[key] == summary[key], key
+    assert all(c["top1_mean"] == pytest.approx(99.87) for e in after["selection_bias"] for c in e["lrs"])
+    sections = page.split('<section id="')
+    bias = next(s for s in sections if s.startswith("selection-bias"))
+    assert "99.87" in bias and "not the headline" in bias
+    assert "99.87" not in "".join(s for s in sections if not s.startswith("selection-bias"))
+    assert bias.count('<table id="selection-bias-') == len(matrix.selection_bias_pairs(config))
+
+
+def test_protocol_variants_against_the_paper_protocol(tmp_path):
+    config = load_config("demo/config.yaml", tmp_path)
+    expected = make_results(config)
+    _, page = build_report(tmp_path, config)
+    root = Path(config["output_root"])
+    summary = json.loads((root / "aggregate" / "summary.json").read_text())
+    [variant] = summary["variants"]
+    assert (variant["variant"], variant["checkpoint"], variant["dataset"]) == matrix.variant_pairs(config)[0]
+    ours = stats.top1_interval([expected["variants"]["batch32", "demo_mixer_p4", "digits_arrays"]], 360)
+    paper = stats.top1_interval([expected["results"]["demo_mixer_p4", "digits_arrays"]], 360)
+    difference = stats.difference_interval(ours, paper)
+    assert (variant["top1_mean"], variant["ci_low"], variant["ci_high"]) == pytest.approx((ours.value, ours.low,
+                                                                                         ours.high))
+    assert (variant["difference"], variant["difference_low"], variant["difference_high"]) == pytest.approx(
+        (difference.value, difference.low, difference.high))
+    assert variant["variant_label"] == config["variants"]["batch32"]["label"]
+    assert variant["differs"] == (not difference.low <= 0 <= difference.high)
+    table = page.split('id="variants-table"')[1].split("</table>")[0]
+    assert html.escape(config["variants"]["batch32"]["label"]) in table
+    assert f"{difference.value:+.2f} [{difference.low:+.2f}, {difference.high:+.2f}]" in table
+    assert "quadrature" in page.split('id="variants"')[1].split("</section>")[0]
+    md = (root / "aggregate" / "comparison.md").read_text()
+    assert "## Protocol variants" in md and config["variants"]["batch32"]["label"] in md
+
+
+def test_final_models_without_retraining(tmp_path):
+    """retrain_on_full_train off: the dev-split runs of the selected LR are the final models (runs.csv shows their
+    test figures); a result file from the other setting is refused, naming the config key."""
+    config = load_config("demo/config.yaml", tmp_path)
+    config["finetune"]["retrain_on_full_train"] = False
+    expected = make_results(config)
+    _, page = build_report(tmp_path, config)
+    root = Path(config["output_root"])
+    assert "The final models are the dev-split runs" in html.unescape(page)
+    runs = list(csv.DictReader((root / "aggregate" / "runs.csv").open()))
+    for r in runs:
+        assert (r["test_top1"] != "") == (r["selected"] == "True")
+    tested = {(r["checkpoint"], r["dataset"]): float(r["test_top1"]) for r in runs if r["test_top1"]}
+    assert tested == pytest.approx({pair: expected["results"][pair] for pair in matrix.pairs(config)})
+    config["finetune"]["retrain_on_full_train"] = True
+    with pytest.raises(PipelineError, match=r"evaluate/demo_mixer_p4/digits_jpeg/official\.json: its models were "
+                                            r"trained on train, but config key 'finetune\.retrain_on_full_train'"):
+        run_aggregate(config)
+
+
+def test_a_selection_bias_file_must_hold_the_whole_sweep(tmp_path):
+    config = load_config("demo/config.yaml", tmp_path)
+    make_results(config)
+    path = Path(config["output_root"]) / "selection_bias" / "demo_mixer_p4" / "digits.json"
+    record = json.loads(path.read_text())
+    record["runs"] = record["runs"][:-1]
+    _json(path, record)
+    with pytest.raises(PipelineError, match=re.escape(str(path)) + r": holds the runs \(lr, seed\) .* but the sweep"):
+        run_aggregate(config)
+    assert not (Path(config["output_root"]) / "aggregate").exists()

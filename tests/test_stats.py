@@ -62,3 +62,13 @@ def test_verdict_boundaries(published, expected):
 
 def test_verdict_of_a_figure_that_was_not_run():
     assert stats.verdict(76.44, None) == ("not run", None)
+
+
+def test_difference_interval_adds_half_widths_in_quadrature():
+    variant = stats.Interval(80.0, 78.0, 81.0, "")
+    paper_protocol = stats.Interval(82.0, 81.5, 84.0, "")
+    diff = stats.difference_interval(variant, paper_protocol)
+    assert diff.value == pytest.approx(-2.0)
+    assert diff.low == pytest.approx(-2.0 - math.hypot(2.0, 2.0))  # variant's lower, paper's upper half-width
+    assert diff.high == pytest.approx(-2.0 + math.hypot(1.0, 0.5))
+    assert "quadrature" in diff.method

@@ -2,8 +2,8 @@
 
   python -m workflow_scripts.aggregate --config-json '<config as JSON>' \\
       --summaries RUN/summary.json ... --metrics RUN/metrics.jsonl ... --finetune-benchmarks RUN.tsv ... \\
-      --selections ... --evaluations ... --baselines ... --parity ... --downloads ... --datasets ... \\
-      --reals R/real/CKPT/DATASET.json ... \\
+      --selections ... --evaluations ... --variant-evaluations ... --selection-bias ... --baselines ... \\
+      --parity ... --downloads ... --datasets ... --reals R/real/CKPT/DATASET.json ... \\
       --runs-csv runs.csv --comparison-csv comparison.csv --comparison-md comparison.md \\
       --comparison-tex comparison.tex --summary-json summary.json --config-json-out config.json
 
@@ -13,9 +13,13 @@ its workflow_scripts.matrix function and is paired here with that matrix: a list
 file that records another checkpoint/dataset/LR/seed than its place says, is refused. Reference figures
 come from the config's `references` (report/references.yaml), each with its source.
 
-Results (workflow_scripts.matrix.results): a fine-tuned pair's from its test evaluation, a released
-checkpoint's from its baseline at the dataset's own `eval_protocol`; a ReaL-style top-1 (real.py) is a
-result of its own ("<dataset label> ReaL"), and so is each named average of `averages` per checkpoint.
+Results (workflow_scripts.matrix.results): a fine-tuned pair's from its test evaluations (one per protocol
+of `evaluation.protocols`), a released checkpoint's from its baselines; the headline figure is the one at
+`evaluation.headline_protocol`, the others are shown beside it. A ReaL-style top-1 (real.py) is a result of
+its own ("<dataset label> ReaL"), and so is each named average of `averages` per checkpoint. Every figure
+carries a 95% interval (workflow_scripts.stats) and every published figure a verdict against it. Two tables
+explain a gap: the protocol variants (each against the paper-protocol result of its pair) and the selection
+bias (every LR of the sweep on test); their numbers feed nothing else.
 """
 from __future__ import annotations
 
@@ -37,20 +41,28 @@ from pathlib import Path
 from workflow_scripts.common import PipelineError, atomic_path, json_arg, read_json, run_cli, write_json
 from workflow_scripts.matrix import (
     baseline_runs,
+    evaluations,
     finetune_gpus,
     finetune_runs,
     lr_str,
+    pair_runs,
     pairs,
     real_results,
     results,
+    selection_bias_pairs,
     used_checkpoints,
     used_datasets,
+    variant_pairs,
 )
+from workflow_scripts.select_lr import choose_lr
+from workflow_scripts.stats import Interval, average_interval, difference_interval, top1_interval, verdict
 from workflow_scripts.tables import (
     NOT_RUN,
     PARTIAL,
     comparison_latex,
     comparison_markdown,
+    eval_protocol_records,
+    other_protocol_names,
     real_label,
     reference_sources,
     table3_columns,
@@ -77,6 +89,8 @@ class ResultFiles:
     metrics: Sequence[str | os.PathLike]
     selections: Sequence[str | os.PathLike]
     evaluations: Sequence[str | os.PathLike]
+    variant_evaluations: Sequence[str | os.PathLike]
+    selection_bias: Sequence[str | os.PathLike]
     baselines: Sequence[str | os.PathLike]
     parity: Sequence[str | os.PathLike]
     downloads: Sequence[str | os.PathLike]
@@ -102,7 +116,9 @@ INPUT_LISTS = {
     "metrics": (finetune_runs, "fine-tuning runs (metrics.jsonl)"),
     "finetune_benchmarks": (finetune_runs, "fine-tuning runs (Snakemake benchmark .tsv)"),
     "selections": (pairs, "checkpoint/dataset pairs (LR selection)"),
-    "evaluations": (pairs, "checkpoint/dataset pairs (test evaluation)"),
+    "evaluations": (evaluations, "test evaluations (checkpoint, dataset, protocol)"),
+    "variant_evaluations": (variant_pairs, "protocol variant evaluations (variant, checkpoint, dataset)"),
+    "selection_bias": (selection_bias_pairs, "selection-bias evaluations (checkpoint/dataset pairs)"),
     "baselines": (baseline_runs, "baseline evaluations (checkpoint, dataset, protocol)"),
     "parity": (used_checkpoints, "used checkpoints (parity record)"),
     "downloads": (used_checkpoints, "used checkpoints (download record)"),
@@ -110,8 +126,11 @@ INPUT_LISTS = {
     "reals": (real_results, "results with ReaL labels (ReaL top-1)"),
 }
 # The fields of a comparison row that come from this run (None where it did not run).
-THIS_RUN_FIELDS = ("checkpoint", "dataset_name", "result_from", "eval_protocol", "coverage", "subset",
-                   "top1_mean", "top1_std", "top5_mean", "top5_std", "num_seeds", "selected_lr")
+THIS_RUN_FIELDS = ("checkpoint", "dataset_name", "result_from", "trained_on", "eval_protocol", "coverage", "subset",
+                   "top1_mean", "ci_low", "ci_high", "ci_method", "top1_std", "top5_mean", "top5_std", "num_seeds",
+                   "selected_lr")
+# What the final models of the pairs were trained on (config finetune.retrain_on_full_train; runs[].trained_on).
+TRAINED_ON = {True: "full", False: "train"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,28 +219,56 @@ def read_datasets(config: dict, paired: dict) -> dict:
                         "subset_note": spec.get("subset_note"), "splits": spec.get("splits"),
                         "num_classes": spec.get("num_classes"), "layout": spec.get("layout"),
                         "minival": spec.get("minival"), "test_split": spec.get("test_split"),
-                        "eval_protocol": config["datasets"][ds]["eval_protocol"],
                         "steps": config["datasets"][ds]["steps"]}
     return datasets
 
 
-def read_pair_results(paired: dict) -> dict[str, dict]:
-    """{"selections": {(ckpt, dataset): record}, "evaluations": {...}, "evaluation_files": {...: path}}."""
+def read_evaluation(path: Path, flag: str, checkpoint: str, dataset: str, protocol: str) -> dict:
+    """An evaluation file (evaluate.seed_summary) that records the checkpoint, dataset and protocol of its place."""
+    record = read_json(path)
+    check_matches(path, flag, {"checkpoint": record.get("checkpoint"), "dataset": record.get("dataset"),
+                               "protocol": (record.get("protocol") or {}).get("name")},
+                  {"checkpoint": checkpoint, "dataset": dataset, "protocol": protocol})
+    return record
+
+
+def check_final_models(config: dict, path: Path, record: dict, selection: dict) -> None:
+    """The evaluated models are the pair's final models: trained at the selected LR, on what
+    finetune.retrain_on_full_train says (a file left from a run with the other setting is refused)."""
+    expected = TRAINED_ON[bool(config["finetune"]["retrain_on_full_train"])]
+    trained_on = sorted({run.get("trained_on", "train") for run in record["runs"]})
+    if trained_on != [expected]:
+        raise PipelineError(
+            f"{path}: its models were trained on {' and '.join(trained_on)}, but config key "
+            f"'finetune.retrain_on_full_train' is {config['finetune']['retrain_on_full_train']} (final models trained "
+            f"on {expected}); rerun the evaluations with the config as it is (snakemake --forceall aggregate)")
+    lrs = sorted({float(run["lr"]) for run in record["runs"]})
+    if lrs != [float(selection["selected_lr"])]:
+        raise PipelineError(f"{path}: its models were trained at LR {lrs}, but the LR selection chose "
+                            f"{selection['selected_lr']}; rerun the evaluations (snakemake --forceall aggregate)")
+
+
+def read_pair_results(config: dict, paired: dict) -> dict[str, dict]:
+    """{"selections": {(ckpt, dataset): record}, "evaluations": {(ckpt, dataset): {protocol: record}},
+    "evaluation_files": {(ckpt, dataset, protocol): path}}."""
     results = {"selections": {}, "evaluations": {}, "evaluation_files": {}}
-    for name in ("selections", "evaluations"):
-        for (ck, ds), path in paired[name]:
-            record = read_json(path)
-            check_matches(path, f"--{name}", {"checkpoint": record.get("checkpoint"), "dataset": record.get("dataset")},
-                          {"checkpoint": ck, "dataset": ds})
-            results[name][ck, ds] = record
-            if name == "evaluations":
-                results["evaluation_files"][ck, ds] = path
+    for (ck, ds), path in paired["selections"]:
+        record = read_json(path)
+        check_matches(path, "--selections", {"checkpoint": record.get("checkpoint"), "dataset": record.get("dataset")},
+                      {"checkpoint": ck, "dataset": ds})
+        results["selections"][ck, ds] = record
+    for (ck, ds, protocol), path in paired["evaluations"]:
+        record = read_evaluation(path, "--evaluations", ck, ds, protocol)
+        check_final_models(config, path, record, results["selections"][ck, ds])
+        results["evaluations"].setdefault((ck, ds), {})[protocol] = record
+        results["evaluation_files"][ck, ds, protocol] = path
     return results
 
 
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning runs
-def run_row(config: dict, run: tuple, summary: dict, test: dict | None, bench: dict | None, run_dir: str) -> dict:
+def run_row(config: dict, run: tuple, summary: dict, test: dict | None, selected: bool, bench: dict | None,
+            run_dir: str) -> dict:
     """One row of runs.csv (RUN_COLUMNS)."""
     ck, ds, lr, seed = run
     wall = _float_or_none(bench["s"]) if bench else None
@@ -233,7 +280,7 @@ def run_row(config: dict, run: tuple, summary: dict, test: dict | None, bench: d
         "steps": summary["steps"],
         "minival_top1": summary["minival_top1"], "minival_top5": summary["minival_top5"],
         "test_top1": test["top1"] if test else None, "test_top5": test["top5"] if test else None,
-        "selected": test is not None, "train_seconds": summary["train_seconds"],
+        "selected": selected, "train_seconds": summary["train_seconds"],
         "wall_seconds": wall, "gpus": gpus,
         "gpu_hours": wall * gpus / 3600 if wall is not None else None,
         "max_rss_mib": _float_or_none(bench.get("max_rss")) if bench else None,
@@ -244,16 +291,23 @@ def run_row(config: dict, run: tuple, summary: dict, test: dict | None, bench: d
     }
 
 
-def selected_test_result(run: tuple, pair_results: dict) -> dict | None:
-    """The test evaluation of a run of the selected LR (None for the other LRs: test is evaluated once)."""
+def selected_test_result(config: dict, run: tuple, pair_results: dict) -> dict | None:
+    """The headline test evaluation of a sweep run: only a run of the selected LR when the final models are
+    the sweep's runs (no retrain); None otherwise (the test split is evaluated once, on the final models)."""
     ck, ds, lr, seed = run
-    if lr_str(float(pair_results["selections"][ck, ds]["selected_lr"])) != lr:
+    if config["finetune"]["retrain_on_full_train"] or not is_selected(run, pair_results):
         return None
-    test = next((r for r in pair_results["evaluations"][ck, ds]["runs"] if int(r["seed"]) == seed), None)
+    protocol = config["evaluation"]["headline_protocol"]
+    test = next((r for r in pair_results["evaluations"][ck, ds][protocol]["runs"] if int(r["seed"]) == seed), None)
     if test is None:
-        raise PipelineError(f"{pair_results['evaluation_files'][ck, ds]} has no result for seed {seed} of the "
-                            f"selected LR {lr}; rerun: snakemake -R evaluate")
+        raise PipelineError(f"{pair_results['evaluation_files'][ck, ds, protocol]} has no result for seed {seed} of "
+                            f"the selected LR {lr}; rerun: snakemake -R evaluate")
     return test
+
+
+def is_selected(run: tuple, pair_results: dict) -> bool:
+    ck, ds, lr, _ = run
+    return lr_str(float(pair_results["selections"][ck, ds]["selected_lr"])) == lr
 
 
 def collect_runs(config: dict, paired: dict, pair_results: dict) -> tuple[list[dict], dict]:
@@ -269,21 +323,25 @@ def collect_runs(config: dict, paired: dict, pair_results: dict) -> tuple[list[d
         run_dir = os.path.relpath(os.path.abspath(summary_path.parent), os.path.abspath(config["output_root"]))
         curves[run_dir] = split_curves(read_jsonl(metrics_path))
         bench = read_benchmark(bench_path) if bench_path else None
-        rows.append(run_row(config, run, summary, selected_test_result(run, pair_results), bench, run_dir))
+        rows.append(run_row(config, run, summary, selected_test_result(config, run, pair_results),
+                            is_selected(run, pair_results), bench, run_dir))
     return rows, curves
 
 
 def pair_records(config: dict, pair_results: dict) -> list[dict]:
-    """Per (checkpoint, dataset): the LR selection and the test result."""
-    records = []
+    """Per (checkpoint, dataset): the LR selection and the test result at the headline protocol, with its
+    interval, and every protocol's figure (`protocols`)."""
+    records, headline = [], config["evaluation"]["headline_protocol"]
     for ck, ds in pairs(config):
-        sel, ev = pair_results["selections"][ck, ds], pair_results["evaluations"][ck, ds]
+        sel, evs = pair_results["selections"][ck, ds], pair_results["evaluations"][ck, ds]
+        ev, protocols = evs[headline], {p: figure(evaluation_interval(evs[p])) for p in evs}
         records.append({"checkpoint": ck, "dataset": ds, "label": config["checkpoints"][ck]["label"],
                         "dataset_label": config["datasets"][ds]["label"],
                         "selected_lr": sel["selected_lr"], "criterion": sel["criterion"],
-                        "candidates": sel["candidates"], "top1_mean": ev["top1_mean"],
+                        "candidates": sel["candidates"], **protocols[headline],
                         "top1_std": ev["top1_std"], "top5_mean": ev["top5_mean"], "top5_std": ev["top5_std"],
-                        "num_seeds": ev["num_seeds"], "protocol": ev["protocol"]})
+                        "num_seeds": ev["num_seeds"], "num_images": ev["num_images"], "protocol": ev["protocol"],
+                        "trained_on": ev["runs"][0].get("trained_on", "train"), "protocols": protocols})
     return records
 
 
@@ -292,6 +350,31 @@ def cost_of(runs: list[dict]) -> dict:
     gpu_hours = [r["gpu_hours"] for r in runs if r["gpu_hours"] is not None]
     return {"wall_seconds": sum(wall) if wall else None, "gpu_hours": sum(gpu_hours) if gpu_hours else None,
             "runs_with_benchmark": len(wall), "runs": len(runs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures with their 95% intervals (workflow_scripts.stats), as summary.json stores them
+def figure(interval: Interval | None) -> dict:
+    """{"top1_mean", "ci_low", "ci_high", "ci_method"} of an interval (all None without one)."""
+    if interval is None:
+        return {"top1_mean": None, "ci_low": None, "ci_high": None, "ci_method": None}
+    return {"top1_mean": interval.value, "ci_low": interval.low, "ci_high": interval.high, "ci_method": interval.method}
+
+
+def interval_of(record: dict) -> Interval | None:
+    """The interval of a record holding figure()'s fields (None when it has no number)."""
+    if record["top1_mean"] is None:
+        return None
+    return Interval(record["top1_mean"], record["ci_low"], record["ci_high"], record["ci_method"])
+
+
+def interval_bounds(interval: Interval) -> dict:
+    return {"ci_low": interval.low, "ci_high": interval.high}
+
+
+def evaluation_interval(record: dict) -> Interval:
+    """The test top-1 of an evaluation file over its seeds: Wilson over its test images, t over the seeds."""
+    return top1_interval([run["top1"] for run in record["runs"]], record["num_images"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,24 +394,28 @@ def row_keys(config: dict) -> dict[str, tuple[str, str]]:
 
 
 def dataset_results(config: dict, pair_results: dict, baselines: list[dict], datasets: dict) -> dict[tuple, dict]:
-    """Per (checkpoint, dataset) of matrix.results: its test result, from the evaluation of a fine-tuned
-    pair or from the baseline of a released checkpoint at the dataset's own eval_protocol."""
+    """Per (checkpoint, dataset) of matrix.results: its test result at the headline protocol, from the
+    evaluations of a fine-tuned pair or the baselines of a released checkpoint, with every protocol's
+    figure in `protocols` ({protocol: figure()})."""
+    headline = config["evaluation"]["headline_protocol"]
     at_protocol = {(b["checkpoint"], b["dataset"], b["protocol"]): b for b in baselines}
     found = {}
     for ck, ds, source in results(config):
-        protocol = config["datasets"][ds]["eval_protocol"]
         record = {"checkpoint": ck, "dataset_name": ds, "kind": "dataset", "status": "run", "result_from": source,
-                  "eval_protocol": protocol, "coverage": None, "subset": datasets[ds]["subset"]}
+                  "eval_protocol": headline, "coverage": None, "subset": datasets[ds]["subset"]}
         if source == "finetune":
-            ev = pair_results["evaluations"][ck, ds]
-            record.update(top1_mean=ev["top1_mean"], top1_std=ev["top1_std"], top5_mean=ev["top5_mean"],
-                          top5_std=ev["top5_std"], num_seeds=ev["num_seeds"], selected_lr=ev["selected_lr"],
+            evs = pair_results["evaluations"][ck, ds]
+            ev, protocols = evs[headline], {p: figure(evaluation_interval(evs[p])) for p in evs}
+            record.update(top1_std=ev["top1_std"], top5_mean=ev["top5_mean"], top5_std=ev["top5_std"],
+                          num_seeds=ev["num_seeds"], selected_lr=ev["selected_lr"],
+                          trained_on=ev["runs"][0].get("trained_on", "train"),
                           models=[run.get("model") for run in ev["runs"]])
         else:
-            baseline = at_protocol[ck, ds, protocol]
-            record.update(top1_mean=baseline["top1"], top1_std=None, top5_mean=baseline["top5"], top5_std=None,
-                          num_seeds=None, selected_lr=None, models=[baseline["model"]])
-        found[ck, ds] = record
+            released = {p: at_protocol[ck, ds, p] for p in config["evaluation"]["protocols"]}
+            protocols = {p: figure(top1_interval([b["top1"]], b["num_images"])) for p, b in released.items()}
+            record.update(top1_std=None, top5_mean=released[headline]["top5"], top5_std=None, num_seeds=None,
+                          selected_lr=None, trained_on=None, models=[released[headline]["model"]])
+        found[ck, ds] = {**record, **protocols[headline], "protocols": protocols}
     return found
 
 
@@ -344,7 +431,10 @@ def read_reals(paired: dict, found: dict[tuple, dict]) -> dict[tuple, dict]:
         check_matches(path, "--reals", {"dataset": real.get("dataset"),
                                         "models": sorted(str(run.get("model")) for run in real.get("runs") or [])},
                       {"dataset": ds, "models": sorted(map(str, result["models"]))})
-        reals[ck, ds] = {**result, "kind": "real", "top1_mean": real["real_top1"], "top1_std": real["real_top1_std"],
+        # Wilson over the images scored with ReaL labels (those with an empty list are left out).
+        real_figure = figure(top1_interval([run["real_top1"] for run in real["runs"]], real["num_images"]))
+        reals[ck, ds] = {**result, "kind": "real", **real_figure, "top1_std": real["real_top1_std"],
+                         "protocols": {result["eval_protocol"]: real_figure},
                          "top5_mean": None, "top5_std": None, "original_top1": statistics.fmean(
                              run["top1"] for run in real["runs"]),
                          "num_images": real["num_images"], "num_excluded_empty": real["num_excluded_empty"],
@@ -354,19 +444,23 @@ def read_reals(paired: dict, found: dict[tuple, dict]) -> dict[tuple, dict]:
 
 
 def average_results(config: dict, found: dict[tuple, dict]) -> dict[tuple, dict]:
-    """Per used checkpoint and named average (config `averages`): the mean test top-1 of its members, only
-    when every member has a result; otherwise no number, status PARTIAL and the coverage "k of N"."""
-    averages = {}
+    """Per used checkpoint and named average (config `averages`): the mean test top-1 of its members with
+    stats.average_interval of theirs, per protocol, only when every member has a result; otherwise no
+    number, status PARTIAL and the coverage "k of N"."""
+    averages, headline = {}, config["evaluation"]["headline_protocol"]
     for ck in used_checkpoints(config):
         for name, members in config["averages"].items():
             have = [found[ck, ds] for ds in members if (ck, ds) in found]
             complete = len(have) == len(members)
+            protocols = {p: figure(average_interval([interval_of(r["protocols"][p]) for r in have]))
+                         for p in config["evaluation"]["protocols"] if complete}
             averages[ck, name] = {
                 "checkpoint": ck, "dataset_name": name, "kind": "average", "status": "run" if complete else PARTIAL,
-                "result_from": None, "eval_protocol": None, "coverage": f"{len(have)} of {len(members)}",
-                "members": list(members), "subset": any(r["subset"] for r in have),
-                "top1_mean": statistics.fmean(r["top1_mean"] for r in have) if complete else None,
-                "top1_std": None, "top5_mean": None, "top5_std": None, "num_seeds": None, "selected_lr": None}
+                "result_from": None, "trained_on": None, "eval_protocol": headline if complete else None,
+                "coverage": f"{len(have)} of {len(members)}", "members": list(members),
+                "subset": any(r["subset"] for r in have), **protocols.get(headline, figure(None)),
+                "protocols": protocols, "top1_std": None, "top5_mean": None, "top5_std": None, "num_seeds": None,
+                "selected_lr": None}
     return averages
 
 
@@ -399,7 +493,8 @@ def config_columns(config: dict) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # This run beside the published figures
 def build_comparison(config: dict, ours: dict, columns: list[dict]) -> list[dict]:
-    """One row per (model, pre-training, dataset): this run's result, every published figure and the difference.
+    """One row per (model, pre-training, dataset): this run's result with its interval and the other
+    protocols' figures, every published figure, the difference and the verdict against the primary one.
 
     `ours`: this_run's records. Rows: this run's results (datasets, ReaL, averages; in config order), then
     the published figures' (model, pre-training, dataset) this config did not run ("not run").
@@ -423,13 +518,39 @@ def build_comparison(config: dict, ours: dict, columns: list[dict]) -> list[dict
                 row[f"{src}_{metric}"] = values.get(key, {}).get(f"{src}_{metric}")
         row.update({field: record[field] if record else None for field in THIS_RUN_FIELDS})
         row["subset"] = bool(row["subset"])
+        row.update(other_protocol_fields(config, record))
         primary = refs["primary"].get(key[2])
         row["primary_top1"] = row.get(f"{primary}_top1") if primary else None
         row["primary_source"] = primary if row["primary_top1"] is not None else None
-        row["diff_to_primary"] = (row["top1_mean"] - row["primary_top1"]
-                                  if row["top1_mean"] is not None and row["primary_top1"] is not None else None)
+        row["verdict"], row["diff_to_primary"] = verdict(row["primary_top1"], interval_of(row))
         rows.append(row)
     return rows
+
+
+def protocol_records(config: dict) -> list[dict]:
+    """summary.json's `eval_protocols`: every protocol, the headline one marked, the others labelled."""
+    return eval_protocol_records(config["evaluation"]["protocols"], config["evaluation"]["headline_protocol"])
+
+
+def other_protocols(config: dict) -> list[str]:
+    """The evaluation protocols shown beside the headline one."""
+    return other_protocol_names(protocol_records(config))
+
+
+def other_protocol_fields(config: dict, record: dict | None) -> dict:
+    """comparison.csv's `top1_<protocol>`, `ci_low_<protocol>`, `ci_high_<protocol>` per other protocol
+    (empty where the result has none: ReaL is scored at the headline protocol only)."""
+    fields = {}
+    for p in other_protocols(config):
+        fig = (record or {}).get("protocols", {}).get(p) or figure(None)
+        fields.update({f"top1_{p}": fig["top1_mean"], f"ci_low_{p}": fig["ci_low"], f"ci_high_{p}": fig["ci_high"]})
+    return fields
+
+
+def verdict_counts(comparison: list[dict]) -> dict:
+    """How many published figures (each row's primary one) were reproduced, not reproduced, not run."""
+    verdicts = [r["verdict"] for r in comparison if r["primary_top1"] is not None]
+    return {"published": len(verdicts), **{v: verdicts.count(v) for v in ("consistent", "below", "above", NOT_RUN)}}
 
 
 def published_summary(config: dict, ours: dict) -> dict:
@@ -442,6 +563,71 @@ def published_summary(config: dict, ours: dict) -> dict:
                 for r in ours["averages"].values()]
     members = {name: [labels[ds] for ds in ds_list] for name, ds_list in config["averages"].items()}
     return {"reals": reals, "averages": averages, "average_members": members}
+
+
+# ---------------------------------------------------------------------------------------------
+# Explaining a gap: protocol variants and selection bias (their numbers feed nothing above)
+def pair_labels(config: dict, ck: str, ds: str) -> dict:
+    return {"checkpoint": ck, "dataset": ds, "label": config["checkpoints"][ck]["label"],
+            "pretraining": config["checkpoints"][ck]["pretraining"], "dataset_label": config["datasets"][ds]["label"]}
+
+
+def read_variants(config: dict, paired: dict, pair_results: dict, found: dict) -> list[dict]:
+    """Per (variant, checkpoint, dataset): its test top-1 at the headline protocol with its interval, and the
+    difference to the paper-protocol final result of the pair (stats.difference_interval)."""
+    headline, rows = config["evaluation"]["headline_protocol"], []
+    for (name, ck, ds), path in paired["variant_evaluations"]:
+        record = read_evaluation(path, "--variant-evaluations", ck, ds, headline)
+        check_final_models(config, path, record, pair_results["selections"][ck, ds])
+        ours, paper = evaluation_interval(record), interval_of(found[ck, ds])
+        difference = difference_interval(ours, paper)
+        rows.append({"variant": name, "variant_label": config["variants"][name]["label"],
+                     "overrides": config["variants"][name]["protocol"], **pair_labels(config, ck, ds),
+                     **figure(ours), "num_seeds": record["num_seeds"], "selected_lr": record["selected_lr"],
+                     "paper_protocol": figure(paper), "difference": difference.value,
+                     "difference_low": difference.low, "difference_high": difference.high,
+                     "difference_method": difference.method,
+                     "differs": not difference.low <= 0.0 <= difference.high, "path": str(path)})
+    return rows
+
+
+def sweep_on_test(config: dict, path: Path, record: dict, ck: str, ds: str) -> dict[float, dict[int, float]]:
+    """{lr: {seed: test top-1}} of a selection-bias file, which must hold exactly the pair's sweep runs."""
+    table: dict[float, dict[int, float]] = {}
+    for run in record["runs"]:
+        if run.get("trained_on", "train") != "train":
+            raise PipelineError(f"{path}: holds a model trained on {run['trained_on']}, not a run of the LR sweep; "
+                                "rerun: snakemake -R evaluate_selection_bias")
+        table.setdefault(float(run["lr"]), {})[int(run["seed"])] = run["top1"]
+    found = sorted((lr_str(lr), seed) for lr, per_seed in table.items() for seed in per_seed)
+    expected = sorted((lr, seed) for _, _, lr, seed in pair_runs(config, ck, ds))
+    if found != expected:
+        raise PipelineError(f"{path}: holds the runs (lr, seed) {found}, but the sweep of {ck} x {ds} is {expected}; "
+                            "rerun: snakemake -R evaluate_selection_bias")
+    return table
+
+
+def read_selection_bias(config: dict, paired: dict, pair_results: dict, found: dict) -> list[dict]:
+    """Per pair of matrix.selection_bias_pairs: every LR's test top-1 (with its interval), the LR picking on test
+    would choose (select_lr.choose_lr fed test figures), the honest headline and how much the former inflates it."""
+    headline, rows = config["evaluation"]["headline_protocol"], []
+    for (ck, ds), path in paired["selection_bias"]:
+        record = read_evaluation(path, "--selection-bias", ck, ds, headline)
+        table = sweep_on_test(config, path, record, ck, ds)
+        best_lr, _ = choose_lr(table)
+        selected_lr = float(pair_results["selections"][ck, ds]["selected_lr"])
+        lrs = [{"lr": lr, **figure(top1_interval([table[lr][s] for s in sorted(table[lr])], record["num_images"])),
+                "per_seed": [table[lr][s] for s in sorted(table[lr])], "selected": lr == selected_lr,
+                "best_on_test": lr == best_lr} for lr in sorted(table)]
+        best = next(c for c in lrs if c["best_on_test"])
+        at_selected = next(c for c in lrs if c["selected"])
+        honest = found[ck, ds]
+        rows.append({**pair_labels(config, ck, ds), "lrs": lrs, "best_lr": best_lr, "best_top1": best["top1_mean"],
+                     "selected_lr": selected_lr, "sweep_top1_at_selected_lr": at_selected["top1_mean"],
+                     "headline": {k: honest[k] for k in figure(None)}, "trained_on": honest["trained_on"],
+                     "inflation": best["top1_mean"] - honest["top1_mean"],
+                     "inflation_by_selection": best["top1_mean"] - at_selected["top1_mean"], "path": str(path)})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,6 +660,7 @@ def read_baselines(config: dict, paired: dict) -> list[dict]:
                           "dataset": ds, "dataset_label": ds_label, "protocol": protocol,
                           "protocol_settings": config["evaluation"]["protocols"][protocol],
                           "top1": result["top1"], "top5": result["top5"], "top5_note": result.get("top5_note"),
+                          **interval_bounds(top1_interval([result["top1"]], result["num_images"])),
                           "model": result.get("model"),
                           "num_images": result["num_images"], "images_per_s": result.get("images_per_s"),
                           "published": published, "path": str(path)})
@@ -537,11 +724,12 @@ def aggregate(config: dict, files: ResultFiles, outputs: AggregateOutputs) -> di
                             "workflow passes it; got a path: run through snakemake")
     paired = pair_with_matrix(config, files)
     datasets = read_datasets(config, paired)
-    pair_results = read_pair_results(paired)
+    pair_results = read_pair_results(config, paired)
     runs, curves = collect_runs(config, paired, pair_results)
     baselines = read_baselines(config, paired)
     ours = this_run(config, paired, pair_results, baselines, datasets)
     columns = table3_columns(config_columns(config), [f["dataset"] for f in refs["figures"]])
+    comparison = build_comparison(config, ours, columns)
     summary = {
         "title": config["report"]["title"],
         "aggregated_utc": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -549,7 +737,8 @@ def aggregate(config: dict, files: ResultFiles, outputs: AggregateOutputs) -> di
         "runs": runs,
         "curves": curves,
         "pairs": pair_records(config, pair_results),
-        "comparison": build_comparison(config, ours, columns),
+        "comparison": comparison,
+        "verdicts": verdict_counts(comparison),
         "table3_columns": columns,
         **published_summary(config, ours),
         "references": refs,
@@ -558,7 +747,11 @@ def aggregate(config: dict, files: ResultFiles, outputs: AggregateOutputs) -> di
         "checkpoints": read_checkpoints(config, paired),
         "baselines": baselines,
         "protocol": config["protocol"],
-        "eval_protocols": config["evaluation"]["protocols"],
+        "eval_protocols": protocol_records(config),
+        "headline_protocol": config["evaluation"]["headline_protocol"],
+        "final_models_trained_on": TRAINED_ON[bool(config["finetune"]["retrain_on_full_train"])],
+        "variants": read_variants(config, paired, pair_results, ours["results"]),
+        "selection_bias": read_selection_bias(config, paired, pair_results, ours["results"]),
         "cost": cost_of(runs),
         "provenance": provenance(runs),
         "inputs": [str(path) for entries in paired.values() for _, path in entries if path is not None],
@@ -573,10 +766,9 @@ def write_outputs(config: dict, summary: dict, outputs: AggregateOutputs) -> Non
     comparison_columns = list(comparison[0]) if comparison else ["model", "pretraining", "dataset"]
     write_csv(outputs.comparison_csv, comparison, comparison_columns)
     with atomic_path(outputs.comparison_md) as tmp:
-        tmp.write_text(comparison_markdown(comparison, summary["table3_columns"], summary["references"],
-                                           summary["title"], summary["subset_datasets"]))
+        tmp.write_text(comparison_markdown(summary))
     with atomic_path(outputs.comparison_tex) as tmp:
-        tmp.write_text(comparison_latex(comparison, summary["table3_columns"], summary["references"]))
+        tmp.write_text(comparison_latex(summary))
     write_json(outputs.config_json_out, config)
     write_json(outputs.summary_json, summary)  # last: the report rule's input
 

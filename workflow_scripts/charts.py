@@ -36,7 +36,7 @@ SOURCE_MARKERS = ("D", "s", "^", "v", "P", "X", "o")
 
 
 def accuracy_chart(comparison: list[dict], refs: dict) -> Figure | None:
-    """One horizontal bar per result of this run (test top-1, error bar: std over seeds; ReaL and averages
+    """One horizontal bar per result of this run (test top-1, error bar: its 95% interval; ReaL and averages
     included), every published top-1 of the same row as a marker per source; None if nothing has a number."""
     rows = [r for r in comparison if r["top1_mean"] is not None]
     if not rows:
@@ -45,9 +45,9 @@ def accuracy_chart(comparison: list[dict], refs: dict) -> Figure | None:
     fig = Figure(figsize=(9, 1.4 + 0.32 * len(rows)), layout="constrained")
     ax = fig.subplots()
     ys = range(len(rows))
-    spread = [r["top1_std"] or 0 for r in rows]
-    bars = ax.barh(ys, [r["top1_mean"] for r in rows], 0.6, xerr=spread if any(spread) else None, capsize=3,
-                   color="#9db7dd", label="this run")
+    interval = [[r["top1_mean"] - r["ci_low"] for r in rows], [r["ci_high"] - r["top1_mean"] for r in rows]]
+    bars = ax.barh(ys, [r["top1_mean"] for r in rows], 0.6, xerr=interval, capsize=3, color="#9db7dd",
+                   label="this run (95% interval)")
     ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=3)
     for source, marker in zip(sources, SOURCE_MARKERS * len(sources)):
         points = [(r[f"{source}_top1"], y) for y, r in zip(ys, rows) if r[f"{source}_top1"] is not None]

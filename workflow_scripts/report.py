@@ -27,12 +27,22 @@ from pathlib import Path
 from workflow_scripts import charts
 from workflow_scripts.common import PipelineError, atomic_path, read_json, run_cli
 from workflow_scripts.tables import (
+    INTERVAL_LEGEND,
     NOT_RUN,
     TABLE3_LEGEND,
+    UNVERIFIED_PROTOCOL,
     comparison_cells,
     format_cell,
+    format_figure,
+    format_interval,
     format_reference,
+    other_protocol_names,
+    selection_bias_cells,
+    selection_bias_sentence,
     table3_tables,
+    training_sentence,
+    variant_cells,
+    verdict_sentence,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,14 +66,22 @@ def log_links(logs_dir: Path, out: Path) -> list[dict]:
 def report_context(summary: dict, config: dict, logs_dir: Path, notebook_html: Path, out: Path, command: str) -> dict:
     refs = summary["references"]
     comparison = summary["comparison"]
-    published, unpublished = table3_tables(comparison, summary["table3_columns"], refs)
+    others = other_protocol_names(summary["eval_protocols"])
+    published, unpublished = table3_tables(comparison, summary["table3_columns"], refs, others)
     return {
         "summary": summary,
         "refs": refs,
         "headline": published,  # the Table 3 grid of the published configurations
         "unreferenced": unpublished,  # this config's rows without a published figure (None: none)
         "legend": TABLE3_LEGEND,
-        "long_form": comparison_cells(comparison, refs),
+        "interval_legend": INTERVAL_LEGEND,
+        "verdict_sentence": verdict_sentence(summary["verdicts"]),
+        "training_sentence": training_sentence(summary["final_models_trained_on"]),
+        "unverified": UNVERIFIED_PROTOCOL,
+        "long_form": comparison_cells(comparison, refs, others),
+        "variants": variant_cells(summary["variants"]),
+        "selection_bias": [{"entry": e, "table": selection_bias_cells(e), "sentence": selection_bias_sentence(e)}
+                           for e in summary["selection_bias"]],
         "not_run": NOT_RUN,
         "n_run_with_reference": sum(r["status"] != NOT_RUN for r in comparison if r["has_reference"]),
         "accuracy_png": chart_png(charts.accuracy_chart(comparison, refs)),
@@ -91,6 +109,8 @@ def render_report(summary_json, config_json, notebook_html, logs_dir, out, comma
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = format_cell
     env.filters["ref"] = format_reference
+    env.filters["interval"] = lambda record: format_interval(record["ci_low"], record["ci_high"])
+    env.filters["figure"] = lambda record: format_figure(record["top1_mean"], record["ci_low"], record["ci_high"])
     context = report_context(summary, config, Path(logs_dir), Path(notebook_html), out, command)
     context["css"] = Markup(CSS.read_text())  # our own stylesheet, inlined verbatim
     html = env.get_template("report.html.j2").render(**context)

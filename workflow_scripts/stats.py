@@ -80,3 +80,13 @@ def verdict(published: float | None, interval: Interval | None) -> tuple[str, fl
     if interval.low <= published <= interval.high:
         return "consistent", difference
     return ("below" if interval.high < published else "above"), difference
+
+
+def difference_interval(a: Interval, b: Interval) -> Interval:
+    """a - b with a 95% interval: each side's half-width is the two figures' half-widths in quadrature
+    (a's lower with b's upper for the lower side), as for independent errors. Two results on the same test
+    images tend to err together, so for them this interval is wider than needed (conservative)."""
+    difference = a.value - b.value
+    return Interval(difference, difference - math.hypot(a.value - a.low, b.high - b.value),
+                    difference + math.hypot(a.high - a.value, b.value - b.low),
+                    "difference; half-widths of the two intervals combined in quadrature")
