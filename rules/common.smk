@@ -363,6 +363,12 @@ def pair_runs(wildcards, name):
     return [run_file(*run, name) for run in runs]
 
 
+def minival_protocol():
+    """The dev-split selection's evaluation protocol: the headline one, with its name (JSON)."""
+    name = config["evaluation"]["headline_protocol"]
+    return as_json({"name": name, **config["evaluation"]["protocols"][name]})
+
+
 def eval_protocol(name=None):
     """An evaluation protocol's config entry as JSON (default: the headline protocol)."""
     return as_json(config["evaluation"]["protocols"][name or config["evaluation"]["headline_protocol"]])

@@ -33,12 +33,14 @@ rule finetune:
         resume_dir=lambda wc, output: resume_dir(output.model),
         steps=lambda wc: config["datasets"][wc.dataset]["steps"],
         protocol=as_json(config["protocol"]),
+        minival_protocol=minival_protocol(),
     shell:
         gpu_job(
             "python -m workflow_scripts.finetune --checkpoint {input.checkpoint} --data {input.data}"
             " --model-out {output.model} --metrics-out {output.metrics} --summary-out {output.summary}"
             " --resume-dir {params.resume_dir} {params.lr}"
             " --seed {wildcards.seed} --steps {params.steps} --protocol {params.protocol:q}"
+            " --minival-protocol {params.minival_protocol:q}"
             " --threads {threads} --attempt {resources.attempt} > {log} 2>&1"
         )
 

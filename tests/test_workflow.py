@@ -53,7 +53,15 @@ def test_study_dry_run_lists_the_whole_of_table3(tmp_path):
                 for lr in cfg["datasets"][d]["base_lrs"] for s in cfg["finetune"]["seeds"]}
     assert jobs == expected and counts["finetune"] == len(expected) == 2 * 20 + 2 * 16
     assert grids["imagenet"] == 4 and cfg["datasets"]["cifar10"]["base_lrs"] == [0.001, 0.003, 0.01, 0.03]
-    assert counts["select_lr"] == counts["evaluate"] == 2 * 5 + 2 * 4
+    n_pairs = 2 * 5 + 2 * 4
+    protocols = cfg["evaluation"]["protocols"]
+    assert counts["select_lr"] == n_pairs and counts["evaluate"] == n_pairs * len(protocols)
+    # The paper's selection protocol: the selected LR run again on train + dev split (one job per pair and
+    # seed), the variants the config asks for, and every sweep run also tested for the selection-bias table.
+    assert counts["final_finetune"] == n_pairs * len(cfg["finetune"]["seeds"])
+    assert counts["variant_finetune"] == sum(len(v["pairs"]) for v in cfg["variants"].values())
+    assert counts["evaluate_variant"] == counts["variant_finetune"]
+    assert counts["evaluate_selection_bias"] == n_pairs
     # The released ImageNet-1k models are evaluated as they are, with every protocol; one ReaL job per
     # ImageNet result (2 fine-tuned + 2 released), from a real.json fetched once.
     assert counts["baseline"] == len(released) * len(cfg["evaluation"]["protocols"])

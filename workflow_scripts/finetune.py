@@ -54,7 +54,7 @@ from workflow_scripts.devices import autocast_context, is_out_of_memory, precisi
 from workflow_scripts.protocol import Protocol
 
 # Minival during fine-tuning uses the official code's evaluation preprocessing (plain resize).
-MINIVAL_PROTOCOL = {"name": "official", "resize": "direct"}
+MINIVAL_PROTOCOL = {"name": "official", "resize": "direct"}  # by-hand default; the workflow passes its headline
 MINIVAL_KEYS = ("minival_top1", "minival_top5", "minival_loss")
 # Part of the resume fingerprint: resume state written by an engine with another schedule or state
 # layout is moved aside, not resumed from. 3: checkpoints with sha256 sidecars (resume_files).
@@ -220,9 +220,10 @@ def training_batches(split: data.Split, protocol: Protocol, image_size: int, see
     return data.TimedBatches(loader)  # the log says when the loader, not the model, is the bottleneck
 
 
-def minival_loader(split: data.Split, protocol: Protocol, image_size: int, process: Process):
+def minival_loader(split: data.Split, protocol: Protocol, image_size: int, process: Process,
+                   minival_protocol: dict):
     workers = data.resolve_num_workers(protocol.num_workers, process.cpus)
-    return data.eval_loader(split, MINIVAL_PROTOCOL, image_size, protocol.micro_batch_size, process.device,
+    return data.eval_loader(split, minival_protocol, image_size, protocol.micro_batch_size, process.device,
                             workers, protocol.pixel_mean, protocol.pixel_std, protocol.decode_device)
 
 
@@ -589,14 +590,15 @@ def exit_not_retryable(error: NotRetryable) -> int:
 
 def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outputs: Outputs,
           resume_dir: str | os.PathLike, lr: float, seed: int, steps: int, protocol: Protocol,
-          threads: int, train_on: str = "train") -> dict | None:
+          threads: int, train_on: str = "train", minival_protocol: dict | None = None) -> dict | None:
     """Fine-tune and write `outputs`. Returns the summary on rank 0 (None on the other DDP ranks,
     which write nothing). train_on: "train" (the LR sweep: minival held out and evaluated) or "full"
     (the final run at the selected LR on the entire training data: no minival). Running out of device
     memory anywhere (process group, model.to(device), a training step, minival) is one NotRetryable error
     naming protocol.micro_batch_size."""
     try:
-        return _train(checkpoint, dataset_json, outputs, resume_dir, lr, seed, steps, protocol, threads, train_on)
+        return _train(checkpoint, dataset_json, outputs, resume_dir, lr, seed, steps, protocol, threads, train_on,
+                      minival_protocol or MINIVAL_PROTOCOL)
     except Exception as error:
         if isinstance(error, PipelineError) or not is_out_of_memory(error):
             raise
@@ -605,7 +607,7 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, output
 
 def _train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outputs: Outputs,
            resume_dir: str | os.PathLike, lr: float, seed: int, steps: int, protocol: Protocol,
-           threads: int, train_on: str) -> dict | None:
+           threads: int, train_on: str, minival_protocol: dict) -> dict | None:
     started_utc, resume_dir = utc_now(), Path(resume_dir)
     local_micro = protocol.micro_batches_per_process(world_size_of_job())  # before any process setup
     process = setup_process(protocol, seed, threads)
@@ -619,7 +621,7 @@ def _train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outpu
     ddp_model, image_size = data_parallel(model, process), architecture["image_size"]
     batches = training_batches(train_split, protocol, image_size, seed, run.start_step + 1, steps, process)
     evaluates = process.rank == 0 and minival_split is not None  # only rank 0 evaluates
-    minival = minival_loader(minival_split, protocol, image_size, process) if evaluates else None
+    minival = minival_loader(minival_split, protocol, image_size, process, minival_protocol) if evaluates else None
     autocast = autocast_context(protocol.precision, process.device)
     # Each micro-batch's summed loss times world_size / batch_size: after DDP's average over the
     # processes, the gradient is that of the mean loss over the whole batch.
@@ -680,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     lr = parser.add_mutually_exclusive_group(required=True)
     lr.add_argument("--lr", type=float, help="base learning rate")
     lr.add_argument("--lr-from", metavar="SELECTION_JSON", help="the LR select_lr chose (the final run, variants)")
+    parser.add_argument("--minival-protocol", help="the evaluation protocol of the dev-split selection as JSON "
+                        "with its name (the workflow passes evaluation.headline_protocol)")
     parser.add_argument("--train-on", choices=["train", "full"], default="train",
                         help="train: the sweep (minival held out); full: train and minival together")
     parser.add_argument("--seed", type=int, required=True)
@@ -701,8 +705,9 @@ def main(argv: list[str] | None = None) -> int:
         return exit_not_retryable(error)
     base_lr = args.lr if args.lr is not None else selected_lr(args.lr_from)
     try:
+        minival_protocol = json_arg(args.minival_protocol, "--minival-protocol") if args.minival_protocol else None
         train(args.checkpoint, args.data, outputs, args.resume_dir, base_lr, args.seed, args.steps, protocol,
-              args.threads, args.train_on)
+              args.threads, args.train_on, minival_protocol)
     except NotRetryable as error:
         record_failure(failure_file, args.attempt, settings, error)
         return exit_not_retryable(error)
