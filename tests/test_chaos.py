@@ -48,7 +48,8 @@ DEMO_CONFIG = REPO / "demo" / "config.yaml"
 FULL = os.environ.get("MIXER_CHAOS_FULL") == "1"
 # The short form: one fine-tuning pair (two LRs) of the demo, the rest of the pipeline as it is.
 SHORT_OVERLAY = {"finetune": {"checkpoints": ["demo_mixer_p8"], "datasets": ["digits_arrays"]},
-                 "averages": {"AvgDemo": ["digits_arrays"]}}
+                 "averages": {"AvgDemo": ["digits_arrays"]},
+                 "variants": {"batch32": {"pairs": [["demo_mixer_p8", "digits_arrays"]]}}}
 ATTEMPT_TIMEOUT_S = 1200
 MAX_ATTEMPTS = 20
 
@@ -59,6 +60,11 @@ PARITY_TIMING = {"convert_seconds", "peak_rss_mib", "rss_at_start_mib", "peak_rs
 AGGREGATE_RUN_TIMING = RUN_TIMING | {"wall_seconds", "gpu_hours", "max_rss_mib"}  # the last two: from benchmarks
 VOLATILE_FIELDS = {
     "finetune/*/*/*/summary.json": RUN_TIMING | {"timings", "resumed_from_step"},
+    "final/*/*/*/summary.json": RUN_TIMING | {"timings", "resumed_from_step"},
+    "variants/*/*/*/*/summary.json": RUN_TIMING | {"timings", "resumed_from_step"},
+    "variants/*/*/*/evaluation.json": {"images_per_s"},
+    "selection_bias/*/*.json": {"images_per_s"},
+    "evaluate/*/*/*.json": {"images_per_s"},
     "converted/*.parity.json": PARITY_TIMING,
     "weights/*.download.json": {"seconds"},
     "weights/real_labels/*.download.json": {"seconds"},
