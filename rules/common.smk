@@ -127,10 +127,11 @@ def _check_variants(config):
                     f"({ck}, {ds}) is not a fine-tuned pair of the study",
                     "name a checkpoint of finetune.checkpoints and a dataset of finetune.datasets",
                 )
-        try:
-            variant_protocol(name).micro_batches_per_process(1)
-        except PipelineError as e:
-            raise WorkflowError(f"config key '{key}.protocol': {e}") from None
+        for ck, _ in variant["pairs"]:  # the variant's jobs run on the GPUs of the checkpoint's jobs
+            try:
+                variant_protocol(name).micro_batches_per_process(max(1, matrix.finetune_gpus(config, ck)))
+            except PipelineError as e:
+                raise WorkflowError(f"config key '{key}.protocol': {e} (checkpoint {ck})") from None
 
 
 def _check_head_dataset(name, ck, dsets):
