@@ -144,7 +144,7 @@ def slurm_demo(slurm_cluster, tmp_path_factory):
                                 stdin=subprocess.DEVNULL)
         while (code := proc.poll()) is None and time.monotonic() < deadline:
             if preempted is None:
-                preempted = _preempt_one_finetune_job(root / ".resume", ddp_ckpt)
+                preempted = _preempt_one_finetune_job(root / ".resume" / "finetune", ddp_ckpt)
             time.sleep(0.5)
         if code is None:
             proc.send_signal(signal.SIGINT)  # Snakemake scancels its jobs on Ctrl-C
@@ -188,10 +188,10 @@ def _sacct_jobs(run_id):
 def test_report_shows_each_pair_top1(slurm_demo):
     root, cfg = slurm_demo["root"], slurm_demo["cfg"]
     html = (root / "report" / "index.html").read_text()
-    for ckpt in cfg["finetune"]["checkpoints"]:
-        for ds in cfg["finetune"]["datasets"]:
-            result = json.loads((root / "evaluate" / ckpt / f"{ds}.json").read_text())
-            assert f"{result['top1_mean']:.2f}" in html, (ckpt, ds, result["top1_mean"])
+    headline = cfg["evaluation"]["headline_protocol"]
+    for ckpt, ds in matrix.pairs(cfg):  # the fine-tuned pairs' headline figures
+        result = json.loads((root / "evaluate" / ckpt / ds / f"{headline}.json").read_text())
+        assert f"{result['top1_mean']:.2f}" in html, (ckpt, ds, result["top1_mean"])
 
 
 def test_every_job_ran_under_slurm_on_the_right_partition(slurm_demo):
@@ -200,7 +200,8 @@ def test_every_job_ran_under_slurm_on_the_right_partition(slurm_demo):
     assert Counter(j["rule"] for j in jobs) == expected
     assert {j["state"] for j in jobs} == {"COMPLETED"}, [j for j in jobs if j["state"] != "COMPLETED"]
     ddp_prefix = slurm_demo["ddp_ckpt"] + "_"
-    ddp_jobs = [j for j in jobs if j["rule"] == "finetune" and j["wildcards"].startswith(ddp_prefix)]
+    training_rules = {"finetune", "final_finetune", "variant_finetune"}  # all run the DDP checkpoint's jobs on 2 GPUs
+    ddp_jobs = [j for j in jobs if j["rule"] in training_rules and ddp_prefix in j["wildcards"]]
     assert ddp_jobs, "no fine-tuning job of the DDP checkpoint in sacct"
     for job in jobs:
         if job in ddp_jobs:
