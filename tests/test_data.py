@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from workflow_scripts import data, prepare_data
+from workflow_scripts import data, prepare_data, splits
 from workflow_scripts.common import PipelineError
 
 torch.set_num_threads(1)
@@ -44,19 +44,19 @@ def digits(tmp_path_factory):
         name = f"digits_{layout}"
         prepare_data.main(["--name", name, "--dataset-config", json.dumps(digits_spec(layout)),
                           "--out", str(root / name / "dataset.json")])
-        records[layout] = data.load_dataset_record(root / name / "dataset.json")
+        records[layout] = splits.load_dataset_record(root / name / "dataset.json")
     return records
 
 
 # ---------------------------------------------------------------------------------------------
 # Splits
 def test_minival_indices_deterministic_disjoint_and_seeded():
-    a = data.minival_indices(1000, 0.02, 0)
-    assert np.array_equal(a, data.minival_indices(1000, 0.02, 0))
+    a = splits.minival_indices(1000, 0.02, 0)
+    assert np.array_equal(a, splits.minival_indices(1000, 0.02, 0))
     assert len(a) == 20 and len(np.unique(a)) == 20 and a.min() >= 0 and a.max() < 1000
-    assert not np.array_equal(a, data.minival_indices(1000, 0.02, 1))
+    assert not np.array_equal(a, splits.minival_indices(1000, 0.02, 1))
     with pytest.raises(PipelineError):
-        data.minival_indices(10, 1.0, 0)
+        splits.minival_indices(10, 1.0, 0)
 
 
 def test_digits_prepared_in_both_layouts(digits):
@@ -69,7 +69,7 @@ def test_digits_prepared_in_both_layouts(digits):
     assert folder["subset"] is False and folder["subset_note"] is None
     assert arrays["minival"] == {"fraction": 0.1, "seed": 0}
     # The same test images, in the same order, in both stores (PNG is lossless).
-    f_test, a_test = data.open_split(folder, "test"), data.open_split(arrays, "test")
+    f_test, a_test = splits.open_split(folder, "test"), splits.open_split(arrays, "test")
     assert np.array_equal(f_test.labels, a_test.labels)
     decoded = np.stack([data.load_image(p).numpy() for p in f_test.files])
     assert np.array_equal(decoded, a_test.images)
@@ -78,11 +78,11 @@ def test_digits_prepared_in_both_layouts(digits):
 
 def test_train_and_minival_disjoint_and_cover_train(digits):
     dataset_record = digits["arrays"]
-    train, minival = data.open_split(dataset_record, "train"), data.open_split(dataset_record, "minival")
+    train, minival = splits.open_split(dataset_record, "train"), splits.open_split(dataset_record, "minival")
     assert len(train) + len(minival) == dataset_record["splits"]["train"]
     assert len(minival) == round(0.1 * dataset_record["splits"]["train"])
-    full = data._open_disk_split(dataset_record, "train")
-    held = data.minival_indices(len(full), 0.1, 0)
+    full = splits._open_disk_split(dataset_record, "train")
+    held = splits.minival_indices(len(full), 0.1, 0)
     assert np.array_equal(minival.images, full.images[held])
     rows = {x.tobytes() + bytes([y]) for x, y in zip(full.images, full.labels)}
     assert len(rows) == len(full)  # digits are distinct, so disjointness can be checked on content
@@ -91,14 +91,14 @@ def test_train_and_minival_disjoint_and_cover_train(digits):
     assert not train_rows & mini_rows and train_rows | mini_rows == rows
     # {split: val}: minival is the val folder, train the train folder.
     folder = digits["imagefolder"]
-    assert len(data.open_split(folder, "minival")) == folder["splits"]["val"]
-    assert not set(data.open_split(folder, "train").files) & set(data.open_split(folder, "minival").files)
+    assert len(splits.open_split(folder, "minival")) == folder["splits"]["val"]
+    assert not set(splits.open_split(folder, "train").files) & set(splits.open_split(folder, "minival").files)
 
 
 def test_split_count_change_is_detected(digits, tmp_path):
     dataset_record = dict(digits["arrays"], splits={"train": 5, "test": 360})
     with pytest.raises(PipelineError, match="rerun"):
-        data.open_split(dataset_record, "train")
+        splits.open_split(dataset_record, "train")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_array_and_folder_loaders_agree(digits):
     """Same geometry through the device-array path (float) and the DataLoader-worker path (uint8), for
     every protocol: within the fast path's one grey level (data.UINT8_PATH_MAX_ERROR)."""
     one_step = data.UINT8_PATH_MAX_ERROR / 127.5
-    f_test, a_test = data.open_split(digits["imagefolder"], "test"), data.open_split(digits["arrays"], "test")
+    f_test, a_test = splits.open_split(digits["imagefolder"], "test"), splits.open_split(digits["arrays"], "test")
     for protocol in (OFFICIAL, TABLE3):
         f = list(data.eval_loader(f_test, protocol, 32, 100, "cpu", 0, 127.5, 127.5))
         a = list(data.eval_loader(a_test, protocol, 32, 100, "cpu", 0, 127.5, 127.5))
@@ -182,7 +182,7 @@ def test_array_and_folder_loaders_agree(digits):
 
 
 def test_folder_loader_workers_reproduce_the_main_process(digits):
-    split = data.open_split(digits["imagefolder"], "train")
+    split = splits.open_split(digits["imagefolder"], "train")
     aug = data.TrainAugment(32, True, 0.3, True, 127.5, 127.5)
     plan = [(np.arange(i, i + 4), np.arange(i, i + 4) * 7) for i in range(0, 24, 4)]
     inline = list(data.train_loader(split, aug, plan, "cpu", 0))
@@ -224,10 +224,10 @@ def test_complete_tree_is_prepared_and_loads(tmp_path):
                                   imagenet_json(tmp_path))
     assert record["classes"] == ["n01", "n02", "n03"] and record["splits"] == {"train": 9, "val": 6}
     assert record["subset"] is False
-    dataset_record = data.load_dataset_record(imagenet_json(tmp_path))
-    test = data.open_split(dataset_record, "test")
+    dataset_record = splits.load_dataset_record(imagenet_json(tmp_path))
+    test = splits.open_split(dataset_record, "test")
     assert len(test) == 6 and list(test.labels) == [0, 0, 1, 1, 2, 2]
-    assert len(data.open_split(dataset_record, "train")) + len(data.open_split(dataset_record, "minival")) == 9
+    assert len(splits.open_split(dataset_record, "train")) + len(splits.open_split(dataset_record, "minival")) == 9
     images, labels = next(iter(data.eval_loader(test, TABLE3, 16, 6, "cpu", 0, 127.5, 127.5)))
     assert images.shape == (6, 3, 16, 16) and images.abs().max() <= 1.0
 
@@ -323,7 +323,7 @@ def test_val_of_some_training_classes_is_a_flagged_subset(tmp_path, flat):
     assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == before
     assert record["classes"] == ["n01", "n02", "n03", "n04"] and record["splits"] == {"train": 12, "val": 4}
     assert record["subset"] is True and "val images of 2 of 4 classes (none of n01, n03)" in record["subset_note"]
-    test = data.open_split(data.load_dataset_record(out_json), "test")
+    test = splits.open_split(splits.load_dataset_record(out_json), "test")
     assert list(test.labels) == [1, 1, 3, 3] and [Path(f).parent.name for f in test.files] == ["n02"] * 2 + ["n04"] * 2
     assert sorted(p.name for p in (out_json.parent / "val").iterdir()) == ["n01", "n02", "n03", "n04"]
     images, labels = next(iter(data.eval_loader(test, OFFICIAL, 16, 4, "cpu", 0, 127.5, 127.5)))
@@ -386,16 +386,17 @@ def test_cifar10_download_path(tmp_path, cifar_server):
     _, arrays, label_names = cifar_server
     prepare_data.main(["--name", "cifar10", "--dataset-config", json.dumps(CIFAR_SPEC),
                        "--out", str(tmp_path / "d/cifar10/dataset.json")])
-    dataset_record = data.load_dataset_record(tmp_path / "d/cifar10/dataset.json")
+    dataset_record = splits.load_dataset_record(tmp_path / "d/cifar10/dataset.json")
     assert dataset_record["layout"] == "arrays" and dataset_record["classes"] == label_names
     assert dataset_record["splits"] == {"train": 50, "test": 4}
     assert dataset_record["minival"] == {"fraction": 0.02, "seed": 0}
-    test = data.open_split(dataset_record, "test")
+    test = splits.open_split(dataset_record, "test")
     assert np.array_equal(test.images, arrays["test_batch"][0]) and np.array_equal(test.labels, arrays["test_batch"][1])
     with np.load(tmp_path / "d" / "cifar10" / "train.npz") as z:
         assert z["images"].dtype == np.uint8 and z["labels"].dtype == np.int64 and z["images"].shape == (50, 32, 32, 3)
         assert np.array_equal(z["images"][:10], arrays["data_batch_1"][0])
-    assert len(data.open_split(dataset_record, "minival")) == 1 and len(data.open_split(dataset_record, "train")) == 49
+    assert len(splits.open_split(dataset_record, "minival")) == 1
+    assert len(splits.open_split(dataset_record, "train")) == 49
     # An existing torchvision folder (source.path) is used as it is, and verified by md5.
     spec2 = dict(CIFAR_SPEC, source={"kind": "cifar10", "path": str(tmp_path / "d" / "cifar10" / "raw")})
     assert prepare_data.prepare("c2", spec2, tmp_path / "d/c2/dataset.json")["splits"] == {"train": 50, "test": 4}

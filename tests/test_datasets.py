@@ -21,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from workflow_scripts import data, prepare_data
+from workflow_scripts import data, prepare_data, splits
 from workflow_scripts.common import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,13 +145,13 @@ def study_entry(name: str, path: str | None = None, **changes) -> dict:
 
 def prepare_cli(name: str, entry: dict, out_json: Path) -> dict:
     prepare_data.main(["--name", name, "--dataset-config", json.dumps(entry), "--out", str(out_json)])
-    return data.load_dataset_record(out_json)
+    return splits.load_dataset_record(out_json)
 
 
 def assert_same_as_torchvision(record: dict, torchvision_splits: dict[str, list]) -> None:
     """Each split holds the very files torchvision lists, under torchvision's labels (public API only)."""
     for split, datasets in torchvision_splits.items():
-        ours = data._open_disk_split(record, split)
+        ours = splits._open_disk_split(record, split)
         theirs = sorted((label, np.asarray(image).tobytes()) for ds in datasets for image, label in ds)
         mine = sorted((int(label), data.load_image(f).numpy().tobytes()) for f, label in zip(ours.files, ours.labels))
         assert mine == theirs, split
@@ -204,7 +204,7 @@ def test_pets_download_links_torchvision_files_under_its_labels(tmp_path, served
     assert link.is_symlink() and link.resolve() == original.resolve()
     assert link.read_bytes() == (served.staged / prepare_data.PETS_FOLDER / "images" / link.name).read_bytes()
     # Variable image sizes go through the image-folder loader; a rerun rebuilds the same tree.
-    test = data.open_split(record, "test")
+    test = splits.open_split(record, "test")
     images, labels = next(iter(data.eval_loader(test, {"resize": "direct"}, 16, 6, "cpu", 0, 127.5, 127.5)))
     assert images.shape == (6, 3, 16, 16) and labels.tolist() == [0, 0, 1, 1, 2, 2]
     written = json.loads((out / "dataset.json").read_text())
@@ -326,7 +326,7 @@ def test_test_split_of_some_training_classes_is_a_flagged_subset(tmp_path, serve
     record = prepare_data.prepare("pets", study_entry("pets", str(folder), allow_subset=True), out_json)
     assert record["subset"] is True and record["splits"] == {"train": 9, "test": 4}
     assert record["classes"] == ["000_siamese", "001_american_bulldog", "002_bengal"]
-    test = data.open_split(data.load_dataset_record(out_json), "test")
+    test = splits.open_split(splits.load_dataset_record(out_json), "test")
     assert test.labels.tolist() == [0, 0, 2, 2] and not any((out_json.parent / "test" / record["classes"][1]).iterdir())
     trainval = folder / "annotations" / "trainval.txt"
     trainval.write_text("".join(line for line in trainval.read_text().splitlines(keepends=True)

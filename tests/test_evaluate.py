@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from workflow_scripts import data, evaluate, model_io, prepare_data
+from workflow_scripts import data, evaluate, model_io, prepare_data, splits
 from workflow_scripts.common import PipelineError
 
 torch.set_num_threads(1)
@@ -83,7 +83,7 @@ def save_random_model(path, seed, num_classes=10):
 
 def reference_top1(model_path, dataset_json, protocol, mean, std) -> float:
     """Top-1 computed directly: protocol transform of the whole test split, one forward, argmax."""
-    split = data.open_split(data.load_dataset_record(dataset_json), "test")
+    split = splits.open_split(splits.load_dataset_record(dataset_json), "test")
     images = data.EvalTransform(protocol, ARCH["image_size"], mean, std)(torch.from_numpy(split.images))
     with torch.no_grad():
         pred = model_io.load_model(model_path)(images).argmax(1).numpy()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workflow_scripts import convert, data, finetune, gpu_pool, model_io, resume_files, synthesize_upstream
+from workflow_scripts import convert, data, finetune, gpu_pool, model_io, resume_files, splits, synthesize_upstream
 from workflow_scripts.common import PipelineError, sha256_file
 from workflow_scripts.protocol import Protocol
 
@@ -224,15 +224,15 @@ def test_step_plan_is_a_pure_function_of_seed_and_step():
 
 
 def test_minival_is_disjoint_from_training_and_deterministic(tiny):
-    dataset_record = data.load_dataset_record(tiny / "dataset.json")
+    dataset_record = splits.load_dataset_record(tiny / "dataset.json")
 
     def ids(split):
         return set((split.images[:, 0, 0, 0].astype(int) + 256 * split.images[:, 0, 0, 1].astype(int)).tolist())
 
-    train, minival = data.open_split(dataset_record, "train"), data.open_split(dataset_record, "minival")
+    train, minival = splits.open_split(dataset_record, "train"), splits.open_split(dataset_record, "minival")
     assert len(minival) == 12 and len(train) == 108
     assert ids(train).isdisjoint(ids(minival)) and ids(train) | ids(minival) == set(range(120))
-    assert ids(data.open_split(dataset_record, "minival")) == ids(minival)
+    assert ids(splits.open_split(dataset_record, "minival")) == ids(minival)
     # The engine indexes the training split only (never minival).
     seen = np.concatenate([i for s in range(1, 30) for i, _ in finetune.step_plan(0, s, len(train), 16, 4)])
     assert seen.min() >= 0 and seen.max() < len(train)
@@ -293,8 +293,8 @@ def reference_weights(tiny: Path, protocol: dict, steps: int, lr: float, seed: i
     """The protocol as a plain PyTorch loop, independent of finetune's loop: the same samples
     (step_plan) and augmentation, the mean cross-entropy over the full batch, clip_grad_norm_,
     momentum SGD at the official schedule (update k at warmup_cosine(k - 1))."""
-    dataset_record = data.load_dataset_record(tiny / "dataset.json")
-    train = data.open_split(dataset_record, "train")
+    dataset_record = splits.load_dataset_record(tiny / "dataset.json")
+    train = splits.open_split(dataset_record, "train")
     images, labels = torch.from_numpy(train.images), torch.from_numpy(train.labels)
     augment = data.TrainAugment(TINY_ARCH["image_size"], protocol["inception_crop"],
                                 protocol["inception_crop_min_area"], protocol["random_flip"],

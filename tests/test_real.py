@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from workflow_scripts import data, evaluate, model_io, prepare_data, real
+from workflow_scripts import data, evaluate, model_io, prepare_data, real, splits
 from workflow_scripts.common import PipelineError
 
 torch.set_num_threads(1)
@@ -95,8 +95,8 @@ def unsorted_imagenet(tmp_path):
 
 
 def test_real_top1_through_evaluation_of_a_folder_not_sorted_by_name(tmp_path, unsorted_imagenet):
-    record = data.load_dataset_record(unsorted_imagenet)
-    split = data.open_split(record, "test")
+    record = splits.load_dataset_record(unsorted_imagenet)
+    split = splits.open_split(record, "test")
     assert [n[-6:-4] for n in map(str, split.files)] == ["04", "06", "01", "05", "02", "03"]  # class, then name
     loader = data.eval_loader(split, {"resize": "direct"}, 4, 4, "cpu", 0, 0.0, 1.0)  # two batches
     result = evaluate.evaluate_model(LookupModel(), loader, 3, "cpu")
@@ -123,11 +123,11 @@ def test_predictions_must_match_the_dataset(tmp_path, unsorted_imagenet):
     real_json = tmp_path / "real.json"
     real_json.write_text(json.dumps(REAL))
     with pytest.raises(PipelineError, match="predictions file not found"):
-        real.evaluate_real(tmp_path / "none.npz", real_json, data.load_dataset_record(unsorted_imagenet))
+        real.evaluate_real(tmp_path / "none.npz", real_json, splits.load_dataset_record(unsorted_imagenet))
     np.savez(tmp_path / "short.npz", top5=np.zeros((1, 5, 3), np.int16), labels=np.zeros(5, np.int64),
              models=np.array(["m"]))
     with pytest.raises(PipelineError, match="5 images but the test split of 'imagenet' has 6"):
-        real.evaluate_real(tmp_path / "short.npz", real_json, data.load_dataset_record(unsorted_imagenet))
+        real.evaluate_real(tmp_path / "short.npz", real_json, splits.load_dataset_record(unsorted_imagenet))
     np.savez(tmp_path / "bad.npz", top5=np.zeros((5, 3), np.int16), labels=np.zeros(5), models=np.array(["m"]))
     with pytest.raises(PipelineError, match="top5 has shape"):
         real.load_predictions(tmp_path / "bad.npz")
@@ -158,7 +158,7 @@ def random_mixer(path, seed):
     return str(path)
 
 
-def check_predictions(npz, runs: list[dict], split: data.Split):
+def check_predictions(npz, runs: list[dict], split: splits.Split):
     """The stored top-5 reproduce each run's own top-1 and top-5; names and labels follow the split."""
     with np.load(npz, allow_pickle=False) as z:
         top5, labels, names, models = z["top5"], z["labels"], z["file_names"], z["models"]
@@ -172,7 +172,7 @@ def check_predictions(npz, runs: list[dict], split: data.Split):
 
 
 def test_evaluate_writes_predictions_consistent_with_its_top1(tmp_path, digits_folder):
-    split = data.open_split(data.load_dataset_record(digits_folder), "test")
+    split = splits.open_split(splits.load_dataset_record(digits_folder), "test")
     common = ["--data", str(digits_folder), "--protocol-name", "official", "--protocol", '{"resize": "direct"}',
               "--batch-size", "100", "--threads", "1", "--pixel-mean", "127.5", "--pixel-std", "127.5"]
     model = random_mixer(tmp_path / "m.safetensors", 0)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, model_io
+from . import data, model_io, splits
 from .common import PipelineError, atomic_path, json_arg, read_json, run_cli, write_json
 from .devices import autocast_context, is_out_of_memory, uses_bf16
 
@@ -169,7 +169,7 @@ def evaluate_runs(summaries: list, models: list, dataset_record: dict, protocol:
 
     With selection_path (select_lr's output), only the runs of the selected LR are evaluated."""
     selection = read_json(selection_path) if selection_path else None
-    split = data.open_split(dataset_record, "test")
+    split = splits.open_split(dataset_record, "test")
     runs = []
     for summary, summary_path, model_path in runs_to_evaluate(summaries, models,
                                                               selection["selected_lr"] if selection else None):
@@ -202,7 +202,7 @@ def seed_summary(runs: list[dict], selection: dict | None, selection_path) -> di
     }
 
 
-def write_predictions(path, split: data.Split, runs: list[dict]) -> None:
+def write_predictions(path, split: splits.Split, runs: list[dict]) -> None:
     """The per-image predictions of evaluation results (one per model, same split) as one .npz, atomically.
 
     Keys: `top5` (runs, N, k) int16/int32 class indices, best first, in split order; `labels` (N,);
@@ -229,7 +229,7 @@ def run_evaluation(args: argparse.Namespace, dataset_record: dict, protocol: dic
             return evaluate_runs(args.summaries, args.models, dataset_record, protocol, args.batch_size,
                                  args.num_workers, device, args.pixel_mean, args.pixel_std, args.precision,
                                  args.decode_device, args.selection)
-        result = evaluate_checkpoint(args.model, dataset_record, data.open_split(dataset_record, "test"), protocol,
+        result = evaluate_checkpoint(args.model, dataset_record, splits.open_split(dataset_record, "test"), protocol,
                                      args.batch_size, args.num_workers, args.pixel_mean, args.pixel_std, device,
                                      args.precision, args.decode_device)
     except Exception as e:
@@ -269,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--model needs --pixel-mean and --pixel-std (config protocol.pixel_mean / pixel_std)")
     torch.set_num_threads(max(1, args.threads))
     args.num_workers = data.resolve_num_workers(args.num_workers, args.threads)
-    dataset_record = data.load_dataset_record(args.data)
+    dataset_record = splits.load_dataset_record(args.data)
     protocol = {"name": args.protocol_name, **json_arg(args.protocol, "--protocol")}
     result = run_evaluation(args, dataset_record, protocol, _device())
     runs = result["runs"] if args.models else [result]
     if args.predictions_out:
-        write_predictions(args.predictions_out, data.open_split(dataset_record, "test"), runs)
+        write_predictions(args.predictions_out, splits.open_split(dataset_record, "test"), runs)
     for run in runs:
         del run["predictions"]  # numpy arrays: they go to --predictions-out, not into the JSON
     write_json(args.out, result)

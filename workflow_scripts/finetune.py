@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from workflow_scripts import data, evaluate, model_io, resume_files
+from workflow_scripts import data, evaluate, model_io, resume_files, splits
 from workflow_scripts.common import PipelineError, atomic_path, json_arg, read_json, run_cli, sha256_file, write_json
 from workflow_scripts.devices import autocast_context, is_out_of_memory, precision_name
 from workflow_scripts.protocol import Protocol
@@ -204,7 +204,7 @@ def device_names(device: torch.device, world_size: int) -> list[str]:
     return [platform.processor() or platform.machine()]
 
 
-def training_batches(split: data.Split, protocol: Protocol, image_size: int, seed: int, first_step: int,
+def training_batches(split: splits.Split, protocol: Protocol, image_size: int, seed: int, first_step: int,
                      steps: int, process: Process) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This process's augmented micro-batches of updates first_step..steps, on its device: rank r takes
     micro-batches r, r + world_size, ... of each update's step_plan."""
@@ -220,7 +220,7 @@ def training_batches(split: data.Split, protocol: Protocol, image_size: int, see
     return data.TimedBatches(loader)  # the log says when the loader, not the model, is the bottleneck
 
 
-def minival_loader(split: data.Split, protocol: Protocol, image_size: int, process: Process,
+def minival_loader(split: splits.Split, protocol: Protocol, image_size: int, process: Process,
                    minival_protocol: dict):
     workers = data.resolve_num_workers(protocol.num_workers, process.cpus)
     return data.eval_loader(split, minival_protocol, image_size, protocol.micro_batch_size, process.device,
@@ -611,9 +611,9 @@ def _train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outpu
     started_utc, resume_dir = utc_now(), Path(resume_dir)
     local_micro = protocol.micro_batches_per_process(world_size_of_job())  # before any process setup
     process = setup_process(protocol, seed, threads)
-    dataset_record = data.load_dataset_record(dataset_json)
-    train_split = data.open_split(dataset_record, train_on)
-    minival_split = data.open_split(dataset_record, "minival") if train_on == "train" else None
+    dataset_record = splits.load_dataset_record(dataset_json)
+    train_split = splits.open_split(dataset_record, train_on)
+    minival_split = splits.open_split(dataset_record, "minival") if train_on == "train" else None
     model, architecture, optimizer = model_and_optimizer(checkpoint, train_split.num_classes, protocol, process.device)
     fingerprint = run_fingerprint(checkpoint, dataset_record, len(train_split), lr, seed, steps, protocol)
     fingerprint["train_on"] = train_on

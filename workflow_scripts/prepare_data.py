@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .common import PipelineError, atomic_path, json_arg, run_cli, write_json
-from .data import DEFAULT_MINIVAL_SEED, IMAGE_SUFFIXES
+from .splits import DEFAULT_MINIVAL_SEED, IMAGE_SUFFIXES
 
 # The demo's digits split: stratified fractions of the 1,797 images, with a fixed seed.
 DIGITS_TEST_FRACTION = 0.2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data
+from . import splits
 from .common import PipelineError, run_cli, sha256_file, write_json
 
 DEFINITION = ('Beyer et al. 2020, "Are we done with ImageNet?" (arXiv:2006.07159), '
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="dataset.json of the dataset the predictions were made on")
     p.add_argument("--out", required=True, help="output JSON")
     args = p.parse_args(argv)
-    result = evaluate_real(args.predictions, args.real_labels, data.load_dataset_record(args.data))
+    result = evaluate_real(args.predictions, args.real_labels, splits.load_dataset_record(args.data))
     print(f"{args.predictions}: ReaL top-1 {result['real_top1']:.2f}% on {result['num_images']:,} images "
           f"({result['num_excluded_empty']:,} without a label left out)")
     write_json(args.out, result)
