@@ -535,7 +535,8 @@ def test_report_shows_each_pair_references_and_provenance(demo):
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
     assert "<link" not in page and "border-collapse" in page
     # Relative links to the logs and the notebook.
-    assert 'href="../logs/finetune/demo_mixer_p4/digits/lr0.03_s0.log"' in page
+    first_lr = config["datasets"]["digits"]["base_lrs"][0]
+    assert f'href="../logs/finetune/demo_mixer_p4/digits/lr{first_lr}_s0.log"' in page
     assert 'href="analysis.html"' in page
     # The baseline with both protocols, checksums with where they were verified.
     baseline = page.split('id="baseline-table"')[1].split("</table>")[0]
