@@ -19,6 +19,7 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file
 
+from tests.test_finetune import PROTOCOL as FINETUNE_PROTOCOL
 from workflow_scripts import bench, evaluate, finetune, model_io
 from workflow_scripts.common import run_cli
 from workflow_scripts.devices import is_out_of_memory
@@ -27,11 +28,9 @@ from workflow_scripts.protocol import Protocol
 REPO = Path(__file__).resolve().parents[1]
 ARCH = {"patch_size": 4, "hidden_dim": 16, "num_blocks": 1, "tokens_mlp_dim": 8, "channels_mlp_dim": 32,
         "num_classes": 3, "image_size": 8}
-PROTOCOL = {"batch_size": 8, "micro_batch_size": 4, "warmup_steps": 1, "momentum": 0.9, "weight_decay": 0.0,
-            "grad_clip_norm": 1.0, "inception_crop": False, "inception_crop_min_area": 0.05, "random_flip": False,
-            "pixel_mean": 127.5, "pixel_std": 127.5, "precision": "auto", "deterministic": False,
-            "checkpoint_every": 2, "eval_every": 2, "log_every": 2, "num_workers": 0, "threads": 1,
-            "ddp_timeout_min": 30, "decode_device": "cpu"}
+# test_finetune's protocol, smaller and without randomness: these tests compare runs, not augmentations.
+PROTOCOL = dict(FINETUNE_PROTOCOL, batch_size=8, warmup_steps=1, inception_crop=False, random_flip=False,
+                deterministic=False, checkpoint_every=2, eval_every=2, log_every=2)
 
 torch.set_num_threads(1)
 
