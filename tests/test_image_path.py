@@ -3,6 +3,8 @@ worker counts and the loader-bottleneck timer (issue #13)."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from workflow_scripts import data
+from workflow_scripts import data, splits
 from workflow_scripts.common import PipelineError
 
 torch.set_num_threads(1)
@@ -128,10 +130,40 @@ def test_decoder_gives_pils_pixels(tmp_path, kind):
     assert torch.equal(data.load_image(str(path)), pil_pixels(path))
 
 
-def image_split(tmp_path: Path, kinds=IMAGE_KINDS) -> data.Split:
+@pytest.mark.parametrize("kind", IMAGE_KINDS + ["progressive", "exif"])
+def test_jpeg_size_reads_the_frame_header(tmp_path, kind):
+    path = tmp_path / f"{kind}.JPEG"
+    if kind in ("progressive", "exif"):  # a later frame marker (SOF2), and a large APP1 segment before SOF0
+        im = Image.fromarray(random_image(37, 53).numpy())
+        extra = {"progressive": True} if kind == "progressive" else {"exif": b"Exif\x00\x00" + bytes(30000)}
+        im.save(path, format="JPEG", quality=90, **extra)
+    else:
+        write_image(path, kind, size=(37, 53))
+    encoded = data.read_encoded(str(path))
+    assert data.jpeg_size(encoded) == (None if kind == "png_named_jpeg" else (37, 53))
+    assert data.jpeg_size(encoded[:40]) is None or kind == "png_named_jpeg"  # cut before its frame header
+    assert tuple(data.read_image(str(path)).shape[1:]) == (37, 53)
+
+
+def test_decode_and_transform_equals_decoding_first(tmp_path, monkeypatch):
+    """The workers' interleaved path (sizes from the JPEG headers, PNGs decoded first) gives the batch that
+    transform_images gives on the decoded images, bitwise; a header that lies about the size is an error."""
+    split = image_split(tmp_path, IMAGE_KINDS * 2)
+    encoded = [data.read_encoded(p) for p in split.files]
+    seeds = list(range(50, 50 + len(split)))
+    for transform in (data.TrainAugment(32, True, 0.05, True, MEAN, STD), data.EvalTransform(TABLE3, 32, MEAN, STD)):
+        decoded = [data.decode_image_bytes(e, p) for e, p in zip(encoded, split.files)]
+        assert torch.equal(data.decode_and_transform(encoded, split.files, transform, seeds),
+                           data.transform_images(decoded, transform, seeds))
+    monkeypatch.setattr(data, "jpeg_size", lambda encoded: (7, 9))
+    with pytest.raises(PipelineError, match=re.escape(f"{split.files[0]}: its JPEG header says 7x9")):
+        data.decode_and_transform(encoded, split.files, transform, seeds)
+
+
+def image_split(tmp_path: Path, kinds=IMAGE_KINDS) -> splits.Split:
     files = [str(write_image(tmp_path / f"{i}_{kind}.JPEG", kind, size=(50 + 7 * i, 70 - 3 * i)))
              for i, kind in enumerate(kinds)]
-    return data.Split("train", "imagefolder", ["a", "b"], np.arange(len(files)) % 2, files=files)
+    return splits.Split("train", "imagefolder", ["a", "b"], np.arange(len(files)) % 2, files=files)
 
 
 def test_files_through_the_loaders_match_the_reference_on_pils_pixels(tmp_path):
@@ -206,6 +238,30 @@ def test_undecodable_file_stops_the_loader_naming_it(tmp_path, how, num_workers)
     assert time.monotonic() - start < 60
     message = str(caught.value)
     assert message.startswith(f"{bad}: ") and "\n" not in message and "rerun prepare_data" in message
+
+
+def test_process_exits_after_a_workers_error_while_the_error_is_still_referenced(tmp_path):
+    """The workers ignore SIGTERM (a signal to the whole job must not kill them), which is how
+    multiprocessing's exit handler stops leftover daemon workers: a job whose loader failed on a bad file
+    must still exit, not hang, even when its traceback keeps the loader's iterator alive."""
+    split = image_split(tmp_path, ["rgb420"] * 3)
+    damage(Path(split.files[1]), "truncated")
+    code = f"""
+import sys
+import numpy as np
+from workflow_scripts import data, splits
+split = splits.Split("train", "imagefolder", ["a", "b"], np.arange(3) % 2, files={split.files!r})
+batches = data.train_loader(split, data.TrainAugment(32, True, 0.05, True, 127.5, 127.5),
+                            iter([(np.arange(3), np.arange(3))]), "cpu", 2)
+try:
+    next(batches)
+except data.PipelineError as e:
+    kept = e  # the traceback holds the generator, which holds the workers' iterator
+    print("error:", e, flush=True)
+sys.exit(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and f"error: {split.files[1]}: cannot be decoded" in proc.stdout, proc.stderr
 
 
 @pytest.mark.parametrize("decode_on_device", [False, True])
