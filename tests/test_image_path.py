@@ -77,6 +77,23 @@ def test_eval_fast_path_matches_the_reference(protocol):
             assert_within_one_step(fast_path([image], transform, [0]), transform(image[None]))
 
 
+def test_centre_crop_resizes_only_the_prefix_it_reads():
+    """paper_table3 resizes the prefix of the image that its window's outputs read, at the whole resize's
+    scale: bitwise the window of OpenCV's whole resize, for sizes up- and downscaled, 2x exactly included."""
+    cv2 = data._opencv()
+    transform = data.EvalTransform(TABLE3, 224, MEAN, STD)
+    rng = np.random.default_rng(5)
+    sizes = [(1, 1), (1, 300), (255, 256), (375, 500), (512, 512), (512, 1024), (1500, 2000)]
+    for height, width in sizes + [tuple(rng.integers(1, 700, 2)) for _ in range(150)]:
+        image = random_image(int(height), int(width))
+        row = transform.image_geometry(int(height), int(width))
+        _, _, _, _, resize_h, resize_w, top, left, _ = row
+        whole = cv2.resize(image.numpy(), (resize_w, resize_h), interpolation=cv2.INTER_LINEAR)
+        out = np.empty((224, 224, 3), dtype=np.uint8)
+        data._resize_box_into(image.permute(2, 0, 1), row, 224, out)
+        assert np.array_equal(out, whole[top:top + 224, left:left + 224]), (height, width)
+
+
 def test_one_pixel_wide_crops_and_every_window():
     """Geometry rows cut anywhere (1-pixel boxes, windows at every edge) sample what the reference samples."""
     image = random_image(37, 41)
@@ -90,7 +107,7 @@ def test_one_pixel_wide_crops_and_every_window():
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding: torchvision's libjpeg-turbo for JPEGs, PIL for the rest; the same pixels as PIL
+# Decoding: OpenCV's libjpeg-turbo for JPEGs, PIL for the rest; the same pixels as PIL and torchvision
 def write_image(path: Path, kind: str, size=(60, 80)) -> Path:
     """An image file of `kind`; smooth content plus noise, like a photo."""
     height, width = size
@@ -102,6 +119,14 @@ def write_image(path: Path, kind: str, size=(60, 80)) -> Path:
         im.save(path, format="JPEG", quality=90)
     elif kind == "rgb444":
         im.save(path, format="JPEG", quality=95, subsampling=0)
+    elif kind == "rgb422":
+        im.save(path, format="JPEG", quality=85, subsampling=1)
+    elif kind == "progressive":  # a later frame marker (SOF2)
+        im.save(path, format="JPEG", quality=90, progressive=True)
+    elif kind == "exif_rotated":  # orientation 6 in a large APP1 segment before SOF0: not applied (TF does not)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        im.save(path, format="JPEG", quality=90, exif=exif.tobytes() + bytes(30000))
     elif kind == "gray":
         im.convert("L").save(path, format="JPEG", quality=90)
     elif kind == "cmyk":
@@ -113,7 +138,7 @@ def write_image(path: Path, kind: str, size=(60, 80)) -> Path:
     return path
 
 
-IMAGE_KINDS = ["rgb420", "rgb444", "gray", "cmyk", "png_named_jpeg"]
+IMAGE_KINDS = ["rgb420", "rgb444", "rgb422", "progressive", "exif_rotated", "gray", "cmyk", "png_named_jpeg"]
 
 
 def pil_pixels(path: Path) -> torch.Tensor:
@@ -130,15 +155,23 @@ def test_decoder_gives_pils_pixels(tmp_path, kind):
     assert torch.equal(data.load_image(str(path)), pil_pixels(path))
 
 
-@pytest.mark.parametrize("kind", IMAGE_KINDS + ["progressive", "exif"])
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
+def test_opencv_decodes_jpegs_as_torchvision_does(tmp_path, kind):
+    """The CPU path decodes JPEGs with OpenCV's libjpeg-turbo: bitwise torchvision.io.decode_jpeg's pixels."""
+    encoded = data.read_encoded(str(write_image(tmp_path / f"{kind}.JPEG", kind, size=(45, 61))))
+    header = data.jpeg_header(encoded)
+    if kind == "png_named_jpeg":
+        assert header is None
+        return
+    assert header == (45, 61, {"gray": 1, "cmyk": 4}.get(kind, 3))
+    if kind != "cmyk":  # CMYK goes to PIL (neither OpenCV's nor torchvision's conversion is PIL's)
+        opencv = data._decode_jpeg_opencv(encoded, header[2]).expand(3, -1, -1)
+        assert torch.equal(opencv, data._decode_jpeg(encoded).expand(3, -1, -1))
+
+
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
 def test_jpeg_size_reads_the_frame_header(tmp_path, kind):
-    path = tmp_path / f"{kind}.JPEG"
-    if kind in ("progressive", "exif"):  # a later frame marker (SOF2), and a large APP1 segment before SOF0
-        im = Image.fromarray(random_image(37, 53).numpy())
-        extra = {"progressive": True} if kind == "progressive" else {"exif": b"Exif\x00\x00" + bytes(30000)}
-        im.save(path, format="JPEG", quality=90, **extra)
-    else:
-        write_image(path, kind, size=(37, 53))
+    path = write_image(tmp_path / f"{kind}.JPEG", kind, size=(37, 53))
     encoded = data.read_encoded(str(path))
     assert data.jpeg_size(encoded) == (None if kind == "png_named_jpeg" else (37, 53))
     assert data.jpeg_size(encoded[:40]) is None or kind == "png_named_jpeg"  # cut before its frame header
@@ -332,6 +365,7 @@ def test_image_path_bench_prints_rates_against_the_decoder(tmp_path):
     result = bench.image_path_bench("eval", rounds=1, count=4)
     assert result["protocol"] == "paper_table3" and "official" in result and result["bar"] == 0.85
     assert 0.3 < result["ratio"] < 1.2 and 0.1 < result["previous_ratio"] < 1.2
+    assert 0.3 < result["ratio_to_opencv_decode"] < 1.2 and result["decode_opencv_img_s_per_core"] > 0
     needed = 0.4 * bench.PEAK_BF16_TFLOPS["NVIDIA H100 80GB HBM3"] * 1e12 / bench.forward_flops(bench.MIXER_B16)
     assert result["h100_img_s_needed"] == round(needed)
     assert result["h100_cores_needed"] == round(needed / result["img_s_per_core"], 1)

@@ -9,7 +9,8 @@ With no name, all of them run (`make bench`). Each prints one JSON line last:
 - conversion: converting a synthesized Mixer-B/16 (21843 classes) in child processes, time and memory;
 - image_train, image_eval: the image-file path of a DataLoader worker (read, decode, crop + resize to
   uint8) on generated ImageNet-like JPEGs, per core, against torchvision.io.decode_jpeg alone in the
-  same run (ratio), and the cores one H100 needs for Mixer-B/16 at 40% utilisation (issue #13);
+  same run (ratio; ratio_to_opencv_decode: against OpenCV's decode, the one the path uses), and the
+  cores one H100 needs for Mixer-B/16 at 40% utilisation (issue #13);
 - image_gpu_decode: decode_device "cuda" (nvJPEG + crop on the GPU), img/s; skipped without CUDA.
 
 Training:
@@ -364,6 +365,8 @@ def image_path_rates(files: list[str], transforms: dict, rounds: int, batch: int
         dataset = data._FolderBatches(files, labels, transform, decode_on_device=False)
         loops[name] = lambda dataset=dataset: [dataset[k] for k in keys]
     loops["decode"] = lambda: [data._decode_jpeg(e) for e in encoded]
+    # The decoder the path itself uses (data.decode_image_bytes), so its own share shows too.
+    loops["decode_opencv"] = lambda: [data._decode_jpeg_opencv(e, 3) for e in encoded]
     loops["previous"] = lambda: _previous_path(files, next(iter(transforms.values())))
     for run in loops.values():
         run()  # warm-up: page cache, allocator, kernels
@@ -408,7 +411,10 @@ def image_path_bench(kind: str, rounds: int, count: int = 64) -> dict:
               "decode_only_img_s_per_core": round(statistics.median(rates["decode"]), 1), "ratio": round(ratio, 3),
               "bar": bar, "meets_bar": ratio >= bar, "h100_img_s_needed": round(needed),
               "h100_cores_needed": round(needed / img_s, 1),
-              "h100_cores_needed_decode_only": round(needed / statistics.median(rates["decode"]), 1)}
+              "h100_cores_needed_decode_only": round(needed / statistics.median(rates["decode"]), 1),
+              "decode_opencv_img_s_per_core": round(statistics.median(rates["decode_opencv"]), 1),
+              "ratio_to_opencv_decode": round(statistics.median(
+                  p / d for p, d in zip(rates[headline], rates["decode_opencv"])), 3)}
     for name in list(transforms)[1:]:
         other_img_s, other_ratio = _rate_and_ratio(rates, name)
         result[name] = {"img_s_per_core": round(other_img_s, 1), "ratio": round(other_ratio, 3)}
