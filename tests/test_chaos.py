@@ -328,8 +328,6 @@ def test_demo_survives_killed_jobs_and_snakemake(tmp_path):
         print(f"leftovers of atomic writes cut short (not compared): {leftovers}")
     assert not problems, f"seed {seed}: the interrupted run's files differ:\n" + "\n".join(problems)
     assert compared > 20
-    if FULL:  # issue #14: at least 5 faults injected (a fault whose moment never came is not counted)
-        assert len(injected) >= 5, f"seed {seed}: only {len(injected)} of {len(faults)} faults found their moment"
     assert len(injected) >= (5 if FULL else 3), f"seed {seed}: only {len(injected)} faults injected"
     assert {f.target for f in injected} == {"finetune", "evaluate", "snakemake"}
     resume = workdir / root_name / ".resume"
