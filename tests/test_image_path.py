@@ -170,11 +170,12 @@ def test_opencv_decodes_jpegs_as_torchvision_does(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", IMAGE_KINDS)
-def test_jpeg_size_reads_the_frame_header(tmp_path, kind):
+def test_jpeg_header_gives_the_size_from_the_frame_header(tmp_path, kind):
     path = write_image(tmp_path / f"{kind}.JPEG", kind, size=(37, 53))
     encoded = data.read_encoded(str(path))
-    assert data.jpeg_size(encoded) == (None if kind == "png_named_jpeg" else (37, 53))
-    assert data.jpeg_size(encoded[:40]) is None or kind == "png_named_jpeg"  # cut before its frame header
+    header = data.jpeg_header(encoded)
+    assert (None if header is None else header[:2]) == (None if kind == "png_named_jpeg" else (37, 53))
+    assert data.jpeg_header(encoded[:40]) is None or kind == "png_named_jpeg"  # cut before its frame header
     assert tuple(data.read_image(str(path)).shape[1:]) == (37, 53)
 
 
@@ -188,7 +189,7 @@ def test_decode_and_transform_equals_decoding_first(tmp_path, monkeypatch):
         decoded = [data.decode_image_bytes(e, p) for e, p in zip(encoded, split.files)]
         assert torch.equal(data.decode_and_transform(encoded, split.files, transform, seeds),
                            data.transform_images(decoded, transform, seeds))
-    monkeypatch.setattr(data, "jpeg_size", lambda encoded: (7, 9))
+    monkeypatch.setattr(data, "jpeg_header", lambda encoded: (7, 9, 3))
     with pytest.raises(PipelineError, match=re.escape(f"{split.files[0]}: its JPEG header says 7x9")):
         data.decode_and_transform(encoded, split.files, transform, seeds)
 

@@ -27,7 +27,6 @@ import os
 import signal
 import time
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -233,7 +232,7 @@ class EvalTransform:
 # How far the uint8 path may lie from the float reference, in grey levels: OpenCV's INTER_LINEAR keeps
 # the horizontal pass in integers with 11-bit weights (1/2048 steps) and rounds once, after the vertical
 # pass; its vectorised vertical pass drops the 4 low bits of each horizontal sum first. Together at most
-# one level (measured: 0.77 on random pixels, the steepest gradients).
+# one level (measured: 0.83 on random pixels, the steepest gradients; README "Performance: image path").
 UINT8_PATH_MAX_ERROR = 1.0
 
 
@@ -379,8 +378,8 @@ def _decode_with_pil(encoded: torch.Tensor, path: str) -> torch.Tensor:
 def _decode_jpeg_opencv(encoded: torch.Tensor, components: int) -> torch.Tensor | None:
     """A 1- or 3-component JPEG -> uint8 CHW RGB through OpenCV's libjpeg-turbo, None if it cannot decode it.
 
-    The same library and settings as torchvision and PIL (bitwise their pixels: test_image_path), but
-    about 5% faster per image than torchvision.io.decode_jpeg here. EXIF orientation is ignored, as
+    The same library and settings as torchvision and PIL (bitwise their pixels: test_image_path), and
+    0.95 to 1.19 times torchvision.io.decode_jpeg's rate here (bench image_*). EXIF orientation is ignored, as
     torchvision and PIL do without being asked (and as TF's decode_jpeg does)."""
     cv2 = _opencv()
     mode = cv2.IMREAD_GRAYSCALE if components == 1 else cv2.IMREAD_COLOR_RGB
@@ -390,16 +389,17 @@ def _decode_jpeg_opencv(encoded: torch.Tensor, components: int) -> torch.Tensor 
     return torch.from_numpy(pixels)[None] if components == 1 else torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def decode_image_bytes(encoded: torch.Tensor, path: str) -> torch.Tensor:
+def decode_image_bytes(encoded: torch.Tensor, path: str, header: tuple | None | str = "parse") -> torch.Tensor:
     """A file's bytes -> uint8 CHW RGB (a view of HWC memory, as torchvision decodes).
 
     Grayscale and colour JPEGs go through libjpeg-turbo in OpenCV (bitwise PIL's and torchvision's
     pixels: all three are libjpeg-turbo); everything else (CMYK JPEGs, PNG, PNG-named-JPEG, JPEGs
     OpenCV rejects) through PIL, as before. A file neither can decode is a PipelineError naming it.
+    `header`: jpeg_header(encoded) when the caller has it already.
     """
     if encoded.numel() == 0:
         raise PipelineError(f"{path}: empty file (0 bytes); replace or delete it, then rerun prepare_data")
-    header = jpeg_header(encoded)
+    header = jpeg_header(encoded) if header == "parse" else header
     if header is not None and header[2] in (1, 3):
         image = _decode_jpeg_opencv(encoded, header[2])
         if image is not None:  # None: truncated or corrupt; PIL decides and names the problem
@@ -429,12 +429,6 @@ def jpeg_header(encoded: torch.Tensor) -> tuple[int, int, int] | None:
     return None
 
 
-def jpeg_size(encoded: torch.Tensor) -> tuple[int, int] | None:
-    """(height, width) from a JPEG's frame header without decoding it; None for anything else."""
-    header = jpeg_header(encoded)
-    return None if header is None else header[:2]
-
-
 def decode_and_transform(encoded: Sequence[torch.Tensor], paths: Sequence[str], transform: TrainAugment | EvalTransform,
                          seeds: Sequence[int]) -> torch.Tensor:
     """Files' bytes -> (B, 3, S, S) uint8 (channels-last), as transform_images on the decoded images.
@@ -443,14 +437,15 @@ def decode_and_transform(encoded: Sequence[torch.Tensor], paths: Sequence[str], 
     (decoding the whole batch first costs several percent of the decoder's rate: bench image_eval). The
     batch's geometry needs every size first: JPEGs give it in their header, other files are decoded first.
     """
-    sizes = [jpeg_size(e) for e in encoded]
-    decoded = {i: decode_image_bytes(e, p) for i, (e, p, hw) in enumerate(zip(encoded, paths, sizes)) if hw is None}
-    sizes = [tuple(decoded[i].shape[1:]) if hw is None else hw for i, hw in enumerate(sizes)]
+    headers = [jpeg_header(e) for e in encoded]
+    decoded = {i: decode_image_bytes(e, p, None) for i, (e, p, hw) in enumerate(zip(encoded, paths, headers))
+               if hw is None}
+    sizes = [tuple(decoded[i].shape[1:]) if hw is None else hw[:2] for i, hw in enumerate(headers)]
     geometry = transform.geometry(seeds, [h for h, _ in sizes], [w for _, w in sizes])
 
     def images() -> Iterator[torch.Tensor]:
         for i, (e, p) in enumerate(zip(encoded, paths)):
-            image = decoded.pop(i) if i in decoded else decode_image_bytes(e, p)
+            image = decoded.pop(i) if i in decoded else decode_image_bytes(e, p, headers[i])
             if tuple(image.shape[1:]) != sizes[i]:
                 raise PipelineError(f"{p}: its JPEG header says {sizes[i][0]}x{sizes[i][1]} (height x width) but "
                                     f"it decodes to {image.shape[1]}x{image.shape[2]}; replace or delete the file, "
@@ -576,19 +571,12 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-# The live iterators of loaders with workers, stopped at exit by _stop_loader_workers.
-_WORKER_ITERATORS: weakref.WeakSet = weakref.WeakSet()
-
-
 @atexit.register  # registered after multiprocessing's own exit handler, so it runs before it
 def _stop_loader_workers() -> None:
-    """Stop leftover loader workers with their sentinel. Without this, an iterator still referenced at exit
-    (by the traceback of a bad file's error, say) leaves its workers to multiprocessing's exit handler,
-    which stops daemon processes with SIGTERM, which the workers ignore (_ignore_stop_signals): the
-    process would hang instead of exiting with the error. A worker still alive after its sentinel (stuck in
-    a read, say) is killed: it ignores the SIGTERM that torch and multiprocessing would send it."""
-    for iterator in list(_WORKER_ITERATORS):
-        iterator._shutdown_workers()
+    """Kill loader workers still alive at exit. Without this, an iterator still referenced at exit (by the
+    traceback of a bad file's error, say) leaves its workers to multiprocessing's exit handler, which stops
+    daemon processes with SIGTERM, which the workers ignore (_ignore_stop_signals): the process would hang
+    instead of exiting with the error."""
     for worker in multiprocessing.active_children():
         if worker.daemon:  # only loader workers are daemonic children of our stages
             worker.kill()
@@ -597,10 +585,7 @@ def _stop_loader_workers() -> None:
 
 def _folder_batches(loader, transform, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(normalised float32 NCHW images, int64 labels) on `device` from _FolderBatches items."""
-    items = iter(loader)
-    if loader.num_workers > 0:
-        _WORKER_ITERATORS.add(items)
-    for item in items:
+    for item in loader:
         if "error" in item:
             raise PipelineError(item["error"])
         if "encoded" in item:  # decode_on_device: the same geometry code on the device's tensors
