@@ -102,3 +102,19 @@ def finetune_gpus(config: dict, ckpt: str) -> int:
     """GPUs of one fine-tuning job of `ckpt` (resources.finetune.gpu unless overridden per checkpoint)."""
     res = config["resources"]
     return res["finetune_gpu_overrides"].get(ckpt, res["finetune"]["gpu"])
+
+
+def job_shape(config: dict, ckpt: str) -> str:
+    """The GPU job shape of `ckpt`'s fine-tuning and evaluation jobs: its body (the head is the dataset's
+    after fine-tuning), image size and GPU count; checkpoints of one shape share one preflight."""
+    a = config["checkpoints"][ckpt]["architecture"]
+    body = f"p{a['patch_size']}-d{a['hidden_dim']}-b{a['num_blocks']}-t{a['tokens_mlp_dim']}-c{a['channels_mlp_dim']}"
+    return f"{body}-{a['image_size']}px-{finetune_gpus(config, ckpt)}gpu"
+
+
+def job_shapes(config: dict) -> dict[str, list[str]]:
+    """Every job shape of the study, with the checkpoints it serves (in config order)."""
+    shapes: dict[str, list[str]] = {}
+    for ckpt in used_checkpoints(config):
+        shapes.setdefault(job_shape(config, ckpt), []).append(ckpt)
+    return shapes
