@@ -1,5 +1,5 @@
 # MLP-Mixer reproduction: official ImageNet-21k checkpoints -> PyTorch (timm) -> fine-tuning on
-# CIFAR-10 and ImageNet with the paper's protocol -> evaluation -> an HTML report beside the paper.
+# the five datasets of Table 3 with the paper's protocol -> evaluation -> an HTML report beside the paper.
 #
 #   snakemake --cores all --resources gpu=2                      # the study (config.yaml)
 #   snakemake --configfile demo/config.yaml --cores 2            # the offline demo (`make demo`)
@@ -24,6 +24,7 @@ wildcard_constraints:
     lr="[0-9.e+-]+",
     seed="[0-9]+",
     protocol="[A-Za-z0-9_]+",
+    source="finetune|released",
 
 
 include: "rules/weights.smk"

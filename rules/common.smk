@@ -65,9 +65,12 @@ def _workflow_file(path):
 
 
 def load_references(value):
-    """report/references.yaml (or an inline mapping), checked against its schema and its sources."""
+    """report/references.yaml (or an inline mapping, or a list of files merged), checked against its schema,
+    its sources and the config's evaluation protocols."""
     if isinstance(value, dict):
         return value
+    if isinstance(value, list):
+        return _merge_references([load_references(v) for v in value], value)
     path = _workflow_file(value)
     if not path.exists():
         config_error("references", f"file {path} does not exist", "point it at report/references.yaml")
@@ -79,7 +82,27 @@ def load_references(value):
                 f"{path}: figures[{i}] cites source '{fig['source']}', which is not listed under "
                 f"'sources'. Fix: add it there with its citation."
             )
+    for name, src in refs["sources"].items():
+        protocol = src["made_by"]["protocol"]
+        if protocol is not None and protocol not in config["evaluation"]["protocols"]:
+            raise WorkflowError(
+                f"{path}: sources.{name}.made_by.protocol '{protocol}' is not a protocol of config key "
+                f"'evaluation.protocols' ({sorted(config['evaluation']['protocols'])}). Fix: add the protocol "
+                "there or correct the name."
+            )
     return refs
+
+
+def _merge_references(parts, paths):
+    merged = {"sources": {}, "figures": [], "primary": {}}
+    for part, path in zip(parts, paths):
+        twice = sorted(set(merged["sources"]) & set(part["sources"]))
+        if twice:
+            config_error("references", f"{path} defines source(s) {twice} again", "define each source in one file")
+        merged["sources"].update(part["sources"])
+        merged["figures"] += part["figures"]
+        merged["primary"].update(part["primary"])
+    return merged
 
 
 def _check_names(key, names, known, what="defined"):
@@ -95,8 +118,7 @@ def check_cross_references(config):
     _check_names("resources.finetune_gpu_overrides", config["resources"]["finetune_gpu_overrides"], ckpts)
     for name, members in config["averages"].items():
         _check_names(f"averages.{name}", members, dsets)
-    protocols = config["evaluation"]["protocols"]
-    _check_names("evaluation.headline_protocol", [config["evaluation"]["headline_protocol"]], protocols, "a protocol")
+    _check_protocols(config)
     for name, ds in dsets.items():
         _check_synthesized_dataset(name, ds)
     for name, ck in ckpts.items():
@@ -134,7 +156,25 @@ def _check_variants(config):
                 raise WorkflowError(f"config key '{key}.protocol': {e} (checkpoint {ck})") from None
 
 
+def _check_protocols(config):
+    ev = config["evaluation"]
+    protocols, headline = ev["protocols"], ev["headline_protocol"]
+    _check_names("evaluation.headline_protocol", [headline], protocols, "a protocol")
+    _check_names("evaluation.sweep_protocols", ev["sweep_protocols"], protocols, "a protocol")
+    timm = [p for p in protocols if matrix.is_timm_protocol(config, p)]
+    for key, names in (("headline_protocol", [headline]), ("sweep_protocols", ev["sweep_protocols"])):
+        for p in set(names) & set(timm):
+            config_error(f"evaluation.{key}", f"'{p}' is timm's transform, which applies to released models only",
+                         "name a protocol with resize direct, shorter_side or square")
+    if headline not in ev["sweep_protocols"]:
+        config_error("evaluation.sweep_protocols", f"lacks the headline protocol '{headline}' (the selection-bias "
+                     "table compares the sweep on test with the headline)", f"add {headline}")
+
+
 def _check_head_dataset(name, ck, dsets):
+    if ck.get("timm_model") and "head_dataset" not in ck:
+        config_error(f"checkpoints.{name}.timm_model", "names a released timm model but the checkpoint has no "
+                     "head_dataset (the dataset that released model classifies)", "add head_dataset or remove it")
     if "head_dataset" not in ck:
         return
     _check_names(f"checkpoints.{name}.head_dataset", [ck["head_dataset"]], dsets)
@@ -259,9 +299,10 @@ def variant_evaluation_json(variant, ckpt, dataset):
     return f"{results_root}/variants/{variant}/{ckpt}/{dataset}/evaluation.json"
 
 
-def selection_bias_json(ckpt, dataset):
-    """Every run of a pair's sweep evaluated on test: only for the selection-bias table, never for selection."""
-    return f"{results_root}/selection_bias/{ckpt}/{dataset}.json"
+def sweep_evaluation_json(ckpt, dataset, protocol):
+    """Every run of a pair's sweep evaluated on test with one protocol: for the selection-bias table and the
+    references made by one sweep run (the official code's), never for selection."""
+    return f"{results_root}/sweep_on_test/{ckpt}/{dataset}/{protocol}.json"
 
 
 def baseline_json(ckpt, dataset, protocol):
@@ -281,9 +322,9 @@ def real_labels_record(dataset):
     return f"{weights_dir}/real_labels/{dataset}.download.json"
 
 
-def real_json(ckpt, dataset):
-    """The ReaL-style top-1 of one (checkpoint, dataset) result."""
-    return f"{results_root}/real/{ckpt}/{dataset}.json"
+def real_json(ckpt, dataset, source):
+    """The ReaL-style top-1 of one (checkpoint, dataset) result: the fine-tuned models' or the released one's."""
+    return f"{results_root}/real/{source}/{ckpt}/{dataset}.json"
 
 
 def result_json(ckpt, dataset, source, protocol=None):
@@ -322,6 +363,7 @@ VARIANT_JOB = "{variant}/{ckpt}/{dataset}/s{seed}"
 PROTOCOL_JOB = "{ckpt}/{dataset}/{protocol}"
 VARIANT_PAIR_JOB = "{variant}/{ckpt}/{dataset}"
 PAIR_JOB = "{ckpt}/{dataset}"
+REAL_JOB = "{source}/{ckpt}/{dataset}"
 BASELINE_JOB = "{ckpt}/{dataset}/{protocol}"
 
 
@@ -370,9 +412,13 @@ def minival_protocol():
     return as_json({"name": name, **config["evaluation"]["protocols"][name]})
 
 
-def eval_protocol(name=None):
-    """An evaluation protocol's config entry as JSON (default: the headline protocol)."""
-    return as_json(config["evaluation"]["protocols"][name or config["evaluation"]["headline_protocol"]])
+def eval_protocol(name=None, ckpt=None):
+    """An evaluation protocol's config entry as JSON (default: the headline protocol); timm's carries the
+    checkpoint's timm_model (the model whose evaluation transform timm builds)."""
+    entry = dict(config["evaluation"]["protocols"][name or config["evaluation"]["headline_protocol"]])
+    if entry["resize"] == "timm":
+        entry["timm_model"] = config["checkpoints"][ckpt]["timm_model"]
+    return as_json(entry)
 
 
 def final_training_data():
@@ -390,7 +436,7 @@ def final_models(wildcards):
     data (retrain on), or all runs of the sweep plus the selection that picks among them (retrain off)."""
     ck, ds = wildcards.ckpt, wildcards.dataset
     if config["finetune"]["retrain_on_full_train"]:
-        seeds = config["finetune"]["seeds"]
+        seeds = matrix.final_seeds(config)
         return {
             "models": [final_run_file(ck, ds, s, "model.safetensors") for s in seeds],
             "summaries": [final_run_file(ck, ds, s, "summary.json") for s in seeds],
@@ -410,8 +456,7 @@ def models_arguments(wildcards, input):
 
 def real_input(wildcards):
     """The predictions, ReaL labels and dataset record a ReaL job reads."""
-    source = {(ck, ds): src for ck, ds, src in matrix.real_results(config)}[wildcards.ckpt, wildcards.dataset]
-    result = result_json(wildcards.ckpt, wildcards.dataset, source)
+    result = result_json(wildcards.ckpt, wildcards.dataset, wildcards.source)
     return {
         "predictions": predictions_file(result),
         "labels": real_labels_json(wildcards.dataset),
@@ -438,13 +483,13 @@ def aggregate_inputs(wildcards):
         "selections": [selection_json(ck, ds) for ck, ds in matrix.pairs(config)],
         "evaluations": [evaluation_json(*e) for e in matrix.evaluations(config)],
         "variant_evaluations": [variant_evaluation_json(*v) for v in matrix.variant_pairs(config)],
-        "selection_bias": [selection_bias_json(*p) for p in matrix.selection_bias_pairs(config)],
+        "sweep_evaluations": [sweep_evaluation_json(*e) for e in matrix.sweep_evaluations(config)],
         "baselines": [baseline_json(*b) for b in matrix.baseline_runs(config)],
         "parity": [parity_record(ck) for ck in matrix.used_checkpoints(config)],
         "downloads": [download_record(ck) for ck in matrix.used_checkpoints(config)],
         # dataset.json carries the subset flag the report puts in its headline
         "datasets": [dataset_json(ds) for ds in matrix.used_datasets(config)],
-        "reals": [real_json(ck, ds) for ck, ds, _ in matrix.real_results(config)],
+        "reals": [real_json(*r) for r in matrix.real_results(config)],
     }
 
 

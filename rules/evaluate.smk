@@ -1,6 +1,7 @@
 # Model selection on minival; the test evaluations (a pair's final models with every protocol, the
-# released checkpoints as they are, the protocol variants, and the sweep runs for the selection-bias
-# table), which share one rule body; ReaL-style top-1 from stored predictions.
+# released checkpoints as they are, the protocol variants, and the sweep runs on test for the
+# selection-bias table and the official code's figures), which share one rule body; ReaL-style top-1
+# from stored predictions.
 
 
 rule select_lr:
@@ -47,7 +48,7 @@ rule evaluate:
     params:
         what=models_arguments,
         protocol_name=lambda wc: wc.protocol,
-        protocol=lambda wc: eval_protocol(wc.protocol),
+        protocol=lambda wc: eval_protocol(wc.protocol, wc.ckpt),
         batch_size=config["evaluation"]["batch_size"],
         num_workers=config["protocol"]["num_workers"],
         decode_device=config["protocol"]["decode_device"],
@@ -103,22 +104,20 @@ use rule evaluate as evaluate_variant with:
         protocol=eval_protocol(),
 
 
-use rule evaluate as evaluate_selection_bias with:
+use rule evaluate as evaluate_sweep with:
     input:
         models=lambda wc: pair_runs(wc, "model.safetensors"),
         summaries=lambda wc: pair_runs(wc, "summary.json"),
         data=dataset_json("{dataset}"),
     output:
-        result=selection_bias_json("{ckpt}", "{dataset}"),
-        predictions=predictions_file(selection_bias_json("{ckpt}", "{dataset}")),
+        result=sweep_evaluation_json("{ckpt}", "{dataset}", "{protocol}"),
+        predictions=predictions_file(sweep_evaluation_json("{ckpt}", "{dataset}", "{protocol}")),
     log:
-        log_file("evaluate_selection_bias", PAIR_JOB),
+        log_file("evaluate_sweep", PROTOCOL_JOB),
     benchmark:
-        benchmark_file("evaluate_selection_bias", PAIR_JOB)
+        benchmark_file("evaluate_sweep", PROTOCOL_JOB)
     params:
         what=models_arguments,
-        protocol_name=config["evaluation"]["headline_protocol"],
-        protocol=eval_protocol(),
 
 
 rule download_real_labels:
@@ -150,11 +149,11 @@ rule real:
     input:
         unpack(real_input),
     output:
-        real_json("{ckpt}", "{dataset}"),
+        real_json("{ckpt}", "{dataset}", "{source}"),
     log:
-        log_file("real", PAIR_JOB),
+        log_file("real", REAL_JOB),
     benchmark:
-        benchmark_file("real", PAIR_JOB)
+        benchmark_file("real", REAL_JOB)
     conda:
         "../envs/pipeline.yaml"
     shell:

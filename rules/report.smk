@@ -20,13 +20,13 @@ rule aggregate:
     conda:
         "../envs/pipeline.yaml"
     params:
-        config=as_json(config),
+        config=lambda wc: as_json(config),
     shell:
         "python -m workflow_scripts.aggregate --config-json {params.config:q}"
         " --summaries {input.summaries} --metrics {input.metrics}"
         " --finetune-benchmarks {input.finetune_benchmarks} --selections {input.selections}"
         " --evaluations {input.evaluations} --variant-evaluations {input.variant_evaluations}"
-        " --selection-bias {input.selection_bias} --baselines {input.baselines} --parity {input.parity}"
+        " --sweep-evaluations {input.sweep_evaluations} --baselines {input.baselines} --parity {input.parity}"
         " --downloads {input.downloads} --datasets {input.datasets} --reals {input.reals}"
         " --runs-csv {output.runs} --comparison-csv {output.comparison} --comparison-md {output.markdown}"
         " --comparison-tex {output.latex} --summary-json {output.summary} --config-json-out {output.config}"

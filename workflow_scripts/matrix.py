@@ -2,11 +2,15 @@
 the aggregate stage reads results with them, so both always agree on what a run consists of.
 
 Vocabulary:
-- a *pair* is a (checkpoint, dataset) the study fine-tunes: an LR sweep, one selection, one test
-  evaluation. A checkpoint is not fine-tuned on its `head_dataset` (the dataset its released head
-  already classifies, e.g. ImageNet for the ImageNet-1k checkpoints).
+- a *pair* is a (checkpoint, dataset) the study fine-tunes: an LR sweep, one selection, the final runs
+  (one per final seed) and their test evaluations. Every checkpoint is fine-tuned on every dataset, its
+  `head_dataset` included: Table 3's ImageNet rows of the ImageNet-pre-trained models are fine-tuned
+  models too (paper, Table 3 caption: "averaged over three fine-tuning runs").
 - a *released* result is a (checkpoint, head_dataset): the released model evaluated as it is, by the
-  baseline stage, once per evaluation protocol.
+  baseline stage, once per evaluation protocol that applies to it; a row of its own ("as released"),
+  never a Table 3 figure.
+- an evaluation protocol with `resize: timm` is timm's own transform for the checkpoint's `timm_model`:
+  it applies to released checkpoints that name one (timm's results table evaluates those), only.
 
 Kept free of heavy imports: Snakemake imports this module when it parses the workflow.
 """
@@ -24,9 +28,9 @@ def head_dataset(config: dict, ckpt: str) -> str | None:
 
 
 def pairs(config: dict) -> list[tuple[str, str]]:
-    """Every (checkpoint, dataset) that is fine-tuned: an LR sweep, a selection and one test evaluation."""
+    """Every (checkpoint, dataset) that is fine-tuned: an LR sweep, a selection, the final runs, evaluations."""
     f = config["finetune"]
-    return [(ck, ds) for ck in f["checkpoints"] for ds in f["datasets"] if ds != head_dataset(config, ck)]
+    return [(ck, ds) for ck in f["checkpoints"] for ds in f["datasets"]]
 
 
 def pair_runs(config: dict, ckpt: str, dataset: str) -> list[tuple[str, str, str, int]]:
@@ -40,11 +44,18 @@ def finetune_runs(config: dict) -> list[tuple[str, str, str, int]]:
     return [run for ck, ds in pairs(config) for run in pair_runs(config, ck, ds)]
 
 
+def final_seeds(config: dict) -> list[int]:
+    """The seeds of a pair's final models: finetune.final_seeds (retrain on), else the sweep's seeds."""
+    f = config["finetune"]
+    return list(f["final_seeds"] if f["retrain_on_full_train"] else f["seeds"])
+
+
 def final_runs(config: dict) -> list[tuple[str, str, int]]:
-    """The final run of each pair and seed at the selected LR on the whole training data (retrain on)."""
+    """The final runs of each pair at the selected LR on the whole training data, one per final seed
+    (retrain on; Table 3 caption: "averaged over three fine-tuning runs")."""
     if not config["finetune"]["retrain_on_full_train"]:
         return []
-    return [(ck, ds, seed) for ck, ds in pairs(config) for seed in config["finetune"]["seeds"]]
+    return [(ck, ds, seed) for ck, ds in pairs(config) for seed in config["finetune"]["final_seeds"]]
 
 
 def variant_runs(config: dict) -> list[tuple[str, str, str, int]]:
@@ -58,14 +69,36 @@ def variant_pairs(config: dict) -> list[tuple[str, str, str]]:
     return [(name, ck, ds) for name, v in config["variants"].items() for ck, ds in v["pairs"]]
 
 
+def is_timm_protocol(config: dict, protocol: str) -> bool:
+    return config["evaluation"]["protocols"][protocol].get("resize") == "timm"
+
+
+def finetuned_protocols(config: dict) -> list[str]:
+    """The evaluation protocols of fine-tuned models: all but timm's (which needs a released timm model)."""
+    return [p for p in config["evaluation"]["protocols"] if not is_timm_protocol(config, p)]
+
+
+def released_protocols(config: dict, ckpt: str) -> list[str]:
+    """The protocols a released checkpoint is evaluated with: timm's only where it names its `timm_model`."""
+    has_timm = bool(config["checkpoints"][ckpt].get("timm_model"))
+    return [p for p in config["evaluation"]["protocols"] if has_timm or not is_timm_protocol(config, p)]
+
+
 def evaluations(config: dict) -> list[tuple[str, str, str]]:
-    """Every test evaluation of a fine-tuned pair: (checkpoint, dataset, protocol), every protocol."""
-    return [(ck, ds, p) for ck, ds in pairs(config) for p in config["evaluation"]["protocols"]]
+    """Every test evaluation of a pair's final models: (checkpoint, dataset, protocol), every protocol."""
+    return [(ck, ds, p) for ck, ds in pairs(config) for p in finetuned_protocols(config)]
 
 
 def selection_bias_pairs(config: dict) -> list[tuple[str, str]]:
-    """The pairs whose every sweep run is also evaluated on test, for the selection-bias table only."""
+    """The pairs whose every sweep run is also evaluated on test (selection-bias table, official-code match)."""
     return pairs(config) if config["finetune"]["selection_bias_table"] else []
+
+
+def sweep_evaluations(config: dict) -> list[tuple[str, str, str]]:
+    """(checkpoint, dataset, protocol): every sweep run of a pair evaluated on test with one protocol of
+    evaluation.sweep_protocols (the headline one for the selection-bias table; others for the references
+    made by a sweep run, e.g. the official code's: one run at LR 0.03, plain resize)."""
+    return [(ck, ds, p) for ck, ds in selection_bias_pairs(config) for p in config["evaluation"]["sweep_protocols"]]
 
 
 def released(config: dict) -> list[tuple[str, str]]:
@@ -75,8 +108,8 @@ def released(config: dict) -> list[tuple[str, str]]:
 
 
 def baseline_runs(config: dict) -> list[tuple[str, str, str]]:
-    """Released checkpoints evaluated as they are: (checkpoint, dataset, evaluation protocol), every protocol."""
-    return [(ck, ds, p) for ck, ds in released(config) for p in config["evaluation"]["protocols"]]
+    """Released checkpoints evaluated as they are: (checkpoint, dataset, evaluation protocol)."""
+    return [(ck, ds, p) for ck, ds in released(config) for p in released_protocols(config, ck)]
 
 
 def results(config: dict) -> list[tuple[str, str, str]]:
