@@ -383,6 +383,11 @@ def as_json(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+def as_ordered_json(obj):
+    """JSON keeping the mappings' order: the config as the aggregate reads it (its matrix order is the rules')."""
+    return json.dumps(obj, separators=(",", ":"))
+
+
 def gpu_job(command):
     """A shell command run on the GPUs the job reserves (resources.gpu), through gpu_pool's locks."""
     lock_dir = _escape(config["gpu_lock_dir"])

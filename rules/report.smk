@@ -20,7 +20,7 @@ rule aggregate:
     conda:
         "../envs/pipeline.yaml"
     params:
-        config=lambda wc: as_json(config),
+        config=lambda wc: as_ordered_json(config),
     shell:
         "python -m workflow_scripts.aggregate --config-json {params.config:q}"
         " --summaries {input.summaries} --metrics {input.metrics}"
