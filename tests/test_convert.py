@@ -511,3 +511,10 @@ def test_expected_higher_resolution_without_image_size_points_at_the_flag(tmp_pa
     with pytest.raises(PipelineError, match="image_size 16 vs 32.*or its --image-size"):
         convert.convert(npz, tmp_path / "o.safetensors", dict(SMALL, image_size=32, tokens_mlp_dim=64))
     assert_no_outputs(tmp_path, "o.safetensors")
+
+
+def test_image_size_of_the_checkpoint_itself_writes_the_same_bytes(tmp_path):
+    npz = write_npz(tmp_path / "base.npz", convert.random_official_params(SMALL, seed=53))
+    plain = convert.convert(npz, tmp_path / "plain.safetensors")
+    same = convert.convert(npz, tmp_path / "same.safetensors", SMALL, image_size=16)  # K = 1: nothing to upscale
+    assert same["safetensors_sha256"] == plain["safetensors_sha256"] and same["upscale"] is None

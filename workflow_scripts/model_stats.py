@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                         batch_size=args.batch_size, warmup=args.warmup, rounds=args.rounds,
                         iterations=args.iterations)
     write_json(args.out, stats)
-    print(f"{stats['model']}: {stats['img_s']:.1f} img/s at {stats['image_size']} px, batch {stats['batch_size']}, "
+    print(f"{stats['model']}: {stats['img_s']:.3g} img/s at {stats['image_size']} px, batch {stats['batch_size']}, "
           f"{stats['precision']} on {stats['device_name']}; {stats['params_excluding_head']:,} parameters "
           f"without the head")
     return 0
