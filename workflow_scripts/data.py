@@ -296,8 +296,9 @@ class TimmEvalTransform:
                                 "evaluate a model of that size or name a timm_model of this one's")
         if any(abs(m * 255 - mean) > 1e-6 or abs(s * 255 - std) > 1e-6 for m, s in zip(config["mean"], config["std"])):
             raise PipelineError(f"evaluation protocol {protocol}: timm's transform for {name} normalises with mean "
-                                f"{config['mean']} and std {config['std']} (x 255), the model was trained with "
-                                f"pixel mean {mean} and std {std}; this protocol does not fit the model")
+                                f"{config['mean']} and std {config['std']} (x 255 in pixel levels), but the model was "
+                                f"trained with pixel mean {mean} and std {std} (protocol.pixel_mean/pixel_std); "
+                                "evaluate it with another protocol or a timm_model that normalises as it was trained")
         return cls(str(name), image_size, timm.data.create_transform(**config, is_training=False), config)
 
     def description(self) -> dict:
