@@ -76,7 +76,7 @@ def load_references(value):
         config_error("references", f"file {path} does not exist", "point it at report/references.yaml")
     refs = yaml.safe_load(path.read_text())
     validate_against_schema(refs, "references.schema.yaml", str(path))
-    for i, fig in enumerate(refs["figures"]):
+    for i, fig in enumerate(refs["figures"] + refs.get("models", [])):
         if fig["source"] not in refs["sources"]:
             raise WorkflowError(
                 f"{path}: figures[{i}] cites source '{fig['source']}', which is not listed under "
@@ -103,8 +103,10 @@ def load_references(value):
 
 
 def _merge_references(parts, paths):
-    merged = {"sources": {}, "figures": [], "primary": {}}
+    merged = {"sources": {}, "figures": [], "primary": {}, "models": []}
     for part, path in zip(parts, paths):
+        merged["models"] += part.get("models", [])
+        merged.setdefault("throughput_baseline", part.get("throughput_baseline"))
         twice = sorted(set(merged["sources"]) & set(part["sources"]))
         if twice:
             config_error("references", f"{path} defines source(s) {twice} again", "define each source in one file")
@@ -138,6 +140,7 @@ def check_cross_references(config):
                 f"set it to file:{upstream_npz(name)}",
             )
         _check_head_dataset(name, ck, dsets)
+        _check_base_checkpoint(name, ck, ckpts)
     _check_batch_split(config)
     _check_variants(config)
 
@@ -174,6 +177,35 @@ def _check_protocols(config):
             "evaluation.headline_protocol",
             f"'{headline}' is timm's transform, which applies to " "released models only",
             "name a protocol with resize direct, shorter_side or square",
+        )
+
+
+def _check_base_checkpoint(name, ck, ckpts):
+    """A higher-resolution entry (Appendix C): built from its base's .npz by convert --image-size K."""
+    if "base_checkpoint" not in ck:
+        if "url" not in ck:
+            config_error(f"checkpoints.{name}", "has neither url nor base_checkpoint", "add the .npz's url")
+        return
+    key, base_name = f"checkpoints.{name}.base_checkpoint", ck["base_checkpoint"]
+    _check_names(key, [base_name], ckpts)
+    base = ckpts[base_name]
+    for field in ("url", "synthesize", "sha256", "size_mib", "head_dataset", "timm_model"):
+        if field in ck:
+            config_error(f"checkpoints.{name}.{field}", f"is the base's ({base_name}) to set", "remove it here")
+    if "base_checkpoint" in base:
+        config_error(key, f"'{base_name}' is itself built from another checkpoint", "name the released one")
+    a, b = ck["architecture"], base["architecture"]
+    k, rest = a["image_size"] // b["image_size"], ("patch_size", "hidden_dim", "num_blocks", "channels_mlp_dim")
+    if (
+        a["image_size"] % b["image_size"]
+        or any(a[f] != b[f] for f in rest)
+        or a["tokens_mlp_dim"] != k * k * b["tokens_mlp_dim"]
+    ):
+        config_error(
+            f"checkpoints.{name}.architecture",
+            f"is not {base_name}'s at an integer multiple K of its image size {b['image_size']} (Appendix C: same "
+            "patch size and widths, tokens MLP K^2 times wider)",
+            f"use image_size {b['image_size']}*K and tokens_mlp_dim {b['tokens_mlp_dim']}*K^2",
         )
 
 
@@ -220,10 +252,9 @@ def _check_synthesized_dataset(name, ds):
 
 def _check_batch_split(config):
     """The batch split of every checkpoint's fine-tuning jobs (the check lives in protocol.Protocol)."""
-    protocol = Protocol.from_config(config["protocol"])
     for ck in config["finetune"]["checkpoints"]:
         try:
-            protocol.micro_batches_per_process(max(1, matrix.finetune_gpus(config, ck)))  # 0 = CPU
+            checkpoint_protocol(ck).micro_batches_per_process(max(1, matrix.finetune_gpus(config, ck)))  # 0 = CPU
         except PipelineError as e:
             raise WorkflowError(f"the config is not valid: {e} (checkpoint {ck})") from None
 
@@ -255,12 +286,18 @@ def upstream_data_manifest(dataset):
     return f"{upstream_data(dataset)}/manifest.json"
 
 
+def weights_file(ckpt, suffix):
+    """A released checkpoint's downloaded file: ".npz" or its ".download.json" record."""
+    return f"{weights_dir}/{ckpt}{suffix}"
+
+
 def downloaded_npz(ckpt):
-    return f"{weights_dir}/{ckpt}.npz"
+    """The released .npz a checkpoint is converted from (its base_checkpoint's for a higher-resolution one)."""
+    return weights_file(matrix.npz_source(config, ckpt), ".npz")
 
 
 def download_record(ckpt):
-    return f"{weights_dir}/{ckpt}.download.json"
+    return weights_file(matrix.npz_source(config, ckpt), ".download.json")
 
 
 def converted_model(ckpt):
@@ -319,6 +356,11 @@ def baseline_json(ckpt, dataset, protocol):
     return f"{results_root}/baseline/{ckpt}/{dataset}/{protocol}.json"
 
 
+def model_stats_json(ckpt):
+    """A converted checkpoint's parameter count (Table 1) and inference images/s (Table 3's throughput)."""
+    return f"{results_root}/model_stats/{ckpt}.json"
+
+
 def predictions_file(result_json):
     """Per-image top-5 predictions stored beside an evaluation result (ReaL is computed from them)."""
     return result_json.removesuffix(".json") + ".predictions.npz"
@@ -332,9 +374,10 @@ def real_labels_record(dataset):
     return f"{weights_dir}/real_labels/{dataset}.download.json"
 
 
-def real_json(ckpt, dataset, source):
-    """The ReaL-style top-1 of one (checkpoint, dataset) result: the fine-tuned models' or the released one's."""
-    return f"{results_root}/real/{source}/{ckpt}/{dataset}.json"
+def real_json(ckpt, dataset, source, protocol):
+    """The ReaL-style top-1 of one (checkpoint, dataset) result, the fine-tuned models' or the released one's,
+    from the predictions of its evaluation with one protocol."""
+    return f"{results_root}/real/{source}/{ckpt}/{dataset}/{protocol}.json"
 
 
 def result_json(ckpt, dataset, source, protocol=None):
@@ -373,7 +416,7 @@ VARIANT_JOB = "{variant}/{ckpt}/{dataset}/s{seed}"
 PROTOCOL_JOB = "{ckpt}/{dataset}/{protocol}"
 VARIANT_PAIR_JOB = "{variant}/{ckpt}/{dataset}"
 PAIR_JOB = "{ckpt}/{dataset}"
-REAL_JOB = "{source}/{ckpt}/{dataset}"
+REAL_JOB = "{source}/{ckpt}/{dataset}/{protocol}"
 BASELINE_JOB = "{ckpt}/{dataset}/{protocol}"
 
 
@@ -427,6 +470,13 @@ def minival_protocol():
     return as_json({"name": name, **config["evaluation"]["protocols"][name]})
 
 
+def checkpoint_protocol(ckpt):
+    """The protocol block of a checkpoint's fine-tuning jobs: the study's, with the checkpoint's own
+    micro_batch_size where it sets one (memory only: the result does not depend on it beyond rounding)."""
+    own = config["checkpoints"][ckpt].get("micro_batch_size")
+    return Protocol.from_config({**config["protocol"], **({"micro_batch_size": own} if own else {})})
+
+
 def eval_protocol(name=None, ckpt=None):
     """An evaluation protocol's config entry as JSON (default: the headline protocol); timm's carries the
     checkpoint's timm_model (the model whose evaluation transform timm builds)."""
@@ -471,7 +521,7 @@ def models_arguments(wildcards, input):
 
 def real_input(wildcards):
     """The predictions, ReaL labels and dataset record a ReaL job reads."""
-    result = result_json(wildcards.ckpt, wildcards.dataset, wildcards.source)
+    result = result_json(wildcards.ckpt, wildcards.dataset, wildcards.source, wildcards.protocol)
     return {
         "predictions": predictions_file(result),
         "labels": real_labels_json(wildcards.dataset),
@@ -504,6 +554,7 @@ def aggregate_inputs(wildcards):
         "downloads": [download_record(ck) for ck in matrix.used_checkpoints(config)],
         # dataset.json carries the subset flag the report puts in its headline
         "datasets": [dataset_json(ds) for ds in matrix.used_datasets(config)],
+        "model_stats": [model_stats_json(ck) for ck in matrix.used_checkpoints(config)],
         "reals": [real_json(*r) for r in matrix.real_results(config)],
     }
 
