@@ -124,6 +124,11 @@ def combined_state(states: list[str]) -> str:
     return "waiting"
 
 
+def progress(jobs: list[dict]) -> list[int]:
+    """[jobs done, jobs] of a cell."""
+    return [sum(j["state"] == "done" for j in jobs), len(jobs)]
+
+
 def result_cells(config: dict, jobs: list[dict], workdir: Path) -> dict[tuple[str, str, str], dict]:
     """{(checkpoint, dataset, kind "dataset" | "real"): {"state", "figure"}} of every planned result."""
     headline = config["evaluation"]["headline_protocol"]
@@ -138,14 +143,14 @@ def result_cells(config: dict, jobs: list[dict], workdir: Path) -> dict[tuple[st
         if state == "done" and result is not None:
             record = read_json(workdir / result["named_outputs"]["result"])
             figure = record["top1_mean"] if "top1_mean" in record else record["top1"]
-        cells[ck, ds, "dataset"] = {"state": state, "figure": figure, "jobs": mine}
+        cells[ck, ds, "dataset"] = {"state": state, "figure": figure, "jobs": mine, "progress": progress(mine)}
     for ck, ds, _ in matrix.real_results(config):
         mine = cells[ck, ds, "dataset"]["jobs"] + [j for j in jobs if j["rule"] == "real" and
                                                    (j["wildcards"]["ckpt"], j["wildcards"]["dataset"]) == (ck, ds)]
         state = combined_state([j["state"] for j in mine])
         real = [j for j in mine if j["rule"] == "real"]
         figure = read_json(workdir / real[0]["outputs"][0])["real_top1"] if state == "done" and real else None
-        cells[ck, ds, "real"] = {"state": state, "figure": figure, "jobs": mine}
+        cells[ck, ds, "real"] = {"state": state, "figure": figure, "jobs": mine, "progress": progress(mine)}
     return cells
 
 
@@ -153,9 +158,10 @@ def average_cell(config: dict, cells: dict, ckpt: str, members: list[str]) -> di
     """A named average: done when every member's result is (the aggregate averages only complete rows)."""
     parts = [cells.get((ckpt, ds, "dataset")) for ds in members]
     if any(p is None for p in parts):
-        return {"state": NOT_PLANNED, "figure": None}
+        return {"state": NOT_PLANNED, "figure": None, "progress": None}
     state = combined_state([p["state"] for p in parts])
-    return {"state": state, "figure": statistics.fmean(p["figure"] for p in parts) if state == "done" else None}
+    return {"state": state, "figure": statistics.fmean(p["figure"] for p in parts) if state == "done" else None,
+            "progress": [sum(p["progress"][i] for p in parts) for i in (0, 1)]}
 
 
 def grid(config: dict, cells: dict) -> dict:
@@ -172,8 +178,8 @@ def grid(config: dict, cells: dict) -> dict:
                 cell = average_cell(config, cells, ck, config["averages"][label])
             else:
                 ds = by_label[label.removesuffix(" ReaL") if kind == "real" else label]
-                cell = cells.get((ck, ds, kind), {"state": NOT_PLANNED, "figure": None})
-            row_cells.append({"state": cell["state"], "figure": cell["figure"]})
+                cell = cells.get((ck, ds, kind), {"state": NOT_PLANNED, "figure": None, "progress": None})
+            row_cells.append({"state": cell["state"], "figure": cell["figure"], "progress": cell["progress"]})
         rows.append({"checkpoint": ck, "pretraining": entry["pretraining"], "model": entry["label"],
                      "image_size": entry["architecture"]["image_size"], "cells": row_cells})
     return {"columns": [c["label"] for c in columns], "rows": rows}
@@ -201,9 +207,12 @@ def hours(config: dict, jobs: list[dict], workdir: Path, gpus: int | None) -> di
         return {"spent": spent, "left": None, "eta_hours": None, "gpus": gpus, "unknown": [NO_RATES]}
     rates, measured_gpus = read_rates(summary_path)
     gpus = measured_gpus if gpus is None else gpus
-    with contextlib.chdir(workdir):  # the config's data_root is relative to the working directory
-        estimate = eta.estimate(config, rates, gpus or 0,
-                                done=frozenset(j["id"] for j in jobs if j["state"] == "done"))
+    try:
+        with contextlib.chdir(workdir):  # the config's data_root is relative to the working directory
+            estimate = eta.estimate(config, rates, gpus or 0,
+                                    done=frozenset(j["id"] for j in jobs if j["state"] == "done"))
+    except PipelineError as e:  # e.g. a 2-GPU job and --gpus 1: the status still shows, the ETA says why not
+        return {"spent": spent, "left": None, "eta_hours": None, "gpus": gpus, "unknown": [str(e)]}
     return {"spent": spent, "left": estimate["device_hours"], "eta_hours": estimate["eta_hours"],
             "gpus": gpus, "unknown": estimate["unknown"]}
 
@@ -240,7 +249,10 @@ def study_status(snakefile: Path, configfile: Path, workdir: Path, gpus: int | N
 
 
 def cell_text(cell: dict) -> str:
-    return f"{cell['state']} {cell['figure']:.2f}" if cell["figure"] is not None else cell["state"]
+    """"done 93.89", or the state with the cell's jobs done: "running 3/6"."""
+    if cell["figure"] is not None:
+        return f"{cell['state']} {cell['figure']:.2f}"
+    return f"{cell['state']} {cell['progress'][0]}/{cell['progress'][1]}" if cell["progress"] else cell["state"]
 
 
 def format_hours(value: float | None) -> str:
