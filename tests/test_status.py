@@ -152,7 +152,7 @@ def test_status_of_a_demo_killed_halfway(demo_run, tmp_path):
     rates = {shape: {"train_img_s": 50.0, "eval_img_s": 500.0} for shape in matrix.job_shapes(config)}
     (tmp_path / root.name / "preflight").mkdir(exist_ok=True)
     (tmp_path / root.name / "preflight" / "summary.json").write_text(json.dumps(
-        {"shapes": [{"shape": s, **r} for s, r in rates.items()], "plan": {"gpus": 2}}))
+        {"shapes": [{"shape": s, **r} for s, r in rates.items()], "gpus": 2}))
 
     result = status.study_status(SNAKEFILE, DEMO_CONFIG, tmp_path)
     printed = status.render_text(result)

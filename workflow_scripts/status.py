@@ -218,17 +218,15 @@ def hours(config: dict, jobs: list[dict], workdir: Path, gpus: int | None) -> di
 
 
 def read_rates(path: Path) -> tuple[dict, int | None]:
-    """({shape: {"train_img_s", "eval_img_s"}}, the plan's GPU count) from the preflight's summary.json."""
+    """({shape: {"train_img_s", "eval_img_s"}}, the plan's GPU count) from the preflight's summary.json
+    (workflow_scripts.preflight summarize: {"shapes": [{"shape", "train_img_s", "eval_img_s", ...}], "gpus", ...})."""
     summary = read_json(path)
-    shapes = summary.get("shapes", {})
-    entries = [{"shape": k, **v} for k, v in shapes.items()] if isinstance(shapes, dict) else shapes
     try:
         rates = {e["shape"]: {"train_img_s": float(e["train_img_s"]), "eval_img_s": float(e["eval_img_s"])}
-                 for e in entries}
+                 for e in summary["shapes"]}
     except (KeyError, TypeError, ValueError) as e:
         raise PipelineError(f"{path}: a shape lacks its measured rates ({e}); run `make preflight` again") from None
-    plan = summary.get("plan", summary)
-    return rates, plan.get("gpus")
+    return rates, summary.get("gpus")
 
 
 # ---------------------------------------------------------------------------------------------
