@@ -355,14 +355,14 @@ def benchmark_file(rule, job):
 
 
 # The job name of each kind of job in its log and benchmark paths.
-RUN_JOB = "{ckpt}/{dataset}/lr{lr}_s{seed}"
-FINAL_JOB = "{ckpt}/{dataset}/s{seed}"
-VARIANT_JOB = "{variant}/{ckpt}/{dataset}/s{seed}"
-PROTOCOL_JOB = "{ckpt}/{dataset}/{protocol}"
-VARIANT_PAIR_JOB = "{variant}/{ckpt}/{dataset}"
-PAIR_JOB = "{ckpt}/{dataset}"
-REAL_JOB = "{source}/{ckpt}/{dataset}/{protocol}"
-BASELINE_JOB = "{ckpt}/{dataset}/{protocol}"
+RUN_JOB = matrix.RUN_JOB
+FINAL_JOB = matrix.FINAL_JOB
+VARIANT_JOB = matrix.VARIANT_JOB
+PROTOCOL_JOB = matrix.PROTOCOL_JOB
+VARIANT_PAIR_JOB = matrix.VARIANT_PAIR_JOB
+PAIR_JOB = matrix.PAIR_JOB
+REAL_JOB = matrix.REAL_JOB
+BASELINE_JOB = matrix.BASELINE_JOB
 
 
 # ---------------------------------------------------------------------------------------------
