@@ -996,3 +996,159 @@ def test_a_selection_bias_file_must_hold_the_whole_sweep(tmp_path):
     with pytest.raises(PipelineError, match=re.escape(str(path)) + r": holds the runs \(lr, seed\) .* but the sweep"):
         run_aggregate(config)
     assert not (Path(config["output_root"]) / "aggregate").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The page, comparison.md and comparison.tex on a summary.json of the aggregate's contract, written by hand
+# (no pipeline run): the study's shape, three final seeds, every verdict, released rows and one reference
+# matched with a sweep run.
+PAPER = {("Mixer-B/16", "ImageNet-21k"): {"ImageNet": 80.64, "ImageNet ReaL": 85.80, "Avg5": 92.50},
+         ("Mixer-L/16", "ImageNet-21k"): {"ImageNet": 82.89, "ImageNet ReaL": 87.54, "Avg5": 93.63},
+         ("Mixer-B/16", "ImageNet-1k"): {"ImageNet": 76.44, "ImageNet ReaL": 82.36, "Avg5": 88.33}}
+COLUMNS = [("ImageNet", "dataset"), ("ImageNet ReaL", "real"), ("Avg5", "average"), ("CIFAR-10", "dataset"),
+           ("CIFAR-100", "dataset"), ("Oxford-IIIT Pets", "dataset"), ("Oxford Flowers-102", "dataset")]
+# Our final runs (three seeds) per (model, pre-training, column); L/16 ImageNet-21k is not run.
+FINAL_RUNS = {("Mixer-B/16", "ImageNet-21k", "ImageNet"): [80.58, 80.66, 80.71],    # consistent with 80.64
+              ("Mixer-B/16", "ImageNet-21k", "ImageNet ReaL"): [84.10, 84.30, 84.02],  # below 85.80
+              ("Mixer-B/16", "ImageNet-21k", "CIFAR-10"): [97.61, 97.52, 97.70],
+              ("Mixer-B/16", "ImageNet-21k", "CIFAR-100"): [87.01, 86.80, 87.13],
+              ("Mixer-B/16", "ImageNet-21k", "Oxford-IIIT Pets"): [90.11, 89.52, 90.40],  # s.d. above 0.15
+              ("Mixer-B/16", "ImageNet-21k", "Oxford Flowers-102"): [98.20, 98.31, 98.25],
+              ("Mixer-B/16", "ImageNet-1k", "ImageNet"): [77.90, 78.02, 78.11]}          # above 76.44
+
+
+def fixture_result(model, pre, column, kind, per_seed, result_from="finetune", n_images=10_000) -> dict:
+    """A summary.json `results` entry (the contract): mean, sample s.d. and interval from the per-seed figures."""
+    interval = stats.top1_interval(per_seed, n_images)
+    std = statistics.stdev(per_seed) if len(per_seed) > 1 else None
+    figure = {"top1_mean": statistics.fmean(per_seed), "top1_std": std, "ci_low": interval.low,
+              "ci_high": interval.high, "ci_method": "fixture", "per_seed": per_seed}
+    return {"checkpoint": f"{model}-{pre}", "label": model, "pretraining": pre, "image_size": 224,
+            "result_from": result_from, "column": column, "kind": kind, "dataset_name": column, "status": "run",
+            "coverage": f"{len(per_seed)} of {len(per_seed)}", "eval_protocol": "resmall_crop", **figure,
+            "seeds": list(range(len(per_seed))) if result_from == "finetune" else [],
+            "num_seeds": len(per_seed) if result_from == "finetune" else 0,
+            "selected_lr": 0.03 if result_from == "finetune" else None,
+            "trained_on": "full" if result_from == "finetune" else None, "subset": False,
+            "protocols": {"resmall_crop": figure, "official": {**figure, "top1_mean": figure["top1_mean"] - 0.5}}}
+
+
+def fixture_reference(source, made_by, result: dict | None, value, column, model, pre, primary,
+                      matched=None, per_seed=None) -> dict:
+    """A summary.json `comparison` entry: the reference beside the run made its way (`matched`: result kind,
+    protocol, runs text), with the verdict of workflow_scripts.stats on that pair."""
+    per_seed = per_seed if per_seed is not None else (result["per_seed"] if result else [])
+    interval = stats.top1_interval(per_seed, 10_000) if per_seed else None
+    if made_by["result"] == "as_reported":
+        verdict, diff = "no protocol match", None
+    else:
+        verdict, diff = stats.verdict(value, interval)
+    result_kind, protocol, runs = matched or (made_by["result"], made_by["protocol"], None)
+    if interval is None:
+        result_kind = protocol = runs = None
+    return {"source": source, "citation": REFS["sources"][source]["citation"], "source_protocol": made_by,
+            "source_protocol_note": REFS["sources"][source]["protocol_note"], "model": model, "pretraining": pre,
+            "image_size": 224, "column": column, "kind": "dataset", "metric": "top1", "reference_value": value,
+            "is_primary": primary, "matched_result": result_kind, "matched_protocol": protocol,
+            "matched_runs": runs or ("final runs s0, s1, s2 at LR 0.03" if interval else None),
+            "checkpoint": result["checkpoint"] if result else None, "per_seed": per_seed,
+            "ours": interval.value if interval else None,
+            "ours_std": statistics.stdev(per_seed) if len(per_seed) > 1 else None,
+            "ci_low": interval.low if interval else None, "ci_high": interval.high if interval else None,
+            "diff": diff, "verdict": verdict}
+
+
+def fixture_results() -> list[dict]:
+    results = [fixture_result(m, p, c, dict(COLUMNS)[c], seeds) for (m, p, c), seeds in FINAL_RUNS.items()]
+    members = [c for c, kind in COLUMNS if kind == "dataset"]
+    per_seed_avg5 = [statistics.fmean(FINAL_RUNS["Mixer-B/16", "ImageNet-21k", c][i] for c in members)
+                     for i in range(3)]
+    results.insert(2, fixture_result("Mixer-B/16", "ImageNet-21k", "Avg5", "average", per_seed_avg5))
+    partial = fixture_result("Mixer-B/16", "ImageNet-1k", "Avg5", "average", [1.0])
+    partial.update(status="partial", coverage="1 of 5", top1_mean=None, top1_std=None, ci_low=None, ci_high=None,
+                   per_seed=[], protocols={})
+    results.append(partial)
+    results += [fixture_result("Mixer-B/16", "ImageNet-1k", "ImageNet", "dataset", [76.60], "released", 50_000),
+                fixture_result("Mixer-B/16", "ImageNet-1k", "ImageNet ReaL", "real", [82.01], "released", 46_837)]
+    return results
+
+
+def fixture_comparison(results: list[dict]) -> list[dict]:
+    by_cell = {(r["label"], r["pretraining"], r["column"], r["result_from"]): r for r in results}
+    made_by = {key: entry["made_by"] for key, entry in REFS["sources"].items()}
+    rows = [fixture_reference("paper_table3", made_by["paper_table3"], by_cell.get((m, p, c, "finetune")), value, c,
+                              m, p, True) for (m, p), figures in PAPER.items() for c, value in figures.items()]
+    cifar = by_cell["Mixer-B/16", "ImageNet-21k", "CIFAR-10", "finetune"]
+    rows.append(fixture_reference("official_repo", made_by["official_repo"], cifar, 96.82, "CIFAR-10", "Mixer-B/16",
+                                  "ImageNet-21k", True, ("sweep_run", "official", "sweep run at LR 0.03, s0"),
+                                  [96.75]))
+    released = by_cell["Mixer-B/16", "ImageNet-1k", "ImageNet", "released"]
+    rows.append(fixture_reference("timm_results", made_by["timm_results"], released, 76.616, "ImageNet",
+                                  "Mixer-B/16", "ImageNet-1k", False, ("released", "timm", "released model"),
+                                  [76.58]))
+    issue = fixture_reference("vit_issue_134", made_by["vit_issue_134"], released, 72.62, "ImageNet", "Mixer-B/16",
+                              "ImageNet-1k", False, ("released", None, "released model"))
+    issue.update(verdict="no protocol match", diff=None)
+    rows.append(issue)
+    rows.append(fixture_reference("earlier_study", made_by["earlier_study"],
+                                  by_cell["Mixer-B/16", "ImageNet-1k", "ImageNet", "finetune"], 73.64, "ImageNet",
+                                  "Mixer-B/16", "ImageNet-1k", False))
+    return rows
+
+
+def fixture_selection_bias() -> list[dict]:
+    """Two pairs with different LR grids (the table's columns are their union)."""
+    def entry(label, dataset, lrs, selected, best, honest, trained_on):
+        return {"checkpoint": label, "dataset": dataset, "label": label, "pretraining": "ImageNet-21k",
+                "dataset_label": dataset, "lrs": [{"lr": lr, "top1_mean": v, "ci_low": v - 1, "ci_high": v + 1,
+                                                   "selected": lr == selected, "best_on_test": lr == best}
+                                                  for lr, v in lrs.items()],
+                "best_lr": best, "best_top1": lrs[best], "selected_lr": selected,
+                "sweep_top1_at_selected_lr": lrs[selected], "trained_on": trained_on,
+                "headline": {"top1_mean": honest, "ci_low": honest - 0.3, "ci_high": honest + 0.3},
+                "inflation": lrs[best] - honest, "inflation_by_selection": lrs[best] - lrs[selected], "path": "x"}
+    return [entry("Mixer-B/16", "CIFAR-10", {0.003: 97.11, 0.01: 97.44, 0.03: 97.58, 0.06: 97.91}, 0.03, 0.06,
+                  97.61, "full"),
+            entry("Mixer-B/16", "Oxford-IIIT Pets", {0.001: 88.05, 0.003: 89.12}, 0.001, 0.003, 88.40, "full")]
+
+
+def contract_summary() -> dict:
+    """A summary.json as the aggregate writes it after issue 19 (the keys the report reads)."""
+    results = fixture_results()
+    comparison = fixture_comparison(results)
+    primary = [r for r in comparison if r["is_primary"]]
+    protocols = {"resmall_crop": {"resize": "shorter_side", "crop_fraction": 0.875},
+                 "resize_crop": {"resize": "square", "crop_fraction": 0.875}, "official": {"resize": "direct"},
+                 "timm": {"resize": "timm"}}
+    rows = [{"label": m, "pretraining": p, "image_size": 224, "result_from": "finetune"} for m, p in PAPER]
+    rows.append({"label": "Mixer-B/16", "pretraining": "ImageNet-1k", "image_size": 224, "result_from": "released"})
+    return {
+        "title": "Fixture study", "aggregated_utc": "2026-01-01T00:00:00+00:00", "results_root": "/results",
+        "results": results, "comparison": comparison, "table3_rows": rows,
+        "table3_columns": [{"label": label, "kind": kind} for label, kind in COLUMNS],
+        "verdicts": {"published": len(primary), **{v: sum(r["verdict"] == v for r in primary)
+                                                   for v in ("consistent", "below", "above", "not run")}},
+        "final_seeds": [0, 1, 2], "paper_sd_bound": 0.15, "selection_bias": fixture_selection_bias(),
+        "variants": [], "references": REFS, "headline_protocol": "resmall_crop", "final_models_trained_on": "full",
+        "eval_protocols": tables.eval_protocol_records(protocols, "resmall_crop"), "subset_datasets": [],
+        "average_members": {"Avg5": ["imagenet", "cifar10", "cifar100", "pets", "flowers"]},
+        "runs": [], "curves": {}, "pairs": [], "reals": [], "baselines": [], "datasets": {}, "checkpoints": {},
+        "protocol": {"inception_crop": True, "inception_crop_min_area": 0.05, "random_flip": True, "batch_size": 512,
+                     "micro_batch_size": 64, "momentum": 0.9, "weight_decay": 0.0, "grad_clip_norm": 1.0,
+                     "warmup_steps": 500, "pixel_mean": 127.5, "pixel_std": 127.5, "precision": "bf16"},
+        "cost": {"gpu_hours": None, "wall_seconds": None, "runs_with_benchmark": 0, "runs": 0},
+        "provenance": {"git": {"commit": "f" * 40, "dirty": False, "note": None}, "packages": {},
+                       "aggregate_host": {"hostname": "h", "cpu": "c", "cpu_count": 2, "platform": "p"},
+                       "training_devices": [], "started_utc": None, "finished_utc": None},
+        "inputs": [],
+    }
+
+
+def render_contract(tmp_path: Path, summary: dict) -> str:
+    """The page of a hand-written summary.json (render_report as the rule runs it)."""
+    _json(tmp_path / "summary.json", summary)
+    _json(tmp_path / "config.json", {"title": summary["title"]})
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    out = report.render_report(tmp_path / "summary.json", tmp_path / "config.json", tmp_path / "analysis.html",
+                               tmp_path / "logs", tmp_path / "report" / "index.html", "snakemake --cores all")
+    return out.read_text()
