@@ -90,6 +90,15 @@ def load_references(value):
                 f"'evaluation.protocols' ({sorted(config['evaluation']['protocols'])}). Fix: add the protocol "
                 "there or correct the name."
             )
+        if (
+            protocol is not None
+            and matrix.is_timm_protocol(config, protocol)
+            and src["made_by"]["result"] != "released"
+        ):
+            raise WorkflowError(
+                f"{path}: sources.{name}.made_by uses timm's transform '{protocol}' for a {src['made_by']['result']} "
+                "result; it applies to released checkpoints only. Fix: result: released, or another protocol."
+            )
     return refs
 
 
@@ -160,21 +169,22 @@ def _check_protocols(config):
     ev = config["evaluation"]
     protocols, headline = ev["protocols"], ev["headline_protocol"]
     _check_names("evaluation.headline_protocol", [headline], protocols, "a protocol")
-    _check_names("evaluation.sweep_protocols", ev["sweep_protocols"], protocols, "a protocol")
-    timm = [p for p in protocols if matrix.is_timm_protocol(config, p)]
-    for key, names in (("headline_protocol", [headline]), ("sweep_protocols", ev["sweep_protocols"])):
-        for p in set(names) & set(timm):
-            config_error(f"evaluation.{key}", f"'{p}' is timm's transform, which applies to released models only",
-                         "name a protocol with resize direct, shorter_side or square")
-    if headline not in ev["sweep_protocols"]:
-        config_error("evaluation.sweep_protocols", f"lacks the headline protocol '{headline}' (the selection-bias "
-                     "table compares the sweep on test with the headline)", f"add {headline}")
+    if matrix.is_timm_protocol(config, headline):
+        config_error(
+            "evaluation.headline_protocol",
+            f"'{headline}' is timm's transform, which applies to " "released models only",
+            "name a protocol with resize direct, shorter_side or square",
+        )
 
 
 def _check_head_dataset(name, ck, dsets):
     if ck.get("timm_model") and "head_dataset" not in ck:
-        config_error(f"checkpoints.{name}.timm_model", "names a released timm model but the checkpoint has no "
-                     "head_dataset (the dataset that released model classifies)", "add head_dataset or remove it")
+        config_error(
+            f"checkpoints.{name}.timm_model",
+            "names a released timm model but the checkpoint has no "
+            "head_dataset (the dataset that released model classifies)",
+            "add head_dataset or remove it",
+        )
     if "head_dataset" not in ck:
         return
     _check_names(f"checkpoints.{name}.head_dataset", [ck["head_dataset"]], dsets)

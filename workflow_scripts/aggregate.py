@@ -2,7 +2,7 @@
 
   python -m workflow_scripts.aggregate --config-json '<config as JSON>' \\
       --summaries RUN/summary.json ... --metrics RUN/metrics.jsonl ... --finetune-benchmarks RUN.tsv ... \\
-      --selections ... --evaluations ... --variant-evaluations ... --selection-bias ... --baselines ... \\
+      --selections ... --evaluations ... --variant-evaluations ... --sweep-evaluations ... --baselines ... \\
       --parity ... --downloads ... --datasets ... --reals R/real/CKPT/DATASET.json ... \\
       --runs-csv runs.csv --comparison-csv comparison.csv --comparison-md comparison.md \\
       --comparison-tex comparison.tex --summary-json summary.json --config-json-out config.json
@@ -13,13 +13,15 @@ its workflow_scripts.matrix function and is paired here with that matrix: a list
 file that records another checkpoint/dataset/LR/seed than its place says, is refused. Reference figures
 come from the config's `references` (report/references.yaml), each with its source.
 
-Results (workflow_scripts.matrix.results): a fine-tuned pair's from its test evaluations (one per protocol
-of `evaluation.protocols`), a released checkpoint's from its baselines; the headline figure is the one at
-`evaluation.headline_protocol`, the others are shown beside it. A ReaL-style top-1 (real.py) is a result of
+Results (workflow_scripts.matrix.results): a fine-tuned pair's from the test evaluations of its final
+runs (one per protocol; the figure is the mean over finetune.final_seeds, each seed's kept), a released
+checkpoint's from its baselines (a row of its own, "as released"); the headline figure is the one at
+`evaluation.headline_protocol`, the others are kept beside it. A ReaL-style top-1 (real.py) is a result of
 its own ("<dataset label> ReaL"), and so is each named average of `averages` per checkpoint. Every figure
-carries a 95% interval (workflow_scripts.stats) and every published figure a verdict against it. Two tables
-explain a gap: the protocol variants (each against the paper-protocol result of its pair) and the selection
-bias (every LR of the sweep on test); their numbers feed nothing else.
+carries a 95% interval (workflow_scripts.stats). Each reference figure is compared with the result made its
+way (workflow_scripts.matching), with a verdict on that pair only. Two tables explain a gap: the protocol
+variants (each against the paper-protocol result of its pair) and the selection bias (every LR of the
+sweep on test); their numbers feed nothing else.
 """
 from __future__ import annotations
 
@@ -39,32 +41,32 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from workflow_scripts.common import PipelineError, atomic_path, json_arg, read_json, run_cli, write_json
+from workflow_scripts.matching import build_comparison, verdict_counts
 from workflow_scripts.matrix import (
     baseline_runs,
     evaluations,
+    final_seeds,
     finetune_gpus,
     finetune_runs,
     lr_str,
     pair_runs,
     pairs,
     real_results,
+    released,
     results,
-    selection_bias_pairs,
+    sweep_evaluations,
     used_checkpoints,
     used_datasets,
     variant_pairs,
 )
 from workflow_scripts.select_lr import choose_lr
-from workflow_scripts.stats import Interval, average_interval, difference_interval, top1_interval, verdict
+from workflow_scripts.stats import Interval, average_interval, difference_interval, top1_interval
 from workflow_scripts.tables import (
-    NOT_RUN,
     PARTIAL,
     comparison_latex,
     comparison_markdown,
     eval_protocol_records,
-    other_protocol_names,
     real_label,
-    reference_sources,
     table3_columns,
     write_csv,
 )
@@ -90,7 +92,7 @@ class ResultFiles:
     selections: Sequence[str | os.PathLike]
     evaluations: Sequence[str | os.PathLike]
     variant_evaluations: Sequence[str | os.PathLike]
-    selection_bias: Sequence[str | os.PathLike]
+    sweep_evaluations: Sequence[str | os.PathLike]
     baselines: Sequence[str | os.PathLike]
     parity: Sequence[str | os.PathLike]
     downloads: Sequence[str | os.PathLike]
@@ -118,17 +120,20 @@ INPUT_LISTS = {
     "selections": (pairs, "checkpoint/dataset pairs (LR selection)"),
     "evaluations": (evaluations, "test evaluations (checkpoint, dataset, protocol)"),
     "variant_evaluations": (variant_pairs, "protocol variant evaluations (variant, checkpoint, dataset)"),
-    "selection_bias": (selection_bias_pairs, "selection-bias evaluations (checkpoint/dataset pairs)"),
+    "sweep_evaluations": (sweep_evaluations, "sweep runs on test (checkpoint, dataset, protocol)"),
     "baselines": (baseline_runs, "baseline evaluations (checkpoint, dataset, protocol)"),
     "parity": (used_checkpoints, "used checkpoints (parity record)"),
     "downloads": (used_checkpoints, "used checkpoints (download record)"),
     "datasets": (used_datasets, "used datasets (dataset.json)"),
     "reals": (real_results, "results with ReaL labels (ReaL top-1)"),
 }
-# The fields of a comparison row that come from this run (None where it did not run).
-THIS_RUN_FIELDS = ("checkpoint", "dataset_name", "result_from", "trained_on", "eval_protocol", "coverage", "subset",
-                   "top1_mean", "ci_low", "ci_high", "ci_method", "top1_std", "top5_mean", "top5_std", "num_seeds",
-                   "selected_lr")
+# comparison.csv's columns (workflow_scripts.matching.comparison_row), in order.
+COMPARISON_COLUMNS = ["source", "citation", "source_protocol", "source_protocol_note", "model", "pretraining",
+                      "image_size", "column", "kind", "metric", "reference_value", "is_primary", "matched_result",
+                      "matched_protocol", "matched_runs", "checkpoint", "per_seed", "ours", "ours_std", "ci_low",
+                      "ci_high", "ci_method", "diff", "verdict"]
+# The Table 3 caption: "standard deviations are smaller than 0.15" (shown beside ours).
+PAPER_SD_BOUND = 0.15
 # What the final models of the pairs were trained on (config finetune.retrain_on_full_train; runs[].trained_on).
 TRAINED_ON = {True: "full", False: "train"}
 
@@ -379,93 +384,127 @@ def evaluation_interval(record: dict) -> Interval:
 
 # ---------------------------------------------------------------------------------------------
 # This run's results: datasets, ReaL and named averages
-def row_keys(config: dict) -> dict[str, tuple[str, str]]:
-    """(model label, pre-training) per used checkpoint: its row of the Table 3 grid, one row per checkpoint."""
-    keys: dict[str, tuple[str, str]] = {}
+def row_keys(config: dict) -> dict[str, tuple[str, str, int]]:
+    """(model label, pre-training, image size) per used checkpoint: its row of Table 3, one per checkpoint."""
+    keys: dict[str, tuple[str, str, int]] = {}
     for ck in used_checkpoints(config):
-        key = (config["checkpoints"][ck]["label"], config["checkpoints"][ck]["pretraining"])
+        c = config["checkpoints"][ck]
+        key = (c["label"], c["pretraining"], c["architecture"]["image_size"])
         same = [other for other, k in keys.items() if k == key]
         if same:
-            raise PipelineError(f"config keys 'checkpoints.{same[0]}' and 'checkpoints.{ck}' have the same label and "
-                                f"pretraining {key}: their results would share one row of the report; give each "
-                                "checkpoint its own label or pretraining")
+            raise PipelineError(f"config keys 'checkpoints.{same[0]}' and 'checkpoints.{ck}' have the same label, "
+                                f"pretraining and image size {key}: their results would share one row of the report; "
+                                "give each checkpoint its own label or pretraining")
         keys[ck] = key
     return keys
 
 
+def protocol_figure(per_seed: list[float], top5_per_seed: list[float] | None, n_images: int) -> dict:
+    """A result at one protocol: figure() of its interval, each seed's top-1, their sd and the top-5."""
+    fig = figure(top1_interval(per_seed, n_images))
+    top5 = [x for x in (top5_per_seed or []) if x is not None]
+    return {**fig, "per_seed": list(per_seed), "top1_std": statistics.stdev(per_seed) if len(per_seed) > 1 else None,
+            "top5_mean": statistics.fmean(top5) if top5 else None, "top5_per_seed": top5}
+
+
+def evaluation_figure(record: dict) -> dict:
+    """protocol_figure() of an evaluation file, its runs in seed order."""
+    runs = sorted(record["runs"], key=lambda run: int(run["seed"]))
+    return protocol_figure([r["top1"] for r in runs], [r.get("top5") for r in runs], record["num_images"])
+
+
+def finetune_record(config: dict, evs: dict) -> dict:
+    """The fields of a fine-tuned pair's result from its evaluation files ({protocol: record})."""
+    ev = evs[config["evaluation"]["headline_protocol"]]
+    runs = sorted(ev["runs"], key=lambda run: int(run["seed"]))
+    return {"protocols": {p: evaluation_figure(evs[p]) for p in evs}, "seeds": [int(r["seed"]) for r in runs],
+            "num_seeds": ev["num_seeds"], "selected_lr": ev["selected_lr"], "num_images": ev["num_images"],
+            "trained_on": runs[0].get("trained_on", "train"), "models": [run.get("model") for run in runs]}
+
+
+def released_record(config: dict, ck: str, ds: str, at_protocol: dict) -> dict:
+    """The fields of a released checkpoint's result from its baselines (one per protocol that applies)."""
+    found = {p: b for (c, d, p), b in at_protocol.items() if (c, d) == (ck, ds)}
+    headline = found[config["evaluation"]["headline_protocol"]]
+    return {"protocols": {p: protocol_figure([b["top1"]], [b["top5"]], b["num_images"]) for p, b in found.items()},
+            "seeds": [], "num_seeds": None, "selected_lr": None, "num_images": headline["num_images"],
+            "trained_on": None, "models": [headline["model"]]}
+
+
 def dataset_results(config: dict, pair_results: dict, baselines: list[dict], datasets: dict) -> dict[tuple, dict]:
-    """Per (checkpoint, dataset) of matrix.results: its test result at the headline protocol, from the
-    evaluations of a fine-tuned pair or the baselines of a released checkpoint, with every protocol's
-    figure in `protocols` ({protocol: figure()})."""
+    """Per (checkpoint, dataset, result_from) of matrix.results: its test result, the headline protocol's figure
+    at the top level and every protocol's in `protocols` (protocol_figure())."""
     headline = config["evaluation"]["headline_protocol"]
     at_protocol = {(b["checkpoint"], b["dataset"], b["protocol"]): b for b in baselines}
     found = {}
     for ck, ds, source in results(config):
-        record = {"checkpoint": ck, "dataset_name": ds, "kind": "dataset", "status": "run", "result_from": source,
-                  "eval_protocol": headline, "coverage": None, "subset": datasets[ds]["subset"]}
         if source == "finetune":
-            evs = pair_results["evaluations"][ck, ds]
-            ev, protocols = evs[headline], {p: figure(evaluation_interval(evs[p])) for p in evs}
-            record.update(top1_std=ev["top1_std"], top5_mean=ev["top5_mean"], top5_std=ev["top5_std"],
-                          num_seeds=ev["num_seeds"], selected_lr=ev["selected_lr"],
-                          trained_on=ev["runs"][0].get("trained_on", "train"),
-                          models=[run.get("model") for run in ev["runs"]])
+            fields = finetune_record(config, pair_results["evaluations"][ck, ds])
         else:
-            released = {p: at_protocol[ck, ds, p] for p in config["evaluation"]["protocols"]}
-            protocols = {p: figure(top1_interval([b["top1"]], b["num_images"])) for p, b in released.items()}
-            record.update(top1_std=None, top5_mean=released[headline]["top5"], top5_std=None, num_seeds=None,
-                          selected_lr=None, trained_on=None, models=[released[headline]["model"]])
-        found[ck, ds] = {**record, **protocols[headline], "protocols": protocols}
+            fields = released_record(config, ck, ds, at_protocol)
+        top = fields["protocols"][headline]
+        found[ck, ds, source] = {"checkpoint": ck, "dataset_name": ds, "kind": "dataset", "status": "run",
+                                 "result_from": source, "eval_protocol": headline, "coverage": None,
+                                 "subset": datasets[ds]["subset"], **fields, **top}
     return found
 
 
 def read_reals(paired: dict, found: dict[tuple, dict]) -> dict[tuple, dict]:
-    """Per (checkpoint, dataset) with ReaL labels: its ReaL result (real.py), as a result of its own.
+    """Per (checkpoint, dataset, result_from) with ReaL labels: its ReaL result (real.py), a result of its own.
 
     A ReaL file records its dataset and the models whose predictions it scored: they must be those of the
     result its place in the list names."""
     reals = {}
-    for (ck, ds, _), path in paired["reals"]:
-        real = read_json(path)
-        result = found[ck, ds]
+    for key, path in paired["reals"]:
+        real, result = read_json(path), found[key]
         check_matches(path, "--reals", {"dataset": real.get("dataset"),
                                         "models": sorted(str(run.get("model")) for run in real.get("runs") or [])},
-                      {"dataset": ds, "models": sorted(map(str, result["models"]))})
+                      {"dataset": key[1], "models": sorted(map(str, result["models"]))})
         # Wilson over the images scored with ReaL labels (those with an empty list are left out).
-        real_figure = figure(top1_interval([run["real_top1"] for run in real["runs"]], real["num_images"]))
-        reals[ck, ds] = {**result, "kind": "real", **real_figure, "top1_std": real["real_top1_std"],
-                         "protocols": {result["eval_protocol"]: real_figure},
-                         "top5_mean": None, "top5_std": None, "original_top1": statistics.fmean(
-                             run["top1"] for run in real["runs"]),
-                         "num_images": real["num_images"], "num_excluded_empty": real["num_excluded_empty"],
-                         "num_validation_images": real["num_validation_images"],
-                         "definition": real["definition"], "path": str(path)}
+        by_model = {str(run.get("model")): run["real_top1"] for run in real["runs"]}
+        real_figure = protocol_figure([by_model[str(m)] for m in result["models"]], None, real["num_images"])
+        reals[key] = {**result, "kind": "real", **real_figure, "protocols": {result["eval_protocol"]: real_figure},
+                      "original_top1": result["top1_mean"], "num_images": real["num_images"],
+                      "num_excluded_empty": real["num_excluded_empty"],
+                      "num_validation_images": real["num_validation_images"],
+                      "definition": real["definition"], "path": str(path)}
     return reals
 
 
+def average_figure(members: list[dict], protocol: str) -> dict:
+    """A named average at one protocol: stats.average_interval of the members', and per seed the members' mean
+    (so its sd is the seed-to-seed spread of the average) where every member has the same seeds."""
+    figs = [m["protocols"][protocol] for m in members]
+    fig = figure(average_interval([interval_of(f) for f in figs]))
+    same_seeds = len({tuple(m["seeds"]) for m in members}) == 1 and members[0]["seeds"]
+    per_seed = [statistics.fmean(vals) for vals in zip(*(f["per_seed"] for f in figs))] if same_seeds else []
+    return {**fig, "per_seed": per_seed, "top1_std": statistics.stdev(per_seed) if len(per_seed) > 1 else None,
+            "top5_mean": None, "top5_per_seed": []}
+
+
 def average_results(config: dict, found: dict[tuple, dict]) -> dict[tuple, dict]:
-    """Per used checkpoint and named average (config `averages`): the mean test top-1 of its members with
-    stats.average_interval of theirs, per protocol, only when every member has a result; otherwise no
-    number, status PARTIAL and the coverage "k of N"."""
+    """Per used checkpoint and named average (config `averages`): the mean test top-1 of its fine-tuned
+    members, per protocol, only when every member has a result; otherwise no number, status PARTIAL and the
+    coverage "k of N"."""
     averages, headline = {}, config["evaluation"]["headline_protocol"]
     for ck in used_checkpoints(config):
         for name, members in config["averages"].items():
-            have = [found[ck, ds] for ds in members if (ck, ds) in found]
+            have = [found[ck, ds, "finetune"] for ds in members if (ck, ds, "finetune") in found]
             complete = len(have) == len(members)
-            protocols = {p: figure(average_interval([interval_of(r["protocols"][p]) for r in have]))
-                         for p in config["evaluation"]["protocols"] if complete}
+            protocols = {p: average_figure(have, p) for p in have[0]["protocols"]} if complete else {}
             averages[ck, name] = {
                 "checkpoint": ck, "dataset_name": name, "kind": "average", "status": "run" if complete else PARTIAL,
-                "result_from": None, "trained_on": None, "eval_protocol": headline if complete else None,
-                "coverage": f"{len(have)} of {len(members)}", "members": list(members),
-                "subset": any(r["subset"] for r in have), **protocols.get(headline, figure(None)),
-                "protocols": protocols, "top1_std": None, "top5_mean": None, "top5_std": None, "num_seeds": None,
-                "selected_lr": None}
+                "result_from": "finetune", "trained_on": have[0]["trained_on"] if complete else None,
+                "eval_protocol": headline if complete else None, "coverage": f"{len(have)} of {len(members)}",
+                "members": list(members), "subset": any(r["subset"] for r in have),
+                **protocols.get(headline, {**figure(None), "per_seed": [], "top1_std": None}),
+                "protocols": protocols, "seeds": have[0]["seeds"] if complete else [], "num_seeds": None,
+                "selected_lr": None, "models": []}
     return averages
 
 
 def this_run(config: dict, paired: dict, pair_results: dict, baselines: list[dict], datasets: dict) -> dict:
-    """{"results", "reals", "averages"}: each {(checkpoint, dataset or average name): record}."""
+    """{"results", "reals": {(checkpoint, dataset, result_from): record}, "averages": {(checkpoint, name): ...}}."""
     found = dataset_results(config, pair_results, baselines, datasets)
     return {"results": found, "reals": read_reals(paired, found), "averages": average_results(config, found)}
 
@@ -491,66 +530,34 @@ def config_columns(config: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# This run beside the published figures
-def build_comparison(config: dict, ours: dict, columns: list[dict]) -> list[dict]:
-    """One row per (model, pre-training, dataset): this run's result with its interval and the other
-    protocols' figures, every published figure, the difference and the verdict against the primary one.
-
-    `ours`: this_run's records. Rows: this run's results (datasets, ReaL, averages; in config order), then
-    the published figures' (model, pre-training, dataset) this config did not run ("not run").
-    """
-    refs, keys = config["references"], row_keys(config)
-    values: dict[tuple, dict] = {}
-    for fig in refs["figures"]:
-        values.setdefault((fig["label"], fig["pretraining"], fig["dataset"]), {})[f"{fig['source']}_{fig['metric']}"] \
-            = fig["value"]
-    kinds = {c["label"]: c["kind"] for c in columns}
-    order = [*keys.values()], [c["label"] for c in columns]
-    run = {(*keys[r["checkpoint"]], column_label(config, r)): r for records in ours.values() for r in records.values()}
-    run = dict(sorted(run.items(), key=lambda item: (order[0].index(item[0][:2]), order[1].index(item[0][2]))))
-    rows = []
-    for key in list(run) + [k for k in values if k not in run]:
-        record = run.get(key)
-        row = {"model": key[0], "pretraining": key[1], "dataset": key[2], "kind": kinds.get(key[2]),
-               "has_reference": key in values, "status": record["status"] if record else NOT_RUN}
-        for metric in ("top1", "top5"):
-            for src in reference_sources(refs, metric):
-                row[f"{src}_{metric}"] = values.get(key, {}).get(f"{src}_{metric}")
-        row.update({field: record[field] if record else None for field in THIS_RUN_FIELDS})
-        row["subset"] = bool(row["subset"])
-        row.update(other_protocol_fields(config, record))
-        primary = refs["primary"].get(key[2])
-        row["primary_top1"] = row.get(f"{primary}_top1") if primary else None
-        row["primary_source"] = primary if row["primary_top1"] is not None else None
-        row["verdict"], row["diff_to_primary"] = verdict(row["primary_top1"], interval_of(row))
-        rows.append(row)
+# This run's results as the report lists them, and their rows of Table 3
+def result_rows(config: dict, ours: dict) -> list[dict]:
+    """summary.json's `results`: every record of this_run with its row (label, pre-training, image size) and
+    column; fine-tuned rows first, then the released ones, each in config order."""
+    keys, rows = row_keys(config), []
+    for source in ("finetune", "released"):
+        for records in ours.values():
+            for r in records.values():
+                if r["result_from"] == source:
+                    label, pretraining, image_size = keys[r["checkpoint"]]
+                    rows.append({**{k: v for k, v in r.items() if k != "models"}, "label": label,
+                                 "pretraining": pretraining, "image_size": image_size,
+                                 "column": column_label(config, r)})
     return rows
+
+
+def table3_rows(config: dict) -> list[dict]:
+    """The rows of the report's Table 3: each used checkpoint fine-tuned, then each released one as it is."""
+    keys = row_keys(config)
+    rows = [dict(zip(("label", "pretraining", "image_size"), keys[ck]), result_from="finetune")
+            for ck in used_checkpoints(config)]
+    return rows + [dict(zip(("label", "pretraining", "image_size"), keys[ck]), result_from="released")
+                   for ck, _ in released(config)]
 
 
 def protocol_records(config: dict) -> list[dict]:
     """summary.json's `eval_protocols`: every protocol, the headline one marked, the others labelled."""
     return eval_protocol_records(config["evaluation"]["protocols"], config["evaluation"]["headline_protocol"])
-
-
-def other_protocols(config: dict) -> list[str]:
-    """The evaluation protocols shown beside the headline one."""
-    return other_protocol_names(protocol_records(config))
-
-
-def other_protocol_fields(config: dict, record: dict | None) -> dict:
-    """comparison.csv's `top1_<protocol>`, `ci_low_<protocol>`, `ci_high_<protocol>` per other protocol
-    (empty where the result has none: ReaL is scored at the headline protocol only)."""
-    fields = {}
-    for p in other_protocols(config):
-        fig = (record or {}).get("protocols", {}).get(p) or figure(None)
-        fields.update({f"top1_{p}": fig["top1_mean"], f"ci_low_{p}": fig["ci_low"], f"ci_high_{p}": fig["ci_high"]})
-    return fields
-
-
-def verdict_counts(comparison: list[dict]) -> dict:
-    """How many published figures (each row's primary one) were reproduced, not reproduced, not run."""
-    verdicts = [r["verdict"] for r in comparison if r["primary_top1"] is not None]
-    return {"published": len(verdicts), **{v: verdicts.count(v) for v in ("consistent", "below", "above", NOT_RUN)}}
 
 
 def published_summary(config: dict, ours: dict) -> dict:
@@ -579,7 +586,7 @@ def read_variants(config: dict, paired: dict, pair_results: dict, found: dict) -
     for (name, ck, ds), path in paired["variant_evaluations"]:
         record = read_evaluation(path, "--variant-evaluations", ck, ds, headline)
         check_final_models(config, path, record, pair_results["selections"][ck, ds])
-        ours, paper = evaluation_interval(record), interval_of(found[ck, ds])
+        ours, paper = evaluation_interval(record), interval_of(found[ck, ds, "finetune"])
         difference = difference_interval(ours, paper)
         rows.append({"variant": name, "variant_label": config["variants"][name]["label"],
                      "overrides": config["variants"][name]["protocol"], **pair_labels(config, ck, ds),
@@ -592,28 +599,39 @@ def read_variants(config: dict, paired: dict, pair_results: dict, found: dict) -
 
 
 def sweep_on_test(config: dict, path: Path, record: dict, ck: str, ds: str) -> dict[float, dict[int, float]]:
-    """{lr: {seed: test top-1}} of a selection-bias file, which must hold exactly the pair's sweep runs."""
+    """{lr: {seed: test top-1}} of a sweep-on-test file, which must hold exactly the pair's sweep runs."""
     table: dict[float, dict[int, float]] = {}
     for run in record["runs"]:
         if run.get("trained_on", "train") != "train":
             raise PipelineError(f"{path}: holds a model trained on {run['trained_on']}, not a run of the LR sweep; "
-                                "rerun: snakemake -R evaluate_selection_bias")
+                                "rerun: snakemake -R evaluate_sweep")
         table.setdefault(float(run["lr"]), {})[int(run["seed"])] = run["top1"]
     found = sorted((lr_str(lr), seed) for lr, per_seed in table.items() for seed in per_seed)
     expected = sorted((lr, seed) for _, _, lr, seed in pair_runs(config, ck, ds))
     if found != expected:
         raise PipelineError(f"{path}: holds the runs (lr, seed) {found}, but the sweep of {ck} x {ds} is {expected}; "
-                            "rerun: snakemake -R evaluate_selection_bias")
+                            "rerun: snakemake -R evaluate_sweep")
     return table
 
 
-def read_selection_bias(config: dict, paired: dict, pair_results: dict, found: dict) -> list[dict]:
+def read_sweeps(config: dict, paired: dict) -> dict[tuple, dict]:
+    """{(checkpoint, dataset, protocol): evaluation record} of the sweep runs on test, each checked to hold
+    exactly the pair's sweep runs (the `table` field: {lr: {seed: top-1}}) and its path."""
+    sweeps = {}
+    for (ck, ds, protocol), path in paired["sweep_evaluations"]:
+        record = read_evaluation(path, "--sweep-evaluations", ck, ds, protocol)
+        sweeps[ck, ds, protocol] = {**record, "table": sweep_on_test(config, path, record, ck, ds), "path": str(path)}
+    return sweeps
+
+
+def read_selection_bias(config: dict, sweeps: dict, pair_results: dict, found: dict) -> list[dict]:
     """Per pair of matrix.selection_bias_pairs: every LR's test top-1 (with its interval), the LR picking on test
     would choose (select_lr.choose_lr fed test figures), the honest headline and how much the former inflates it."""
     headline, rows = config["evaluation"]["headline_protocol"], []
-    for (ck, ds), path in paired["selection_bias"]:
-        record = read_evaluation(path, "--selection-bias", ck, ds, headline)
-        table = sweep_on_test(config, path, record, ck, ds)
+    for (ck, ds, protocol), record in sweeps.items():
+        if protocol != headline:
+            continue
+        table, path = record["table"], record["path"]
         best_lr, _ = choose_lr(table)
         selected_lr = float(pair_results["selections"][ck, ds]["selected_lr"])
         lrs = [{"lr": lr, **figure(top1_interval([table[lr][s] for s in sorted(table[lr])], record["num_images"])),
@@ -621,12 +639,12 @@ def read_selection_bias(config: dict, paired: dict, pair_results: dict, found: d
                 "best_on_test": lr == best_lr} for lr in sorted(table)]
         best = next(c for c in lrs if c["best_on_test"])
         at_selected = next(c for c in lrs if c["selected"])
-        honest = found[ck, ds]
+        honest = found[ck, ds, "finetune"]
         rows.append({**pair_labels(config, ck, ds), "lrs": lrs, "best_lr": best_lr, "best_top1": best["top1_mean"],
                      "selected_lr": selected_lr, "sweep_top1_at_selected_lr": at_selected["top1_mean"],
                      "headline": {k: honest[k] for k in figure(None)}, "trained_on": honest["trained_on"],
                      "inflation": best["top1_mean"] - honest["top1_mean"],
-                     "inflation_by_selection": best["top1_mean"] - at_selected["top1_mean"], "path": str(path)})
+                     "inflation_by_selection": best["top1_mean"] - at_selected["top1_mean"], "path": path})
     return rows
 
 
@@ -654,8 +672,8 @@ def read_baselines(config: dict, paired: dict) -> list[dict]:
                       {"dataset": result.get("dataset"), "protocol": (result.get("protocol") or {}).get("name")},
                       {"dataset": ds, "protocol": protocol})
         ck_cfg, ds_label = config["checkpoints"][ck], config["datasets"][ds]["label"]
-        published = [f for f in refs["figures"] if (f["label"], f["pretraining"], f["dataset"])
-                     == (ck_cfg["label"], ck_cfg["pretraining"], ds_label)]
+        published = [f for f in refs["figures"] if (f["label"], f["pretraining"], f["image_size"], f["dataset"])
+                     == (ck_cfg["label"], ck_cfg["pretraining"], ck_cfg["architecture"]["image_size"], ds_label)]
         baselines.append({"checkpoint": ck, "label": ck_cfg["label"], "pretraining": ck_cfg["pretraining"],
                           "dataset": ds, "dataset_label": ds_label, "protocol": protocol,
                           "protocol_settings": config["evaluation"]["protocols"][protocol],
@@ -728,8 +746,9 @@ def aggregate(config: dict, files: ResultFiles, outputs: AggregateOutputs) -> di
     runs, curves = collect_runs(config, paired, pair_results)
     baselines = read_baselines(config, paired)
     ours = this_run(config, paired, pair_results, baselines, datasets)
+    sweeps = read_sweeps(config, paired)
     columns = table3_columns(config_columns(config), [f["dataset"] for f in refs["figures"]])
-    comparison = build_comparison(config, ours, columns)
+    comparison = build_comparison(config, ours, sweeps)
     summary = {
         "title": config["report"]["title"],
         "aggregated_utc": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -737,9 +756,13 @@ def aggregate(config: dict, files: ResultFiles, outputs: AggregateOutputs) -> di
         "runs": runs,
         "curves": curves,
         "pairs": pair_records(config, pair_results),
+        "results": result_rows(config, ours),
         "comparison": comparison,
         "verdicts": verdict_counts(comparison),
+        "table3_rows": table3_rows(config),
         "table3_columns": columns,
+        "final_seeds": final_seeds(config),
+        "paper_sd_bound": PAPER_SD_BOUND,
         **published_summary(config, ours),
         "references": refs,
         "datasets": datasets,
@@ -751,7 +774,7 @@ def aggregate(config: dict, files: ResultFiles, outputs: AggregateOutputs) -> di
         "headline_protocol": config["evaluation"]["headline_protocol"],
         "final_models_trained_on": TRAINED_ON[bool(config["finetune"]["retrain_on_full_train"])],
         "variants": read_variants(config, paired, pair_results, ours["results"]),
-        "selection_bias": read_selection_bias(config, paired, pair_results, ours["results"]),
+        "selection_bias": read_selection_bias(config, sweeps, pair_results, ours["results"]),
         "cost": cost_of(runs),
         "provenance": provenance(runs),
         "inputs": [str(path) for entries in paired.values() for _, path in entries if path is not None],
@@ -763,8 +786,9 @@ def aggregate(config: dict, files: ResultFiles, outputs: AggregateOutputs) -> di
 def write_outputs(config: dict, summary: dict, outputs: AggregateOutputs) -> None:
     comparison = summary["comparison"]
     write_csv(outputs.runs_csv, summary["runs"], RUN_COLUMNS)
-    comparison_columns = list(comparison[0]) if comparison else ["model", "pretraining", "dataset"]
-    write_csv(outputs.comparison_csv, comparison, comparison_columns)
+    write_csv(outputs.comparison_csv, [{**row, "per_seed": ";".join(f"{x:.4f}" for x in row["per_seed"]),
+                                        "source_protocol": json.dumps(row["source_protocol"], sort_keys=True)}
+                                       for row in comparison], COMPARISON_COLUMNS)
     with atomic_path(outputs.comparison_md) as tmp:
         tmp.write_text(comparison_markdown(summary))
     with atomic_path(outputs.comparison_tex) as tmp:

@@ -90,15 +90,35 @@ def evaluations(config: dict) -> list[tuple[str, str, str]]:
 
 
 def selection_bias_pairs(config: dict) -> list[tuple[str, str]]:
-    """The pairs whose every sweep run is also evaluated on test (selection-bias table, official-code match)."""
+    """The pairs whose every sweep run is also evaluated on test with the headline protocol (the table)."""
     return pairs(config) if config["finetune"]["selection_bias_table"] else []
 
 
+def reference_sweep_protocols(config: dict, ckpt: str, dataset: str) -> list[str]:
+    """The protocols of the loaded references made by one sweep run (made_by.result sweep_run) that have a
+    figure for this checkpoint (label, pre-training, image size) and dataset (its label)."""
+    refs, ck, label = config["references"], config["checkpoints"][ckpt], config["datasets"][dataset]["label"]
+    row = (ck["label"], ck["pretraining"], ck["architecture"]["image_size"])
+    protocols = []
+    for fig in refs["figures"]:
+        made_by = refs["sources"][fig["source"]]["made_by"]
+        if (made_by["result"] == "sweep_run" and (fig["label"], fig["pretraining"], fig["image_size"]) == row
+                and fig["dataset"] == label and made_by["protocol"] not in protocols):
+            protocols.append(made_by["protocol"])
+    return protocols
+
+
 def sweep_evaluations(config: dict) -> list[tuple[str, str, str]]:
-    """(checkpoint, dataset, protocol): every sweep run of a pair evaluated on test with one protocol of
-    evaluation.sweep_protocols (the headline one for the selection-bias table; others for the references
-    made by a sweep run, e.g. the official code's: one run at LR 0.03, plain resize)."""
-    return [(ck, ds, p) for ck, ds in selection_bias_pairs(config) for p in config["evaluation"]["sweep_protocols"]]
+    """(checkpoint, dataset, protocol): every sweep run of a pair evaluated on test with one protocol: the
+    headline one for the selection-bias table (finetune.selection_bias_table), and the protocol of each
+    reference made by one sweep run that has a figure for the pair (the official code's README figures:
+    one run at LR 0.03, plain resize). Never used for selection."""
+    headline, found = config["evaluation"]["headline_protocol"], []
+    for ck, ds in pairs(config):
+        wanted = [headline] if config["finetune"]["selection_bias_table"] else []
+        wanted += [p for p in reference_sweep_protocols(config, ck, ds) if p not in wanted]
+        found += [(ck, ds, p) for p in wanted]
+    return found
 
 
 def released(config: dict) -> list[tuple[str, str]]:
