@@ -171,7 +171,8 @@ def seeds_text(result: dict | None) -> str:
         return ""
     if result["result_from"] == "released":
         return "released model"
-    return f"{result['num_seeds']} run{'s' if result['num_seeds'] != 1 else ''}"
+    runs = len(result.get("seeds") or []) or result.get("num_seeds") or 0  # an average: its members' seeds
+    return f"{runs} run{'s' if runs != 1 else ''}"
 
 
 def verdict_sentence(counts: dict) -> str:
