@@ -2,6 +2,7 @@
 worker counts and the loader-bottleneck timer (issue #13)."""
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 
@@ -21,13 +23,15 @@ from workflow_scripts.common import PipelineError
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = {"name": "official", "resize": "direct"}
-TABLE3 = {"name": "paper_table3", "resize": "shorter_side", "crop_fraction": 0.875}
+# The paper's two evaluation protocols (Appendix C (3)): (ii) resmall-crop, Table 3's; (i) resize-crop, Table 2's.
+RESMALL_CROP = {"name": "resmall_crop", "resize": "shorter_side", "crop_fraction": 0.875}
+RESIZE_CROP = {"name": "resize_crop", "resize": "square", "crop_fraction": 0.875}
 MEAN = STD = 127.5
 STEP = 1 / STD  # one grey level in normalised units (2/255)
 # The fast path's bound against the float reference (see data.UINT8_PATH_MAX_ERROR).
 ATOL = data.UINT8_PATH_MAX_ERROR * STEP
 # Odd sizes on purpose: 1-pixel-wide and 1-pixel-high images, images smaller than the output, and
-# (300, 240) / (240, 300), whose Table 3 window ends at the image's own width or height.
+# (300, 240) / (240, 300), whose resmall-crop window ends at the image's own width or height.
 SIZES = [(375, 500), (500, 375), (7, 9), (1, 40), (40, 1), (300, 240), (240, 300), (32, 32)]
 
 
@@ -68,7 +72,7 @@ def test_train_fast_path_matches_the_reference(inception_crop, flip):
             assert flips.any() == (flip and flips.any()) and (flip or not flips.any())
 
 
-@pytest.mark.parametrize("protocol", [OFFICIAL, TABLE3], ids=["direct", "shorter_side"])
+@pytest.mark.parametrize("protocol", [OFFICIAL, RESMALL_CROP, RESIZE_CROP], ids=["direct", "shorter_side", "square"])
 def test_eval_fast_path_matches_the_reference(protocol):
     for size in (224, 32):
         transform = data.EvalTransform(protocol, size, MEAN, STD)
@@ -77,11 +81,13 @@ def test_eval_fast_path_matches_the_reference(protocol):
             assert_within_one_step(fast_path([image], transform, [0]), transform(image[None]))
 
 
-def test_centre_crop_resizes_only_the_prefix_it_reads():
-    """paper_table3 resizes the prefix of the image that its window's outputs read, at the whole resize's
-    scale: bitwise the window of OpenCV's whole resize, for sizes up- and downscaled, 2x exactly included."""
+@pytest.mark.parametrize("protocol", [RESMALL_CROP, RESIZE_CROP], ids=["shorter_side", "square"])
+def test_centre_crop_resizes_only_the_prefix_it_reads(protocol):
+    """resmall-crop and resize-crop resize the prefix of the image that their window's outputs read, at the
+    whole resize's scale: bitwise the window of OpenCV's whole resize, for sizes up- and downscaled, 2x
+    exactly included."""
     cv2 = data._opencv()
-    transform = data.EvalTransform(TABLE3, 224, MEAN, STD)
+    transform = data.EvalTransform(protocol, 224, MEAN, STD)
     rng = np.random.default_rng(5)
     sizes = [(1, 1), (1, 300), (255, 256), (375, 500), (512, 512), (512, 1024), (1500, 2000)]
     for height, width in sizes + [tuple(rng.integers(1, 700, 2)) for _ in range(150)]:
@@ -185,7 +191,8 @@ def test_decode_and_transform_equals_decoding_first(tmp_path, monkeypatch):
     split = image_split(tmp_path, IMAGE_KINDS * 2)
     encoded = [data.read_encoded(p) for p in split.files]
     seeds = list(range(50, 50 + len(split)))
-    for transform in (data.TrainAugment(32, True, 0.05, True, MEAN, STD), data.EvalTransform(TABLE3, 32, MEAN, STD)):
+    for transform in (data.TrainAugment(32, True, 0.05, True, MEAN, STD),
+                      data.EvalTransform(RESMALL_CROP, 32, MEAN, STD), data.EvalTransform(RESIZE_CROP, 32, MEAN, STD)):
         decoded = [data.decode_image_bytes(e, p) for e, p in zip(encoded, split.files)]
         assert torch.equal(data.decode_and_transform(encoded, split.files, transform, seeds),
                            data.transform_images(decoded, transform, seeds))
@@ -209,7 +216,7 @@ def test_files_through_the_loaders_match_the_reference_on_pils_pixels(tmp_path):
     for i, path in enumerate(split.files):
         assert_within_one_step(images[i:i + 1], aug(pil_pixels(path)[None], [100 + i]))
     assert torch.equal(labels, torch.from_numpy(split.labels))
-    for protocol in (OFFICIAL, TABLE3):
+    for protocol in (OFFICIAL, RESMALL_CROP, RESIZE_CROP):
         transform = data.EvalTransform(protocol, 32, MEAN, STD)
         (images, _), = list(data.eval_loader(split, protocol, 32, 64, "cpu", 0, MEAN, STD))
         for i, path in enumerate(split.files):
@@ -243,6 +250,97 @@ def test_decode_device_is_checked(tmp_path):
         data.train_loader(split, aug, [], "cpu", 0, decode_device="cuda")
     with pytest.raises(PipelineError, match=r"decode_device must be one of \['cpu', 'cuda'\]"):
         data.eval_loader(split, OFFICIAL, 32, 8, "cpu", 0, MEAN, STD, decode_device="gpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation protocols against their definitions (issue 19): the paper's resmall-crop and resize-crop
+# (Appendix C (3)) on CIFAR-like arrays and on portrait and landscape JPEGs; timm's against timm's transform
+TIMM = {"name": "timm", "resize": "timm", "timm_model": "mixer_b16_224.goog_in21k_ft_in1k"}
+RESIZED_SIDE = {224: 256, 448: 512}  # the paper's "256 pixels" for 224; the same ratio (0.875) at 448
+
+
+def by_definition(pixels_hwc: torch.Tensor, protocol: dict, size: int) -> torch.Tensor:
+    """A protocol computed from the paper's words, not from data's geometry rows: resize the whole image
+    (bilinear, half-pixel centres, no antialias) so that its shorter side is 256 (resmall-crop) or to 256 x 256
+    (resize-crop), then take the central size x size crop (torchvision's offsets when the margin is odd)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    height, width = pixels_hwc.shape[:2]
+    side = RESIZED_SIDE[size]
+    if protocol["name"] == "resize_crop":
+        resized_hw = (side, side)
+    elif height <= width:
+        resized_hw = (side, round(width * side / height))
+    else:
+        resized_hw = (round(height * side / width), side)
+    image = pixels_hwc.permute(2, 0, 1)[None].float()
+    resized = F.interpolate(image, size=resized_hw, mode="bilinear", align_corners=False, antialias=False)
+    return (TF.center_crop(resized, [size, size]) - MEAN) / STD
+
+
+@pytest.mark.parametrize("protocol", [RESMALL_CROP, RESIZE_CROP], ids=["resmall_crop", "resize_crop"])
+def test_resmall_and_resize_crop_are_what_the_paper_defines(tmp_path, protocol):
+    """32x32 CIFAR-like arrays (the float path) and portrait and landscape JPEGs (decoded by OpenCV, resized in
+    uint8: within one grey level) at 224 and 448: each image exactly its definition."""
+    arrays = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    array_split = splits.Split("test", "arrays", ["a", "b"], np.arange(3) % 2, images=arrays.numpy())
+    shapes = [(333, 250), (250, 333), (375, 500), (500, 375)]  # portrait and landscape, odd margins included
+    files = [str(write_image(tmp_path / f"{h}x{w}.JPEG", "rgb420", size=(h, w))) for h, w in shapes]
+    file_split = splits.Split("test", "imagefolder", ["a", "b"], np.arange(len(files)) % 2, files=files)
+    for size in (224, 448):
+        (images, _), = list(data.eval_loader(array_split, protocol, size, 8, "cpu", 0, MEAN, STD))
+        expected = torch.cat([by_definition(image, protocol, size) for image in arrays])
+        torch.testing.assert_close(images, expected, atol=0.02 * STEP, rtol=0)  # float rounding only
+        (images, _), = list(data.eval_loader(file_split, protocol, size, 8, "cpu", 0, MEAN, STD))
+        assert images.shape == (len(files), 3, size, size)
+        for i, path in enumerate(files):
+            assert_within_one_step(images[i:i + 1], by_definition(pil_pixels(path), protocol, size))
+    # Not the same protocol: on a non-square image the two differ (so the test above tells them apart).
+    other = RESIZE_CROP if protocol is RESMALL_CROP else RESMALL_CROP
+    assert (by_definition(pil_pixels(files[0]), other, 448) - images[:1]).abs().max() > 10 * STEP
+
+
+@functools.cache
+def timms_transform(name: str):
+    """timm's evaluation transform for a model, built here the way timm documents it (not through data.py)."""
+    import timm
+    import timm.data
+
+    model = timm.create_model(name, pretrained=False)
+    return timm.data.create_transform(**timm.data.resolve_data_config(model=model), is_training=False)
+
+
+def test_timm_protocol_is_timms_own_transform(tmp_path):
+    """The timm protocol's images are bitwise those of timm's transform on the PIL image, as timm's own
+    dataset opens it (Image.open(...).convert("RGB")): JPEGs through loader workers, CIFAR-like arrays."""
+    reference = timms_transform(TIMM["timm_model"])
+    kinds = ["rgb420", "gray", "cmyk", "png_named_jpeg"]
+    files = [str(write_image(tmp_path / f"{i}_{kind}.JPEG", kind, size=(333 - 83 * i, 250 + 83 * i)))
+             for i, kind in enumerate(kinds)]  # portrait, landscape and in between
+    split = splits.Split("test", "imagefolder", ["a", "b"], np.arange(len(files)) % 2, files=files)
+    loader = data.eval_loader(split, TIMM, 224, 3, "cpu", 2, MEAN, STD)
+    images = torch.cat([x for x, _ in loader])
+    for i, path in enumerate(files):
+        with Image.open(path) as im:
+            assert torch.equal(images[i], reference(im.convert("RGB"))), path
+    assert loader.transform.description()["transform"] == str(reference)
+    arrays = np.random.default_rng(4).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    array_split = splits.Split("test", "arrays", ["a", "b"], np.arange(3) % 2, images=arrays)
+    (images, _), = list(data.eval_loader(array_split, TIMM, 224, 8, "cpu", 0, MEAN, STD))
+    assert torch.equal(images, torch.stack([reference(Image.fromarray(a)) for a in arrays]))
+
+
+def test_timm_protocol_errors_name_the_mismatch():
+    with pytest.raises(PipelineError, match="makes 224x224 images but the model evaluated takes 32x32"):
+        data.eval_transform(TIMM, 32, MEAN, STD)
+    with pytest.raises(PipelineError, match="timm_model 'mixer_b16_999' is not a timm model"):
+        data.eval_transform(dict(TIMM, timm_model="mixer_b16_999"), 224, MEAN, STD)
+    with pytest.raises(PipelineError, match=r"normalises with mean \(0.5, 0.5, 0.5\)"):
+        data.eval_transform(TIMM, 224, 0.0, 1.0)
+    with pytest.raises(PipelineError, match="resize must be one of .*'square', 'timm'"):
+        data.eval_transform({"resize": "shorter"}, 224, MEAN, STD)
+    with pytest.raises(PipelineError, match="'square' needs crop_fraction"):
+        data.eval_transform({"resize": "square"}, 224, MEAN, STD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +400,7 @@ sys.exit(3)
 def test_undecodable_file_stops_evaluation_from_workers(tmp_path, decode_on_device):
     split = image_split(tmp_path, ["rgb420"] * 3)
     damage(Path(split.files[1]), "truncated")
-    transform = data.EvalTransform(TABLE3, 32, MEAN, STD)
+    transform = data.EvalTransform(RESMALL_CROP, 32, MEAN, STD)
     loader = data._FolderEvalLoader(split, transform, 2, "cpu", 2, decode_on_device)
     expected = rf"^{re.escape(split.files[1])}: cannot be decoded as an image \(.*[Tt]runcated"
     with pytest.raises(PipelineError, match=expected):
@@ -364,7 +462,7 @@ def test_image_path_bench_prints_rates_against_the_decoder(tmp_path):
             assert im.size == (width, height) and im.format == "JPEG"
         assert 80 < Path(path).stat().st_size / 1024 < 120  # ImageNet's ~100 KiB
     result = bench.image_path_bench("eval", rounds=1, count=4)
-    assert result["protocol"] == "paper_table3" and "official" in result and result["bar"] == 0.85
+    assert result["protocol"] == "resmall_crop" and "official" in result and result["bar"] == 0.85
     assert 0.3 < result["ratio"] < 1.2 and 0.1 < result["previous_ratio"] < 1.2
     assert 0.3 < result["ratio_to_opencv_decode"] < 1.2 and result["decode_opencv_img_s_per_core"] > 0
     needed = 0.4 * bench.PEAK_BF16_TFLOPS["NVIDIA H100 80GB HBM3"] * 1e12 / bench.forward_flops(bench.MIXER_B16)

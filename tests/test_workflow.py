@@ -41,32 +41,39 @@ def test_study_dry_run_lists_the_whole_of_table3(tmp_path):
                     "--resources", "gpu=2", cwd=tmp_path)
     assert res.returncode == 0, res.stderr + res.stdout
     counts = job_counts(res.stdout)
-    datasets, grids = cfg["finetune"]["datasets"], {d: len(cfg["datasets"][d]["base_lrs"]) for d in cfg["datasets"]}
+    datasets = cfg["finetune"]["datasets"]
     assert set(datasets) == {"imagenet", "cifar10", "cifar100", "pets", "flowers"}
     released = {ck for ck, c in cfg["checkpoints"].items() if c.get("head_dataset") == "imagenet"}
     assert released == {"mixer_b16_in1k", "mixer_l16_in1k"}
-    # Every (checkpoint, dataset, lr, seed) is its own job: all five datasets for the ImageNet-21k
-    # checkpoints, the four others for the ImageNet-1k ones (already ImageNet models).
+    # Every (checkpoint, dataset, lr, seed) is its own job: all five datasets for every checkpoint, ImageNet
+    # included for the ImageNet-1k ones (Table 3's ImageNet rows are fine-tuned models, three runs averaged).
     jobs = set(re.findall(r"finetune/(\w+)/(\w+)/lr([0-9.e-]+)_s(\d+)/model\.safetensors", res.stdout))
     expected = {(c, d, f"{lr:g}", str(s)) for c in cfg["finetune"]["checkpoints"] for d in datasets
-                if not (c in released and d == "imagenet")
                 for lr in cfg["datasets"][d]["base_lrs"] for s in cfg["finetune"]["seeds"]}
-    assert jobs == expected and counts["finetune"] == len(expected) == 2 * 20 + 2 * 16
-    assert grids["imagenet"] == 4 and cfg["datasets"]["cifar10"]["base_lrs"] == [0.001, 0.003, 0.01, 0.03]
-    n_pairs = 2 * 5 + 2 * 4
-    protocols = cfg["evaluation"]["protocols"]
-    assert counts["select_lr"] == n_pairs and counts["evaluate"] == n_pairs * len(protocols)
-    # The paper's selection protocol: the selected LR run again on train + dev split (one job per pair and
-    # seed), the variants the config asks for, and every sweep run also tested for the selection-bias table.
-    assert counts["final_finetune"] == n_pairs * len(cfg["finetune"]["seeds"])
+    assert jobs == expected and counts["finetune"] == len(expected) == 4 * 5 * 4
+    # The paper's Appendix C: every dataset's grid is {0.003, 0.01, 0.03, 0.06}.
+    assert all(cfg["datasets"][d]["base_lrs"] == [0.003, 0.01, 0.03, 0.06] for d in datasets)
+    n_pairs = 4 * 5
+    assert counts["select_lr"] == n_pairs
+    assert counts["evaluate"] == n_pairs * 3  # resmall_crop, resize_crop, official (timm's: released models only)
+    # Three final runs per pair at the selected LR on train + dev split (Table 3 caption), the variants the
+    # config asks for, every sweep run tested with the headline protocol for the selection-bias table, and
+    # the LR-0.03 runs of CIFAR-10 also with the official code's protocol (its README's figures).
+    assert cfg["finetune"]["final_seeds"] == [0, 1, 2]
+    finals = set(re.findall(r"final/(\w+)/(\w+)/s(\d+)/model\.safetensors", res.stdout))
+    assert finals == {(c, d, s) for c in cfg["finetune"]["checkpoints"] for d in datasets for s in "012"}
+    assert counts["final_finetune"] == n_pairs * 3
     assert counts["variant_finetune"] == sum(len(v["pairs"]) for v in cfg["variants"].values())
     assert counts["evaluate_variant"] == counts["variant_finetune"]
-    assert counts["evaluate_selection_bias"] == n_pairs
-    # The released ImageNet-1k models are evaluated as they are, with every protocol; one ReaL job per
-    # ImageNet result (2 fine-tuned + 2 released), from a real.json fetched once.
+    sweeps = set(re.findall(r"sweep_on_test/(\w+)/(\w+)/(\w+)\.json", res.stdout))
+    assert sweeps == ({(c, d, "resmall_crop") for c in cfg["finetune"]["checkpoints"] for d in datasets}
+                      | {(c, "cifar10", "official") for c in cfg["finetune"]["checkpoints"]})
+    # The released ImageNet-1k models are evaluated as they are, with every protocol and timm's own; one ReaL
+    # job per ImageNet result (4 fine-tuned + 2 released), from a real.json fetched once.
     assert counts["baseline"] == len(released) * len(cfg["evaluation"]["protocols"])
-    assert counts["real"] == 4 and counts["download_real_labels"] == 1
-    assert set(re.findall(r"real/(\w+)/imagenet\.json", res.stdout)) == set(cfg["checkpoints"])
+    assert counts["real"] == 6 and counts["download_real_labels"] == 1
+    assert set(re.findall(r"real/finetune/(\w+)/imagenet\.json", res.stdout)) == set(cfg["checkpoints"])
+    assert set(re.findall(r"real/released/(\w+)/imagenet\.json", res.stdout)) == released
     assert counts["download_weights"] == counts["convert_weights"] == 4
     assert counts["prepare_data"] == 5
     assert counts["report"] == counts["aggregate"] == counts["notebook"] == 1
@@ -79,8 +86,13 @@ def test_demo_dry_run_never_mixes_with_the_study(tmp_path):
     assert res.returncode == 0, res.stderr + res.stdout
     counts = job_counts(res.stdout)
     assert counts["synthesize_upstream"] == 2 and counts["synthesize_data"] == 1
-    # p4 on three datasets (2 + 2 + 2 LRs); p8's head already classifies digits_jpeg: 2 datasets.
-    assert counts["finetune"] == 10 and counts["baseline"] == 2 and counts["real"] == 2
+    # Both checkpoints on three datasets (2 LRs each), p8 on its head's dataset too; two final seeds each; p8
+    # as released with three protocols (no timm_model); ReaL for both fine-tuned models and the released one.
+    assert counts["finetune"] == 12 and counts["final_finetune"] == 12
+    assert counts["baseline"] == 3 and counts["real"] == 3
+    # The headline protocol for the selection-bias table on every pair, the official one where a stand-in
+    # reference of one sweep run (demo/references.yaml) needs it.
+    assert counts["evaluate_sweep"] == 6 + 1
     assert "results/" not in res.stdout.replace("demo_results/", "")
     assert "mixer_b16_in21k" not in res.stdout
 
@@ -111,6 +123,14 @@ def test_conda_env_pins_match_requirements():
          "protocol.micro_batch_size 100 does not divide protocol.batch_size 512"),
         (lambda c: c["evaluation"].update(headline_protocol="tta"),
          "config key 'evaluation.headline_protocol': 'tta' is not a protocol"),
+        (lambda c: c["evaluation"].update(headline_protocol="timm"),
+         "config key 'evaluation.headline_protocol': 'timm' is timm's transform, which applies to released"),
+        (lambda c: c["finetune"].pop("final_seeds"),
+         "config key 'finetune': 'final_seeds' is a required property"),
+        (lambda c: c["checkpoints"]["mixer_b16_in21k"].update(timm_model="mixer_b16_224"),
+         "config key 'checkpoints.mixer_b16_in21k.timm_model': names a released timm model but the checkpoint"),
+        (lambda c: c["evaluation"]["protocols"].update(resize_crop={"resize": "square"}),
+         "'crop_fraction' is a required property"),
         (lambda c: c["datasets"]["cifar10"].update(eval_protocol="official"),
          "config key 'datasets.cifar10.eval_protocol': has been removed"),
         (lambda c: c["checkpoints"]["mixer_b16_in21k"].update(sha256="abc"),
@@ -128,7 +148,8 @@ def test_conda_env_pins_match_requirements():
         (lambda c: c.update(references="report/nope.yaml"),
          "config key 'references': file"),
     ],
-    ids=["misspelled-key", "wrong-type", "unknown-dataset", "micro-batch", "eval-protocol", "removed-eval-protocol",
+    ids=["misspelled-key", "wrong-type", "unknown-dataset", "micro-batch", "eval-protocol", "timm-headline",
+         "final-seeds-missing", "timm-model-without-head", "square-without-crop", "removed-eval-protocol",
          "sha256",
          "moved-lr-grid", "replaced-baseline", "head-classes", "average-member", "absolute-output",
          "references-file"],

@@ -12,6 +12,8 @@ antialiasing, as tf.image.resize in the official input pipeline (vit_jax/input_p
 cut out first, so samples never reach outside it (like tf.slice followed by resize). Array splits
 sample it in float (`resample`, the reference); image files take the fast path (`crop_resize`: decode
 with libjpeg-turbo, cut the integer box, resize only the crop in uint8), within one grey level of it.
+The one exception is the `timm` evaluation protocol (`TimmEvalTransform`): timm's own transform for a
+timm model, applied per image to PIL images as timm does, with its own interpolation and normalisation.
 
 Every random choice of a training sample (inception crop, flip) is a pure function of its aug seed
 (a counter-based SplitMix64 stream), so resumed and multi-GPU runs see bitwise the same pixels.
@@ -187,9 +189,22 @@ class TrainAugment:
         return normalise(resample(images_nhwc, ys, xs), self.mean, self.std)
 
 
+# How the geometry protocols resample (the eval record's "interpolation"). The paper does not name the
+# interpolation of its evaluation resizes (Appendix C (3)); bilinear without antialiasing is our assumption:
+# tf.image.resize's default, and what the official code's input pipeline uses.
+EVAL_INTERPOLATION = "bilinear, half-pixel centres, no antialias (as tf.image.resize in the official code)"
+GEOMETRY_RESIZES = ("direct", "shorter_side", "square")
+
+
 @dataclass(frozen=True)
 class EvalTransform:
-    """An evaluation protocol's geometry: "direct" resize, or "shorter_side" resize + centre crop."""
+    """An evaluation protocol's geometry (`resize` of its config entry):
+    - "direct": resize to image_size x image_size (the official code: tf.image.resize(im, [crop, crop]));
+    - "shorter_side": the shorter side to image_size / crop_fraction, keeping the aspect ratio, then the
+      central image_size crop (the paper's "resmall-crop", Appendix C (3)(ii): 256 then 224);
+    - "square": resize to (image_size / crop_fraction) squared, then the central image_size crop (the
+      paper's "resize-crop", Appendix C (3)(i): 256 x 256 then 224).
+    """
 
     protocol: dict
     image_size: int
@@ -200,18 +215,38 @@ class EvalTransform:
         """The geometry row of one height x width image."""
         s = self.image_size
         resize = self.protocol.get("resize")
-        if resize == "direct":  # official code: tf.image.resize(im, [crop, crop])
+        if resize == "direct":
             return 0, 0, height, width, s, s, 0, 0, 0
-        if resize == "shorter_side":  # paper Table 3: shorter side to size/crop_fraction, centre crop
-            fraction = self.protocol.get("crop_fraction")
-            if fraction is None:
-                raise PipelineError(f"evaluation protocol {self.protocol}: 'shorter_side' needs crop_fraction")
-            short = math.floor(s / fraction + 1e-6)  # 224 / 0.875 = 256 (timm's convention)
-            scale = short / min(height, width)
-            new_h, new_w = max(short, round(height * scale)), max(short, round(width * scale))
-            top, left = round((new_h - s) / 2), round((new_w - s) / 2)  # torchvision CenterCrop offsets
-            return 0, 0, height, width, new_h, new_w, top, left, 0
-        raise PipelineError(f"evaluation protocol {self.protocol}: resize must be 'direct' or 'shorter_side'")
+        if resize not in GEOMETRY_RESIZES:
+            raise PipelineError(f"evaluation protocol {self.protocol}: resize must be one of "
+                                f"{[*GEOMETRY_RESIZES, 'timm']}; fix evaluation.protocols in the config")
+        side = self.resized_side()
+        if resize == "square":
+            new_h = new_w = side
+        else:
+            scale = side / min(height, width)
+            new_h, new_w = max(side, round(height * scale)), max(side, round(width * scale))
+        top, left = round((new_h - s) / 2), round((new_w - s) / 2)  # torchvision CenterCrop offsets
+        return 0, 0, height, width, new_h, new_w, top, left, 0
+
+    def resized_side(self) -> int:
+        """The side the image is resized to before the centre crop: image_size / crop_fraction (224 -> 256)."""
+        fraction = self.protocol.get("crop_fraction")
+        if fraction is None:
+            raise PipelineError(f"evaluation protocol {self.protocol}: resize {self.protocol.get('resize')!r} needs "
+                                "crop_fraction (0.875: 224 of 256); fix evaluation.protocols in the config")
+        return math.floor(self.image_size / fraction + 1e-6)  # 224 / 0.875 = 256, 448 / 0.875 = 512
+
+    def description(self) -> dict:
+        """What the eval record says about this preprocessing: its interpolation and transform."""
+        s, resize = self.image_size, self.protocol.get("resize")
+        if resize == "direct":
+            transform = f"resize to {s}x{s}"
+        elif resize == "square":
+            transform = f"resize to {self.resized_side()}x{self.resized_side()}, central {s}x{s} crop"
+        else:
+            transform = f"resize the shorter side to {self.resized_side()}, central {s}x{s} crop"
+        return {"interpolation": EVAL_INTERPOLATION, "transform": transform}
 
     def geometry(self, seeds, heights, widths) -> np.ndarray:
         """Geometry rows (B, 9) for images of the given sizes (seeds are unused: evaluation is deterministic)."""
@@ -225,6 +260,70 @@ class EvalTransform:
     def __call__(self, images_nhwc: torch.Tensor, seeds=None) -> torch.Tensor:
         ys, xs = self.coords(images_nhwc.shape[0], images_nhwc.shape[1], images_nhwc.shape[2])
         return normalise(resample(images_nhwc, ys, xs), self.mean, self.std)
+
+
+@dataclass(frozen=True)
+class TimmEvalTransform:
+    """timm's own evaluation transform for one timm model (protocol {"resize": "timm", "timm_model": name}):
+    the protocol behind timm's results table. Built by timm's functions from the model's pretrained_cfg
+    (`build`), never re-written here; applied per image to PIL RGB images, as timm's own dataset does,
+    and normalised by it (timm's mean and std, in 0..1 units)."""
+
+    timm_model: str
+    image_size: int
+    transform: object  # timm's torchvision Compose
+    data_config: dict  # timm.data.resolve_model_data_config's output
+
+    @classmethod
+    def build(cls, protocol: dict, image_size: int, mean: float, std: float) -> TimmEvalTransform:
+        """timm's transform for protocol["timm_model"]; the model's image size and its normalisation (mean,
+        std in 0..255 units) must be those the transform gives, else one PipelineError saying so."""
+        import timm
+        import timm.data
+
+        name = protocol.get("timm_model")
+        try:
+            with torch.device("meta"):  # only its pretrained_cfg is read: no weights, nothing allocated
+                model = timm.create_model(str(name), pretrained=False)
+        except RuntimeError as e:
+            raise PipelineError(f"evaluation protocol {protocol}: timm_model {name!r} is not a timm model ({e}); "
+                                "fix evaluation.protocols in the config") from None
+        config = timm.data.resolve_model_data_config(model)
+        made = tuple(config["input_size"][1:])
+        if made != (image_size, image_size):
+            raise PipelineError(f"evaluation protocol {protocol}: timm's transform for {name} makes "
+                                f"{made[0]}x{made[1]} images but the model evaluated takes {image_size}x{image_size}; "
+                                "evaluate a model of that size or name a timm_model of this one's")
+        if any(abs(m * 255 - mean) > 1e-6 or abs(s * 255 - std) > 1e-6 for m, s in zip(config["mean"], config["std"])):
+            raise PipelineError(f"evaluation protocol {protocol}: timm's transform for {name} normalises with mean "
+                                f"{config['mean']} and std {config['std']} (x 255), the model was trained with "
+                                f"pixel mean {mean} and std {std}; this protocol does not fit the model")
+        return cls(str(name), image_size, timm.data.create_transform(**config, is_training=False), config)
+
+    def description(self) -> dict:
+        """What the eval record says about this preprocessing: timm's interpolation, and its transform."""
+        return {"interpolation": f"{self.data_config['interpolation']} (timm's transform, on PIL images)",
+                "transform": str(self.transform), "timm_data_config": self.data_config}
+
+    def from_decoded(self, images_chw: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Decoded images (uint8 CHW RGB, any sizes) -> timm's transform of each -> float32 (B, 3, S, S)."""
+        from PIL import Image
+
+        return torch.stack([self.transform(Image.fromarray(np.ascontiguousarray(im.permute(1, 2, 0).cpu().numpy())))
+                            for im in images_chw])
+
+    def __call__(self, images_nhwc: torch.Tensor, seeds=None) -> torch.Tensor:
+        """uint8 NHWC images (an array split's batch) -> normalised float32 NCHW on their device."""
+        return self.from_decoded(images_nhwc.permute(0, 3, 1, 2)).to(images_nhwc.device)
+
+
+def eval_transform(protocol: dict, image_size: int, mean: float, std: float) -> EvalTransform | TimmEvalTransform:
+    """An evaluation protocol's config entry as its transform (`resize` says which)."""
+    if protocol.get("resize") == "timm":
+        return TimmEvalTransform.build(dict(protocol), image_size, mean, std)
+    transform = EvalTransform(dict(protocol), image_size, mean, std)
+    transform.image_geometry(1, 1)  # a bad entry fails here, before any worker starts
+    return transform
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,14 +528,18 @@ def jpeg_header(encoded: torch.Tensor) -> tuple[int, int, int] | None:
     return None
 
 
-def decode_and_transform(encoded: Sequence[torch.Tensor], paths: Sequence[str], transform: TrainAugment | EvalTransform,
+def decode_and_transform(encoded: Sequence[torch.Tensor], paths: Sequence[str],
+                         transform: TrainAugment | EvalTransform | TimmEvalTransform,
                          seeds: Sequence[int]) -> torch.Tensor:
-    """Files' bytes -> (B, 3, S, S) uint8 (channels-last), as transform_images on the decoded images.
+    """Files' bytes -> (B, 3, S, S) uint8 (channels-last), as transform_images on the decoded images;
+    with timm's transform, its normalised float32 output.
 
     Each image is resized right after it is decoded, while its pixels are still in the CPU's cache
     (decoding the whole batch first costs several percent of the decoder's rate: bench image_eval). The
     batch's geometry needs every size first: JPEGs give it in their header, other files are decoded first.
     """
+    if isinstance(transform, TimmEvalTransform):
+        return transform.from_decoded(decode_image_bytes(e, p) for e, p in zip(encoded, paths))
     headers = [jpeg_header(e) for e in encoded]
     decoded = {i: decode_image_bytes(e, p, None) for i, (e, p, hw) in enumerate(zip(encoded, paths, headers))
                if hw is None}
@@ -593,7 +696,12 @@ def _folder_batches(loader, transform, device) -> Iterator[tuple[torch.Tensor, t
             images = transform_images(decoded, transform, item["seeds"], exact=device.type != "cpu")
         else:
             images = item["images"].to(device, non_blocking=True)
-        yield normalise(images, transform.mean, transform.std), item["labels"].to(device, non_blocking=True)
+        yield _model_input(images, transform), item["labels"].to(device, non_blocking=True)
+
+
+def _model_input(images: torch.Tensor, transform) -> torch.Tensor:
+    """A loader's batch as the model's input: normalised, unless timm's transform has done it already."""
+    return images if isinstance(transform, TimmEvalTransform) else normalise(images, transform.mean, transform.std)
 
 
 def _decode_on_device_flag(decode_device: str, device: torch.device) -> bool:
@@ -633,7 +741,7 @@ def _array_train_batches(split: Split, augment: TrainAugment, plan, device):
 class _ArrayEvalLoader:
     """Evaluation batches of an array split, transformed on the device; iterable any number of times."""
 
-    def __init__(self, split: Split, transform: EvalTransform, batch_size: int, device):
+    def __init__(self, split: Split, transform: EvalTransform | TimmEvalTransform, batch_size: int, device):
         self.images, self.labels = _device_arrays(split, device)
         self.transform, self.batch_size = transform, batch_size
 
@@ -649,8 +757,8 @@ class _ArrayEvalLoader:
 class _FolderEvalLoader:
     """Evaluation batches of an image-folder split from DataLoader workers (they persist across passes)."""
 
-    def __init__(self, split: Split, transform: EvalTransform, batch_size: int, device, num_workers: int,
-                 decode_on_device: bool):
+    def __init__(self, split: Split, transform: EvalTransform | TimmEvalTransform, batch_size: int, device,
+                 num_workers: int, decode_on_device: bool):
         n = len(split)
         batches = [[(i, 0) for i in range(s, min(n, s + batch_size))] for s in range(0, n, batch_size)]
         self.device, self.transform = torch.device(device), transform
@@ -668,13 +776,15 @@ def eval_loader(split: Split, protocol: dict, image_size: int, batch_size: int, 
     """A re-iterable loader of (images float32 NCHW, labels int64) on `device`, in split order.
 
     Create it once and iterate it at each evaluation: array splits stay on the device and
-    image-folder workers persist between passes. decode_device as in train_loader.
+    image-folder workers persist between passes. decode_device as in train_loader, except for timm's
+    transform, a PIL transform: it runs in the CPU workers whatever decode_device says. The loader's
+    `transform` (see `eval_transform`) describes itself for the eval record.
     """
-    transform = EvalTransform(dict(protocol), image_size, mean, std)
+    transform = eval_transform(protocol, image_size, mean, std)
     device = torch.device(device)
     if split.layout == "arrays":
         return _ArrayEvalLoader(split, transform, batch_size, device)
-    on_device = _decode_on_device_flag(decode_device, device)
+    on_device = _decode_on_device_flag(decode_device, device) and isinstance(transform, EvalTransform)
     return _FolderEvalLoader(split, transform, batch_size, device, num_workers, on_device)
 
 

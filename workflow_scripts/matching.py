@@ -83,7 +83,7 @@ def reproduction(config: dict, ours: dict, sweeps: dict, fig: dict) -> tuple[dic
     result, protocol = made_by["result"], made_by["protocol"]
     if result == "sweep_run":
         found = sweep_figure(sweeps, ck, name, protocol, made_by["base_lr"]) if kind == "dataset" else None
-        return ({**found, "checkpoint": ck} if found else None), NOT_RUN
+        return ({**found, "checkpoint": ck}, None) if found else (None, NOT_RUN)
     result_from = "released" if result == "released" else "finetune"
     record = result_record(ours, ck, kind, name, result_from)
     if record is None or record["status"] != "run":
