@@ -1152,3 +1152,185 @@ def render_contract(tmp_path: Path, summary: dict) -> str:
     out = report.render_report(tmp_path / "summary.json", tmp_path / "config.json", tmp_path / "analysis.html",
                                tmp_path / "logs", tmp_path / "report" / "index.html", "snakemake --cores all")
     return out.read_text()
+
+
+class _TableParser(HTMLParser):
+    """The body rows of one table of the page: [(tr attributes, [(td attributes, [span-separated texts])])]."""
+
+    def __init__(self, table_id: str):
+        super().__init__()
+        self.table_id, self.depth, self.rows, self.in_body = table_id, 0, [], False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table" and (self.depth or attrs.get("id") == self.table_id):
+            self.depth += 1
+        elif self.depth == 1 and tag == "tbody":
+            self.in_body = True
+        elif self.in_body and tag == "tr":
+            self.rows.append((attrs, []))
+        elif self.in_body and tag == "td":
+            self.rows[-1][1].append((attrs, [""]))
+        elif self.in_body and tag == "span" and self.rows and self.rows[-1][1]:
+            self.rows[-1][1][-1][1].append("")
+
+    def handle_endtag(self, tag):
+        if tag == "table" and self.depth:
+            self.depth -= 1
+            self.in_body = self.in_body and self.depth > 0
+
+    def handle_data(self, data):
+        if self.in_body and self.rows and self.rows[-1][1]:
+            self.rows[-1][1][-1][1][-1] += data
+
+
+def table_rows(page: str, table_id: str) -> list[tuple[dict, list[tuple[dict, list[str]]]]]:
+    parser = _TableParser(table_id)
+    parser.feed(page)
+    assert parser.rows, f"no table with id {table_id!r} and rows"
+    return [(attrs, [(a, [t.strip() for t in texts if t.strip()]) for a, texts in cells]) for attrs, cells in
+            parser.rows]
+
+
+def headline_cells(page: str) -> dict[tuple[str, str], tuple[str, str, str]]:
+    """The page's Table 3: {(pre-training | model, column): (ours, paper, verdict)}."""
+    cells = {}
+    for attrs, tds in table_rows(page, "headline"):
+        for i, (td, texts) in enumerate(tds):
+            if "data-column" in td:
+                paper, verdict = tds[i + 1][1], tds[i + 2][1]
+                cells[attrs["data-row"], td["data-column"]] = (texts[0], paper[0], verdict[0])
+    return cells
+
+
+def section(page: str, section_id: str) -> str:
+    return page.split(f'<section id="{section_id}">')[1].split("</section>")[0]
+
+
+def test_table3_headline_as_the_paper_prints_it(tmp_path):
+    """Rows (pre-training, model, image size), columns ImNet, ReaL, Avg5; each cell ours (mean ± s.d. of the
+    final runs) beside the paper's figure and the verdict as a word and a coloured badge; released rows apart."""
+    summary = contract_summary()
+    page = render_contract(tmp_path, summary)
+    cells = headline_cells(page)
+    assert list(dict.fromkeys(column for _, column in cells)) == ["ImageNet", "ImageNet ReaL", "Avg5"]
+    assert list(dict.fromkeys(row for row, _ in cells)) == [f"{p} | {m}" for m, p in PAPER]
+    for (model, pre, column), per_seed in FINAL_RUNS.items():
+        if column in ("ImageNet", "ImageNet ReaL"):
+            ours = f"{statistics.fmean(per_seed):.2f} ± {statistics.stdev(per_seed):.2f}"
+            expected = stats.verdict(PAPER[model, pre][column], stats.top1_interval(per_seed, 10_000))[0]
+            assert cells[f"{pre} | {model}", column] == (ours, f"{PAPER[model, pre][column]:.2f}", expected)
+    assert {v for _, _, v in cells.values()} == {"consistent", "below", "above", "not run"}
+    assert cells["ImageNet-21k | Mixer-L/16", "ImageNet"] == ("not run", "82.89", "not run")
+    assert cells["ImageNet-1k | Mixer-B/16", "Avg5"] == ("1 of 5", "88.33", "not run")
+    headline = page.split('id="headline"')[1].split("</table>")[0]
+    assert "76.60" not in headline and "ImNet</th>" in headline and ">ReaL</th>" in headline
+    # The verdict is a word and a colour: a badge per verdict, each with a background of its own.
+    assert headline.count('<span class="verdict" data-verdict="') == len(cells)
+    css = (REPO / "report" / "report.css").read_text()
+    colours = {v: re.search(rf'span\.verdict\[data-verdict="{v}"\] {{ background: (#[0-9a-f]+)', css).group(1)
+               for v in tables.VERDICTS}
+    assert len(set(colours.values())) == len(tables.VERDICTS)
+    protocol = html.unescape(re.sub(r"<[^>]+>", "", page.split('id="headline-protocol"')[1].split("</p>")[0]))
+    assert "seeds 0, 1, 2" in protocol and "resmall_crop" in protocol and "Appendix C (3)(ii)" in protocol
+    assert "bilinear without antialiasing: our assumption" in protocol
+
+
+def test_per_dataset_and_released_figures_against_the_run_made_their_way(tmp_path):
+    page = render_contract(tmp_path, contract_summary())
+    rows = {attrs["data-row"]: {td["data-column"]: texts for td, texts in tds if "data-column" in td}
+            for attrs, tds in table_rows(page, "per-dataset-table")}
+    assert list(rows["ImageNet-21k | Mixer-B/16"]) == ["ImageNet", "CIFAR-10", "CIFAR-100", "Oxford-IIIT Pets",
+                                                       "Oxford Flowers-102"]
+    cifar = rows["ImageNet-21k | Mixer-B/16"]["CIFAR-10"]
+    per_seed = FINAL_RUNS["Mixer-B/16", "ImageNet-21k", "CIFAR-10"]
+    assert cifar[0] == f"{statistics.fmean(per_seed):.2f} ± {statistics.stdev(per_seed):.2f}"
+    assert cifar[1].startswith("3 runs · 95% CI ")
+    # The official README's figure beside the sweep run that matches it, with its protocol and verdict.
+    assert cifar[2:] == ["official_repo 96.82", "consistent", "vs ours 96.75, sweep run at LR 0.03, s0, official"]
+    assert rows["ImageNet-1k | Mixer-B/16"]["ImageNet"][4:6] == ["earlier_study 73.64", "no protocol match"]
+    released = {attrs["data-row"]: {td["data-column"]: texts for td, texts in tds if "data-column" in td}
+                for attrs, tds in table_rows(page, "released-table")}
+    assert list(released) == ["ImageNet-1k | Mixer-B/16"]
+    imagenet = released["ImageNet-1k | Mixer-B/16"]["ImageNet"]
+    assert imagenet[:2] == ["76.60", "released model · 95% CI 76.23–76.97"]
+    assert ["timm_results 76.616", "consistent", "vs ours 76.58, released model, timm"] == imagenet[2:5]
+    as_released = page.split('id="as-released"')[1].split("<table")[0]
+    assert "never a Table 3 figure" in as_released
+
+
+def test_each_final_run_and_the_sd_beside_the_papers_bound(tmp_path):
+    summary = contract_summary()
+    page = render_contract(tmp_path, summary)
+    header = page.split('id="seeds-table"')[1].split("</thead>")[0]
+    assert "Seed 0" in header and "Seed 2" in header and "s.d. &lt; 0.15? (paper)" in header
+    body = {(texts[0][0], texts[1][0], texts[3][0]): [t[0] if t else "" for t in texts]
+            for _, tds in table_rows(page, "seeds-table") for texts in [[t for _, t in tds]]}
+    assert len(body) == sum(r["result_from"] == "finetune" and r["status"] == "run" for r in summary["results"])
+    for (model, pre, column), per_seed in FINAL_RUNS.items():
+        row = body[model, pre, column]
+        std = statistics.stdev(per_seed)
+        assert row[4] == "resmall_crop" and row[6:9] == [f"{x:.2f}" for x in per_seed]
+        assert row[10] == f"{std:.2f}" and row[11] == ("yes (< 0.15)" if std < 0.15 else "no (≥ 0.15)")
+    assert body["Mixer-B/16", "ImageNet-21k", "Oxford-IIIT Pets"][11] == "no (≥ 0.15)"
+    assert "standard deviations are smaller than 0.15" in html.unescape(section(page, "headline-section"))
+
+
+def test_every_reference_with_its_source_protocol_and_matched_runs(tmp_path):
+    summary = contract_summary()
+    page = render_contract(tmp_path, summary)
+    rows = [[t[0] if t else "" for _, t in tds] for _, tds in table_rows(page, "comparison-table")]
+    assert len(rows) == len(summary["comparison"])
+    for row, ref in zip(rows, summary["comparison"]):
+        assert row[0].startswith(ref["source"]) and row[3] == tables.format_reference(ref["reference_value"])
+        assert row[4] == tables.made_by_text(ref["source_protocol"]) and row[-1] == ref["verdict"]
+    official = next(row for row in rows if row[0].startswith("official_repo"))
+    assert official[4:] == ["one sweep run at LR 0.03; official", "sweep run at LR 0.03, s0; official", "96.75",
+                            "96.75", "96.38–97.08", "-0.07", "consistent"]
+    b16 = rows[0]
+    assert b16[6] == ", ".join(f"{x:.2f}" for x in FINAL_RUNS["Mixer-B/16", "ImageNet-21k", "ImageNet"])
+    sources = html.unescape(section(page, "comparison"))
+    for key, entry in REFS["sources"].items():
+        assert f"{key}: {entry['citation']}" in sources and entry["protocol_note"] in sources
+
+
+def test_selection_bias_is_one_table(tmp_path):
+    summary = contract_summary()
+    page = render_contract(tmp_path, summary)
+    bias = section(page, "selection-bias")
+    assert bias.count("<table") == 1 and "<h3" not in bias
+    header = re.findall(r"<th>([^<]*)</th>", bias.split("</thead>")[0])
+    assert header == ["Model", "Pre-training", "Dataset", "LR 0.001", "LR 0.003", "LR 0.01", "LR 0.03", "LR 0.06",
+                      "Best on test (LR)", "Selected on the dev split (LR)", "Headline (honest) [95% CI]", "Inflation",
+                      "of which the LR choice"]
+    rows = [[t[0] for _, t in tds] for _, tds in table_rows(page, "selection-bias-table")]
+    assert rows[0][3:] == ["–", "97.11", "97.44", "97.58", "97.91", "0.06", "0.03", "97.61 [97.31, 97.91]", "+0.30",
+                           "+0.33"]
+    assert rows[1][3:5] == ["88.05", "89.12"] and rows[1][8:10] == ["0.003", "0.001"]
+
+
+def test_markdown_and_latex_follow_the_page(tmp_path):
+    summary = contract_summary()
+    md = tables.comparison_markdown(summary)
+    titles = re.findall(r"^## (.+)$", md, flags=re.M)
+    assert titles == ["Table 3", "Per dataset", "As released (not fine-tuned; never a Table 3 figure)",
+                      "Each final run", "Every reference figure against the run made its way",
+                      "Every evaluation protocol", "Selection bias (not the headline)"]
+    assert "| Pre-training | Model | Size | ImNet ours | ImNet paper | ImNet verdict | ReaL ours |" in md
+    assert ("| ImageNet-21k | Mixer-B/16 | 224 | 80.65 ± 0.07 | 80.64 | consistent | 84.14 ± 0.14 | 85.80 | below |"
+            in md)
+    assert "official_repo 96.82: consistent vs ours 96.75, sweep run at LR 0.03, s0, official" in md
+    assert md.count("| Mixer-B/16 | ImageNet-21k | CIFAR-10 |") == 1  # the selection-bias table's row
+    tex = tables.comparison_latex(summary)
+    assert tex.count(r"\begin{table}") == len(titles)
+    assert r"80.64 & consistent" in tex and r"$\pm$" in tex and r"Selection bias (not the headline)" in tex
+    assert "_" not in tex.replace(r"\_", "")  # every underscore escaped
+
+
+def test_protocol_wording_follows_the_paper(tmp_path):
+    page = html.unescape(re.sub(r"<[^>]+>", "", render_contract(tmp_path, contract_summary())))
+    for words in ("Appendix C (“We follow the setup of [14]”", "“did not lead to any improvements”",
+                  "JFT-300M", "we keep it on", "section 3.1", "Pets has 37 classes",
+                  "bilinear without antialiasing (TensorFlow's default): our assumption"):
+        assert words in page, words
+    assert "Appendix B" not in page and "not verified as the paper" not in page
