@@ -281,13 +281,19 @@ def grid_cell(result: dict | None, refs_of_cell: list[dict], refs: dict, headlin
 def grid(summary: dict, result_from: str, columns: list[dict], keep) -> dict:
     """The grid of the Table 3 rows made `result_from` over `columns`: {"columns", "rows": [{"label",
     "pretraining", "image_size", "cells"}]}; `keep(comparison row)` picks the references each cell shows.
-    Columns where no row has a result or a reference are left out."""
+    Rows: this config's (summary.json `table3_rows`), then those only a reference has; columns where no row
+    has a result or a reference are left out."""
     results = {(*row_key(r), r["column"]): r for r in summary["results"] if r["result_from"] == result_from}
     references: dict[tuple, list[dict]] = {}
     for ref in summary["comparison"]:
         if ref["metric"] == "top1" and keep(ref):
             references.setdefault((*row_key(ref), ref["column"]), []).append(ref)
     rows = [r for r in summary["table3_rows"] if r["result_from"] == result_from]
+    # A published configuration this config did not run is a row too ("not run"), as the paper prints it.
+    ours = {row_key(r) for r in rows}
+    rows += [dict(zip(("label", "pretraining", "image_size"), key), result_from=result_from)
+             for key in dict.fromkeys(k[:3] for k in references if k[3] in {c["label"] for c in columns})
+             if key not in ours]
     shown = [c for c in columns if any((*row_key(r), c["label"]) in results or (*row_key(r), c["label"])
                                        in references for r in rows)]
     return {"columns": shown,
