@@ -1335,3 +1335,18 @@ def test_protocol_wording_follows_the_paper(tmp_path):
                   "bilinear without antialiasing (TensorFlow's default): our assumption"):
         assert words in page, words
     assert "Appendix B" not in page and "not verified as the paper" not in page
+
+
+def test_published_configurations_not_run_are_rows_of_their_own(tmp_path):
+    """A subset (or the demo) leaves some of Table 3's configurations out: they are a grid of their own, every cell
+    "not run", and the config's grid shows only its own rows."""
+    summary = contract_summary()
+    summary["table3_rows"] = [r for r in summary["table3_rows"] if r["label"] != "Mixer-L/16"]
+    page = render_contract(tmp_path, summary)
+    assert "ImageNet-21k | Mixer-L/16" not in {row for row, _ in headline_cells(page)}
+    rows = table_rows(page, "headline-not-run-table")
+    assert [attrs["data-row"] for attrs, _ in rows] == ["ImageNet-21k | Mixer-L/16"]
+    assert [t[0] for _, t in rows[0][1][3:]] == ["not run", "82.89", "not run", "not run", "87.54", "not run",
+                                                 "not run", "93.63", "not run"]
+    assert "## Table 3: published configurations this config did not run" in tables.comparison_markdown(summary)
+    assert 'id="headline-not-run-table"' not in render_contract(tmp_path / "all", contract_summary())

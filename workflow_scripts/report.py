@@ -46,6 +46,7 @@ from workflow_scripts.tables import (
     format_interval,
     format_reference,
     headline_grid,
+    headline_not_run_grid,
     paper_column_name,
     protocol_cells,
     protocol_sentence,
@@ -83,6 +84,7 @@ def report_context(summary: dict, config: dict, logs_dir: Path, notebook_html: P
         "summary": summary,
         "refs": refs,
         "headline": headline_grid(summary),  # Table 3 as the paper prints it
+        "headline_not_run": headline_not_run_grid(summary),  # its configurations this config did not run
         "per_dataset": dataset_grid(summary),
         "released": released_grid(summary),  # the "as released" rows, apart
         "seeds": seed_cells(summary),

@@ -278,22 +278,23 @@ def grid_cell(result: dict | None, refs_of_cell: list[dict], refs: dict, headlin
             "references": lines, "primary": primary, "verdict": primary["verdict"] if primary else None}
 
 
-def grid(summary: dict, result_from: str, columns: list[dict], keep) -> dict:
+def grid(summary: dict, result_from: str, columns: list[dict], keep, rows_of: str = "all") -> dict:
     """The grid of the Table 3 rows made `result_from` over `columns`: {"columns", "rows": [{"label",
     "pretraining", "image_size", "cells"}]}; `keep(comparison row)` picks the references each cell shows.
-    Rows: this config's (summary.json `table3_rows`), then those only a reference has; columns where no row
-    has a result or a reference are left out."""
+    Rows (`rows_of`): "config", this config's (summary.json `table3_rows`); "published", the configurations
+    only a reference has (not run here); "all", both. Columns where no row has a result or a reference are
+    left out."""
     results = {(*row_key(r), r["column"]): r for r in summary["results"] if r["result_from"] == result_from}
     references: dict[tuple, list[dict]] = {}
     for ref in summary["comparison"]:
         if ref["metric"] == "top1" and keep(ref):
             references.setdefault((*row_key(ref), ref["column"]), []).append(ref)
-    rows = [r for r in summary["table3_rows"] if r["result_from"] == result_from]
-    # A published configuration this config did not run is a row too ("not run"), as the paper prints it.
-    ours = {row_key(r) for r in rows}
-    rows += [dict(zip(("label", "pretraining", "image_size"), key), result_from=result_from)
-             for key in dict.fromkeys(k[:3] for k in references if k[3] in {c["label"] for c in columns})
-             if key not in ours]
+    ours = [r for r in summary["table3_rows"] if r["result_from"] == result_from]
+    labels = {c["label"] for c in columns}
+    published = [dict(zip(("label", "pretraining", "image_size"), key), result_from=result_from)
+                 for key in dict.fromkeys(k[:3] for k in references if k[3] in labels)
+                 if key not in {row_key(r) for r in ours}]
+    rows = {"config": ours, "published": published, "all": ours + published}[rows_of]
     shown = [c for c in columns if any((*row_key(r), c["label"]) in results or (*row_key(r), c["label"])
                                        in references for r in rows)]
     return {"columns": shown,
@@ -304,18 +305,27 @@ def grid(summary: dict, result_from: str, columns: list[dict], keep) -> dict:
                                 for c in shown]} for r in rows]}
 
 
+def is_table3_reference(ref: dict) -> bool:
+    """A Table 3 cell's reference: the column's primary one, made from final runs (or not run here)."""
+    return ref["is_primary"] and ref["matched_result"] in ("final", None)
+
+
 def headline_grid(summary: dict) -> dict:
-    """Table 3 as the paper prints it: the fine-tuned rows, columns ImNet, ReaL, Avg5, each cell ours beside
-    the column's primary reference (the paper's figure) and its verdict."""
-    return grid(summary, "finetune", headline_columns(summary["table3_columns"]),
-                lambda ref: ref["is_primary"] and ref["matched_result"] in ("final", None))
+    """Table 3 as the paper prints it, for this config's fine-tuned rows: columns ImNet, ReaL, Avg5, each cell
+    ours beside the column's primary reference (the paper's figure) and its verdict."""
+    return grid(summary, "finetune", headline_columns(summary["table3_columns"]), is_table3_reference, "config")
+
+
+def headline_not_run_grid(summary: dict) -> dict:
+    """Table 3's published configurations this config did not run (a subset, the demo): every cell "not run"."""
+    return grid(summary, "finetune", headline_columns(summary["table3_columns"]), is_table3_reference, "published")
 
 
 def dataset_grid(summary: dict) -> dict:
-    """The per-dataset figures of the fine-tuned rows, each cell with every reference of the cell that is not
-    a released model's, each against the run made its way."""
+    """The per-dataset figures of this config's fine-tuned rows, each cell with every reference of the cell that
+    is not a released model's, each against the run made its way (the others: the comparison section)."""
     return grid(summary, "finetune", dataset_columns(summary["table3_columns"]),
-                lambda ref: ref["source_protocol"].get("result") != "released")
+                lambda ref: ref["source_protocol"].get("result") != "released", "config")
 
 
 def released_grid(summary: dict) -> dict:
@@ -454,7 +464,7 @@ def grid_body(g: dict, with_reference: bool) -> list[list[str]]:
     def cells(cell: dict) -> list[str]:
         if with_reference:
             primary = cell["primary"]
-            return [cell["ours"], primary["value"] if primary else "–", cell["verdict"] or "–"]
+            return [cell["ours"], primary["value"] if primary else "–", cell["verdict"] or "none published"]
         refs = "; ".join(f"{line['source']} {line['value']}: {line['verdict']}"
                          + (f" vs {line['matched']}" if line["matched"] else "")
                          for line in cell["references"])
@@ -478,9 +488,12 @@ def report_sections(summary: dict) -> list[tuple[str, str, tuple[list[str], list
     """(title, legend, (header, body)) of every table comparison.md and comparison.tex hold, in the report's
     order; a table without rows is left out."""
     head, per_dataset, released = headline_grid(summary), dataset_grid(summary), released_grid(summary)
+    not_run = headline_not_run_grid(summary)
     bound = summary["paper_sd_bound"]
     sections = [
         ("Table 3", TABLE3_LEGEND, (grid_header(head, True), grid_body(head, True))),
+        ("Table 3: published configurations this config did not run", "Every cell: not run.",
+         (grid_header(not_run, True), grid_body(not_run, True))),
         ("Per dataset", "Ours (mean ± s.d. of the final runs, headline protocol), then every reference of the "
          "cell with its verdict, each against the run made its way.",
          (grid_header(per_dataset, False), grid_body(per_dataset, False))),
