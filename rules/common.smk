@@ -12,7 +12,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, workflow.basedir)  # workflow_scripts: the pure job matrix and the typed protocol
-from workflow_scripts import matrix  # noqa: E402
+from workflow_scripts import matrix, references  # noqa: E402
 from workflow_scripts.common import PipelineError  # noqa: E402
 from workflow_scripts.protocol import Protocol  # noqa: E402
 
@@ -58,60 +58,12 @@ def validate_against_schema(obj, schema_name, source):
         raise WorkflowError(f"{source} is not valid:\n  " + "\n  ".join(sorted(problems)))
 
 
-def _workflow_file(path):
-    """A path in the config that names a file of the workflow (relative to the Snakefile)."""
-    p = Path(path)
-    return p if p.is_absolute() else Path(workflow.basedir) / p
-
-
 def load_references(value):
-    """report/references.yaml (or an inline mapping, or a list of files merged), checked against its schema,
-    its sources and the config's evaluation protocols."""
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, list):
-        return _merge_references([load_references(v) for v in value], value)
-    path = _workflow_file(value)
-    if not path.exists():
-        config_error("references", f"file {path} does not exist", "point it at report/references.yaml")
-    refs = yaml.safe_load(path.read_text())
-    validate_against_schema(refs, "references.schema.yaml", str(path))
-    for i, fig in enumerate(refs["figures"]):
-        if fig["source"] not in refs["sources"]:
-            raise WorkflowError(
-                f"{path}: figures[{i}] cites source '{fig['source']}', which is not listed under "
-                f"'sources'. Fix: add it there with its citation."
-            )
-    for name, src in refs["sources"].items():
-        protocol = src["made_by"]["protocol"]
-        if protocol is not None and protocol not in config["evaluation"]["protocols"]:
-            raise WorkflowError(
-                f"{path}: sources.{name}.made_by.protocol '{protocol}' is not a protocol of config key "
-                f"'evaluation.protocols' ({sorted(config['evaluation']['protocols'])}). Fix: add the protocol "
-                "there or correct the name."
-            )
-        if (
-            protocol is not None
-            and matrix.is_timm_protocol(config, protocol)
-            and src["made_by"]["result"] != "released"
-        ):
-            raise WorkflowError(
-                f"{path}: sources.{name}.made_by uses timm's transform '{protocol}' for a {src['made_by']['result']} "
-                "result; it applies to released checkpoints only. Fix: result: released, or another protocol."
-            )
-    return refs
-
-
-def _merge_references(parts, paths):
-    merged = {"sources": {}, "figures": [], "primary": {}}
-    for part, path in zip(parts, paths):
-        twice = sorted(set(merged["sources"]) & set(part["sources"]))
-        if twice:
-            config_error("references", f"{path} defines source(s) {twice} again", "define each source in one file")
-        merged["sources"].update(part["sources"])
-        merged["figures"] += part["figures"]
-        merged["primary"].update(part["primary"])
-    return merged
+    """The config's `references` (workflow_scripts.references: loaded, merged, checked)."""
+    try:
+        return references.load(value, workflow.basedir, config["evaluation"]["protocols"])
+    except PipelineError as e:
+        raise WorkflowError(str(e)) from None
 
 
 def _check_names(key, names, known, what="defined"):
@@ -138,12 +90,12 @@ def check_cross_references(config):
                 f"set it to file:{upstream_npz(name)}",
             )
         _check_head_dataset(name, ck, dsets)
+        _check_base_checkpoint(name, ck, ckpts)
     _check_batch_split(config)
     _check_variants(config)
 
 
 def _check_variants(config):
-    fine_tuned = set(matrix.pairs(config))
     for name, variant in config["variants"].items():
         key = f"variants.{name}"
         unknown = sorted(set(variant["protocol"]) - set(Protocol.key_names()))
@@ -151,13 +103,9 @@ def _check_variants(config):
             config_error(
                 f"{key}.protocol", f"{unknown} are not protocol keys", f"use keys of {list(Protocol.key_names())}"
             )
-        for i, (ck, ds) in enumerate(variant["pairs"]):
-            if (ck, ds) not in fine_tuned:
-                config_error(
-                    f"{key}.pairs[{i}]",
-                    f"({ck}, {ds}) is not a fine-tuned pair of the study",
-                    "name a checkpoint of finetune.checkpoints and a dataset of finetune.datasets",
-                )
+        for i, (ck, ds) in enumerate(variant["pairs"]):  # pairs outside the plan (a subset) are left out
+            _check_names(f"{key}.pairs[{i}]", [ck], config["checkpoints"])
+            _check_names(f"{key}.pairs[{i}]", [ds], config["datasets"])
         for ck, _ in variant["pairs"]:  # the variant's jobs run on the GPUs of the checkpoint's jobs
             try:
                 variant_protocol(name).micro_batches_per_process(max(1, matrix.finetune_gpus(config, ck)))
@@ -174,6 +122,35 @@ def _check_protocols(config):
             "evaluation.headline_protocol",
             f"'{headline}' is timm's transform, which applies to " "released models only",
             "name a protocol with resize direct, shorter_side or square",
+        )
+
+
+def _check_base_checkpoint(name, ck, ckpts):
+    """A higher-resolution entry (Appendix C): built from its base's .npz by convert --image-size K."""
+    if "base_checkpoint" not in ck:
+        if "url" not in ck:
+            config_error(f"checkpoints.{name}", "has neither url nor base_checkpoint", "add the .npz's url")
+        return
+    key, base_name = f"checkpoints.{name}.base_checkpoint", ck["base_checkpoint"]
+    _check_names(key, [base_name], ckpts)
+    base = ckpts[base_name]
+    for field in ("url", "synthesize", "sha256", "size_mib", "head_dataset", "timm_model"):
+        if field in ck:
+            config_error(f"checkpoints.{name}.{field}", f"is the base's ({base_name}) to set", "remove it here")
+    if "base_checkpoint" in base:
+        config_error(key, f"'{base_name}' is itself built from another checkpoint", "name the released one")
+    a, b = ck["architecture"], base["architecture"]
+    k, rest = a["image_size"] // b["image_size"], ("patch_size", "hidden_dim", "num_blocks", "channels_mlp_dim")
+    if (
+        a["image_size"] % b["image_size"]
+        or any(a[f] != b[f] for f in rest)
+        or a["tokens_mlp_dim"] != k * k * b["tokens_mlp_dim"]
+    ):
+        config_error(
+            f"checkpoints.{name}.architecture",
+            f"is not {base_name}'s at an integer multiple K of its image size {b['image_size']} (Appendix C: same "
+            "patch size and widths, tokens MLP K^2 times wider)",
+            f"use image_size {b['image_size']}*K and tokens_mlp_dim {b['tokens_mlp_dim']}*K^2",
         )
 
 
@@ -220,10 +197,9 @@ def _check_synthesized_dataset(name, ds):
 
 def _check_batch_split(config):
     """The batch split of every checkpoint's fine-tuning jobs (the check lives in protocol.Protocol)."""
-    protocol = Protocol.from_config(config["protocol"])
     for ck in config["finetune"]["checkpoints"]:
         try:
-            protocol.micro_batches_per_process(max(1, matrix.finetune_gpus(config, ck)))  # 0 = CPU
+            checkpoint_protocol(ck).micro_batches_per_process(max(1, matrix.finetune_gpus(config, ck)))  # 0 = CPU
         except PipelineError as e:
             raise WorkflowError(f"the config is not valid: {e} (checkpoint {ck})") from None
 
@@ -255,12 +231,18 @@ def upstream_data_manifest(dataset):
     return f"{upstream_data(dataset)}/manifest.json"
 
 
+def weights_file(ckpt, suffix):
+    """A released checkpoint's downloaded file: ".npz" or its ".download.json" record."""
+    return f"{weights_dir}/{ckpt}{suffix}"
+
+
 def downloaded_npz(ckpt):
-    return f"{weights_dir}/{ckpt}.npz"
+    """The released .npz a checkpoint is converted from (its base_checkpoint's for a higher-resolution one)."""
+    return weights_file(matrix.npz_source(config, ckpt), ".npz")
 
 
 def download_record(ckpt):
-    return f"{weights_dir}/{ckpt}.download.json"
+    return weights_file(matrix.npz_source(config, ckpt), ".download.json")
 
 
 def converted_model(ckpt):
@@ -319,6 +301,11 @@ def baseline_json(ckpt, dataset, protocol):
     return f"{results_root}/baseline/{ckpt}/{dataset}/{protocol}.json"
 
 
+def model_stats_json(ckpt):
+    """A converted checkpoint's parameter count (Table 1) and inference images/s (Table 3's throughput)."""
+    return f"{results_root}/model_stats/{ckpt}.json"
+
+
 def predictions_file(result_json):
     """Per-image top-5 predictions stored beside an evaluation result (ReaL is computed from them)."""
     return result_json.removesuffix(".json") + ".predictions.npz"
@@ -332,9 +319,10 @@ def real_labels_record(dataset):
     return f"{weights_dir}/real_labels/{dataset}.download.json"
 
 
-def real_json(ckpt, dataset, source):
-    """The ReaL-style top-1 of one (checkpoint, dataset) result: the fine-tuned models' or the released one's."""
-    return f"{results_root}/real/{source}/{ckpt}/{dataset}.json"
+def real_json(ckpt, dataset, source, protocol):
+    """The ReaL-style top-1 of one (checkpoint, dataset) result, the fine-tuned models' or the released one's,
+    from the predictions of its evaluation with one protocol."""
+    return f"{results_root}/real/{source}/{ckpt}/{dataset}/{protocol}.json"
 
 
 def result_json(ckpt, dataset, source, protocol=None):
@@ -367,20 +355,25 @@ def benchmark_file(rule, job):
 
 
 # The job name of each kind of job in its log and benchmark paths.
-RUN_JOB = "{ckpt}/{dataset}/lr{lr}_s{seed}"
-FINAL_JOB = "{ckpt}/{dataset}/s{seed}"
-VARIANT_JOB = "{variant}/{ckpt}/{dataset}/s{seed}"
-PROTOCOL_JOB = "{ckpt}/{dataset}/{protocol}"
-VARIANT_PAIR_JOB = "{variant}/{ckpt}/{dataset}"
-PAIR_JOB = "{ckpt}/{dataset}"
-REAL_JOB = "{source}/{ckpt}/{dataset}"
-BASELINE_JOB = "{ckpt}/{dataset}/{protocol}"
+RUN_JOB = matrix.RUN_JOB
+FINAL_JOB = matrix.FINAL_JOB
+VARIANT_JOB = matrix.VARIANT_JOB
+PROTOCOL_JOB = matrix.PROTOCOL_JOB
+VARIANT_PAIR_JOB = matrix.VARIANT_PAIR_JOB
+PAIR_JOB = matrix.PAIR_JOB
+REAL_JOB = matrix.REAL_JOB
+BASELINE_JOB = matrix.BASELINE_JOB
 
 
 # ---------------------------------------------------------------------------------------------
 # Inputs, params and commands (the only logic the rule files need)
 def as_json(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def as_ordered_json(obj):
+    """JSON keeping the mappings' order: the config as the aggregate reads it (its matrix order is the rules')."""
+    return json.dumps(obj, separators=(",", ":"))
 
 
 def gpu_job(command):
@@ -420,6 +413,13 @@ def minival_protocol():
     """The dev-split selection's evaluation protocol: the headline one, with its name (JSON)."""
     name = config["evaluation"]["headline_protocol"]
     return as_json({"name": name, **config["evaluation"]["protocols"][name]})
+
+
+def checkpoint_protocol(ckpt):
+    """The protocol block of a checkpoint's fine-tuning jobs: the study's, with the checkpoint's own
+    micro_batch_size where it sets one (memory only: the result does not depend on it beyond rounding)."""
+    own = config["checkpoints"][ckpt].get("micro_batch_size")
+    return Protocol.from_config({**config["protocol"], **({"micro_batch_size": own} if own else {})})
 
 
 def eval_protocol(name=None, ckpt=None):
@@ -466,7 +466,7 @@ def models_arguments(wildcards, input):
 
 def real_input(wildcards):
     """The predictions, ReaL labels and dataset record a ReaL job reads."""
-    result = result_json(wildcards.ckpt, wildcards.dataset, wildcards.source)
+    result = result_json(wildcards.ckpt, wildcards.dataset, wildcards.source, wildcards.protocol)
     return {
         "predictions": predictions_file(result),
         "labels": real_labels_json(wildcards.dataset),
@@ -499,6 +499,7 @@ def aggregate_inputs(wildcards):
         "downloads": [download_record(ck) for ck in matrix.used_checkpoints(config)],
         # dataset.json carries the subset flag the report puts in its headline
         "datasets": [dataset_json(ds) for ds in matrix.used_datasets(config)],
+        "model_stats": [model_stats_json(ck) for ck in matrix.used_checkpoints(config)],
         "reals": [real_json(*r) for r in matrix.real_results(config)],
     }
 

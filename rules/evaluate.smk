@@ -120,6 +120,39 @@ use rule evaluate as evaluate_sweep with:
         what=models_arguments,
 
 
+rule model_stats:
+    """Table 1's parameters (head excluded) and Table 3's throughput column: inference images/s per device of a
+    converted checkpoint at its resolution, in the study's precision, on the study's devices."""
+    input:
+        converted_model("{ckpt}"),
+    output:
+        model_stats_json("{ckpt}"),
+    log:
+        log_file("model_stats", "{ckpt}"),
+    benchmark:
+        benchmark_file("model_stats", "{ckpt}")
+    conda:
+        "../envs/pipeline.yaml"
+    threads: config["resources"]["evaluate"]["cpus"]
+    resources:
+        gpu=config["resources"]["evaluate"]["gpu"],
+        gpu_model=config["resources"]["gpu_model"],
+        mem_mb=config["resources"]["evaluate"]["mem_mb"],
+        runtime=config["resources"]["evaluate"]["runtime_min"],
+    params:
+        precision=config["protocol"]["precision"],
+        batch_size=config["throughput"]["batch_size"],
+        warmup=config["throughput"]["warmup_batches"],
+        rounds=config["throughput"]["rounds"],
+        iterations=config["throughput"]["batches_per_round"],
+    shell:
+        gpu_job(
+            "python -m workflow_scripts.model_stats {input} --out {output} --name {wildcards.ckpt}"
+            " --precision {params.precision} --batch-size {params.batch_size} --warmup {params.warmup}"
+            " --rounds {params.rounds} --iterations {params.iterations} --threads {threads} > {log} 2>&1"
+        )
+
+
 rule download_real_labels:
     """Fetch a dataset's ReaL labels (real.json) through the checkpoints' download code, sha256 pinned."""
     input:
@@ -149,7 +182,7 @@ rule real:
     input:
         unpack(real_input),
     output:
-        real_json("{ckpt}", "{dataset}", "{source}"),
+        real_json("{ckpt}", "{dataset}", "{source}", "{protocol}"),
     log:
         log_file("real", REAL_JOB),
     benchmark:
@@ -158,4 +191,4 @@ rule real:
         "../envs/pipeline.yaml"
     shell:
         "python -m workflow_scripts.real --predictions {input.predictions} --real-labels {input.labels}"
-        " --data {input.data} --out {output} > {log} 2>&1"
+        " --data {input.data} --protocol {wildcards.protocol} --out {output} > {log} 2>&1"

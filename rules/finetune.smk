@@ -32,7 +32,7 @@ rule finetune:
         lr=lambda wc: f"--lr {wc.lr} --train-on train",
         resume_dir=lambda wc, output: resume_dir(output.model),
         steps=lambda wc: config["datasets"][wc.dataset]["steps"],
-        protocol=as_json(config["protocol"]),
+        protocol=lambda wc: as_json(checkpoint_protocol(wc.ckpt).as_dict()),
         minival_protocol=minival_protocol(),
     shell:
         gpu_job(

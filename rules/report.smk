@@ -20,7 +20,7 @@ rule aggregate:
     conda:
         "../envs/pipeline.yaml"
     params:
-        config=lambda wc: as_json(config),
+        config=lambda wc: as_ordered_json(config),
     shell:
         "python -m workflow_scripts.aggregate --config-json {params.config:q}"
         " --summaries {input.summaries} --metrics {input.metrics}"
@@ -28,6 +28,7 @@ rule aggregate:
         " --evaluations {input.evaluations} --variant-evaluations {input.variant_evaluations}"
         " --sweep-evaluations {input.sweep_evaluations} --baselines {input.baselines} --parity {input.parity}"
         " --downloads {input.downloads} --datasets {input.datasets} --reals {input.reals}"
+        " --model-stats {input.model_stats}"
         " --runs-csv {output.runs} --comparison-csv {output.comparison} --comparison-md {output.markdown}"
         " --comparison-tex {output.latex} --summary-json {output.summary} --config-json-out {output.config}"
         " > {log} 2>&1"

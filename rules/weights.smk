@@ -24,8 +24,8 @@ rule download_weights:
     input:
         synthesize_input,
     output:
-        npz=downloaded_npz("{ckpt}"),
-        record=download_record("{ckpt}"),
+        npz=weights_file("{ckpt}", ".npz"),
+        record=weights_file("{ckpt}", ".download.json"),
     log:
         log_file("download_weights", "{ckpt}"),
     benchmark:
@@ -45,7 +45,7 @@ rule download_weights:
 rule convert_weights:
     """Official Flax .npz -> timm safetensors; strict key/shape checks; parity vs a NumPy reference."""
     input:
-        downloaded_npz("{ckpt}"),
+        lambda wc: downloaded_npz(wc.ckpt),
     output:
         model=converted_model("{ckpt}"),
         parity=report(parity_record("{ckpt}"), caption="../report/parity.rst", category="Conversion"),
@@ -57,6 +57,9 @@ rule convert_weights:
         "../envs/pipeline.yaml"
     params:
         architecture=lambda wc: as_json(config["checkpoints"][wc.ckpt]["architecture"]),
+        # Appendix C's higher-resolution Mixer: K = image_size / the .npz's (1: the released model as it is).
+        image_size=lambda wc: config["checkpoints"][wc.ckpt]["architecture"]["image_size"],
     shell:
         "python -m workflow_scripts.convert {input} {output.model} --checkpoint {wildcards.ckpt}"
-        " --expect-architecture {params.architecture:q} --parity {output.parity} > {log} 2>&1"
+        " --image-size {params.image_size} --expect-architecture {params.architecture:q}"
+        " --parity {output.parity} > {log} 2>&1"

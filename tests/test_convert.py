@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from workflow_scripts import convert, flax_reference, model_io
+from workflow_scripts import common, convert, flax_reference, model_io
 from workflow_scripts.common import PipelineError, sha256_file
 
 torch.set_num_threads(1)
@@ -376,3 +376,145 @@ def test_same_weights_give_the_same_bytes_in_every_process(tmp_path):
     assert len(digests) == 1
     with safe_open(str(out), framework="np") as f:
         assert list(f.metadata()) == [model_io.METADATA_KEY]
+
+
+# ---------------------------------------------------------------------------------------------
+# Higher resolution (paper Appendix C)
+
+
+def base_state(arch: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random, non-symmetric weights: a token order that is wrong anywhere changes the logits."""
+    state, _ = convert.npz_to_state_dict(convert.random_official_params(arch, seed=seed))
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def tiled(tiles: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, K*K, C, s, s) -> (B, C, K s, K s): tile p placed at row p // K, column p % K."""
+    b, _, c, s, _ = tiles.shape
+    image = torch.empty(b, c, k * s, k * s)
+    for p in range(k * k):
+        r, col = divmod(p, k)
+        image[:, :, r * s:(r + 1) * s, col * s:(col + 1) * s] = tiles[:, p]
+    return image
+
+
+def tiling_gap(base: dict, upscaled: dict, arch: dict, k: int) -> tuple[float, float]:
+    """max |K-times logits on tiled images - mean of the base logits on the tiles|, and max |mean logit|."""
+    s = arch["image_size"]
+    tiles = torch.from_numpy(np.random.default_rng(k).uniform(-1, 1, (2, k * k, 3, s, s)).astype(np.float32))
+    base_model = model_io.module_from_state(arch, base, "base")
+    model = model_io.module_from_state(convert.upscaled_architecture(arch, k * s), upscaled, "upscaled")
+    with torch.inference_mode():
+        expected = base_model(tiles.flatten(0, 1)).reshape(2, k * k, -1).mean(1)
+        logits = model(tiled(tiles, k))
+    return float((logits - expected).abs().max()), float(expected.abs().max())
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_upscaled_logits_on_tiles_are_the_mean_of_the_base_logits(k):
+    state = base_state(SMALL, seed=20 + k)
+    upscaled, arch = convert.upscale_state_dict(state, SMALL, k * SMALL["image_size"])
+    assert arch == dict(SMALL, image_size=k * 16, tokens_mlp_dim=k * k * 16)
+    gap, scale = tiling_gap(state, upscaled, SMALL, k)
+    assert scale > 0.1 and gap <= 1e-5 * scale
+
+
+def wrong_orders(k: int) -> dict[str, torch.Tensor]:
+    side = k * SMALL["image_size"] // SMALL["patch_size"]
+    right = convert.part_major_index(SMALL["image_size"] // SMALL["patch_size"], k)
+    return {"concatenated row-major (no permutation)": torch.arange(side * side),
+            "each part column-major": right.reshape(side, side).T.flatten()}
+
+
+@pytest.mark.parametrize("wrong", ["concatenated row-major (no permutation)", "each part column-major"])
+def test_tiling_property_fails_with_a_wrong_token_order(wrong, monkeypatch):
+    k = 2
+    state = base_state(SMALL, seed=30)
+    order = wrong_orders(k)[wrong]
+    monkeypatch.setattr(convert, "part_major_index", lambda g, factor: order)
+    upscaled, _ = convert.upscale_state_dict(state, SMALL, k * SMALL["image_size"])
+    gap, scale = tiling_gap(state, upscaled, SMALL, k)
+    assert gap > 1e-2 * scale
+
+
+def test_upscaled_token_mlp_is_block_diagonal_in_each_parts_row_major_order():
+    k, g, d_s = 2, SMALL["image_size"] // SMALL["patch_size"], SMALL["tokens_mlp_dim"]
+    state = base_state(SMALL, seed=40)
+    upscaled, _ = convert.upscale_state_dict(state, SMALL, k * SMALL["image_size"])
+    for i in range(SMALL["num_blocks"]):
+        key = f"blocks.{i}.mlp_tokens"
+        w1, b1, w2, b2 = (state[f"{key}.{n}"] for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))
+        big_w1, big_w2 = upscaled[f"{key}.fc1.weight"], upscaled[f"{key}.fc2.weight"]
+        assert big_w1.shape == (k * k * d_s, k * k * g * g) and big_w2.shape == (k * k * g * g, k * k * d_s)
+        assert torch.equal(upscaled[f"{key}.fc1.bias"], b1.repeat(k * k))
+        for r in range(k * g):
+            for c in range(k * g):
+                token, part, local = r * k * g + c, (r // g) * k + c // g, (r % g) * g + c % g
+                rows = slice(part * d_s, (part + 1) * d_s)
+                column = torch.zeros(k * k * d_s)
+                column[rows] = w1[:, local]
+                assert torch.equal(big_w1[:, token], column), (r, c)
+                assert torch.equal(big_w2[token, rows], w2[local]) and big_w2[token].count_nonzero() == \
+                    w2[local].count_nonzero()
+                assert upscaled[f"{key}.fc2.bias"][token] == b2[local]
+    for key, tensor in state.items():
+        if ".mlp_tokens." not in key:
+            assert torch.equal(upscaled[key], tensor), key
+
+
+@pytest.mark.parametrize("image_size", [8, 24, 0, -16, 17])
+def test_image_size_that_is_not_a_multiple_is_refused_naming_both_sizes(image_size):
+    with pytest.raises(PipelineError) as err:
+        convert.upscaled_architecture(SMALL, image_size)
+    assert f"image size {image_size} " in str(err.value) and "checkpoint's image size 16" in str(err.value)
+
+
+def run_main(*args) -> int:
+    """The CLI in this process (argument parsing, error line, exit code) without a new interpreter's imports."""
+    with pytest.raises(SystemExit) as exit_:
+        common.run_cli(convert.main, [str(a) for a in args])
+    return exit_.value.code
+
+
+def test_cli_writes_the_upscaled_model_that_model_io_loads(tmp_path):
+    params = convert.random_official_params(SMALL, seed=50)
+    npz = write_npz(tmp_path / "base.npz", params)
+    out, parity = tmp_path / "up.safetensors", tmp_path / "up.parity.json"
+    expected = dict(SMALL, image_size=32, tokens_mlp_dim=64)
+    assert run_main(npz, out, "--image-size", 32, "--expect-architecture", json.dumps(expected), "--parity",
+                    parity) == 0
+    assert model_io.read_architecture(out) == expected
+    model = model_io.load_model(out)
+    block = model.blocks[0].mlp_tokens
+    assert (block.fc1.in_features, block.fc1.out_features) == (64, 64)
+    record = json.loads(parity.read_text())
+    assert record["architecture"] == expected and record["upscale"]["factor"] == 2
+    assert record["upscale"]["base_architecture"] == SMALL and record["input"]["shape"] == [1, 16, 16, 3]
+    assert record["upscale"]["tiling_max_abs_logit_diff"] <= record["upscale"]["tiling_tolerance"]
+    assert record["num_params"] == sum(t.numel() for t in model.state_dict().values())
+    base, _ = convert.npz_to_state_dict(params)
+    gap, scale = tiling_gap({k: v.contiguous() for k, v in base.items()}, model.state_dict(), SMALL, 2)
+    assert gap <= 1e-5 * scale
+
+
+def test_cli_refuses_an_image_size_that_is_not_a_multiple(tmp_path, capsys):
+    npz = write_npz(tmp_path / "base.npz", convert.random_official_params(SMALL, seed=51))
+    assert run_main(npz, tmp_path / "o.safetensors", "--image-size", 40, "--parity", tmp_path / "p.json") == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1
+    assert "image size 40 " in stderr and "checkpoint's image size 16" in stderr
+    assert_no_outputs(tmp_path, "o.safetensors", "p.json")
+
+
+def test_expected_higher_resolution_without_image_size_points_at_the_flag(tmp_path):
+    npz = write_npz(tmp_path / "base.npz", convert.random_official_params(SMALL, seed=52))
+    with pytest.raises(PipelineError, match="image_size 16 vs 32.*or its --image-size"):
+        convert.convert(npz, tmp_path / "o.safetensors", dict(SMALL, image_size=32, tokens_mlp_dim=64))
+    assert_no_outputs(tmp_path, "o.safetensors")
+
+
+def test_image_size_of_the_checkpoint_itself_writes_the_same_bytes(tmp_path):
+    npz = write_npz(tmp_path / "base.npz", convert.random_official_params(SMALL, seed=53))
+    plain = convert.convert(npz, tmp_path / "plain.safetensors")
+    same = convert.convert(npz, tmp_path / "same.safetensors", SMALL, image_size=16)  # K = 1: nothing to upscale
+    assert same["safetensors_sha256"] == plain["safetensors_sha256"] and same["upscale"] is None

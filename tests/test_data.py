@@ -21,7 +21,8 @@ from workflow_scripts.common import PipelineError
 
 torch.set_num_threads(1)
 OFFICIAL = {"name": "official", "resize": "direct"}
-TABLE3 = {"name": "paper_table3", "resize": "shorter_side", "crop_fraction": 0.875}
+RESMALL_CROP = {"name": "resmall_crop", "resize": "shorter_side", "crop_fraction": 0.875}  # paper App. C (3)(ii)
+RESIZE_CROP = {"name": "resize_crop", "resize": "square", "crop_fraction": 0.875}  # paper App. C (3)(i)
 
 
 
@@ -153,9 +154,12 @@ def test_eval_protocol_geometry_matches_torchvision():
     # sampling grid would differ by tens of grey levels).
     direct = data.EvalTransform(OFFICIAL, 224, 0.0, 1.0)(image)
     torch.testing.assert_close(direct, TF.resize(chw, [224, 224], antialias=False), atol=0.02, rtol=0)
-    table3 = data.EvalTransform(TABLE3, 224, 0.0, 1.0)(image)  # shorter side 256, centre crop 224
+    resmall_crop = data.EvalTransform(RESMALL_CROP, 224, 0.0, 1.0)(image)  # shorter side 256, centre crop 224
     expected = TF.center_crop(TF.resize(chw, [256], antialias=False), [224, 224])
-    torch.testing.assert_close(table3, expected, atol=0.02, rtol=0)
+    torch.testing.assert_close(resmall_crop, expected, atol=0.02, rtol=0)
+    resize_crop = data.EvalTransform(RESIZE_CROP, 224, 0.0, 1.0)(image)  # 256 x 256, centre crop 224
+    expected = TF.center_crop(TF.resize(chw, [256, 256], antialias=False), [224, 224])
+    torch.testing.assert_close(resize_crop, expected, atol=0.02, rtol=0)
     normalised = data.EvalTransform(OFFICIAL, 224, 127.5, 127.5)(image)
     torch.testing.assert_close(normalised, (direct - 127.5) / 127.5)
 
@@ -165,7 +169,7 @@ def test_array_and_folder_loaders_agree(digits):
     every protocol: within the fast path's one grey level (data.UINT8_PATH_MAX_ERROR)."""
     one_step = data.UINT8_PATH_MAX_ERROR / 127.5
     f_test, a_test = splits.open_split(digits["imagefolder"], "test"), splits.open_split(digits["arrays"], "test")
-    for protocol in (OFFICIAL, TABLE3):
+    for protocol in (OFFICIAL, RESMALL_CROP, RESIZE_CROP):
         f = list(data.eval_loader(f_test, protocol, 32, 100, "cpu", 0, 127.5, 127.5))
         a = list(data.eval_loader(a_test, protocol, 32, 100, "cpu", 0, 127.5, 127.5))
         assert [len(x) for x, _ in f] == [100, 100, 100, 60]
@@ -211,7 +215,7 @@ def make_tree(root: Path, classes=("n01", "n02", "n03"), train=3, val=2) -> Path
 def imagenet_spec(path, expected=None, allow_subset=False, ground_truth=None) -> dict:
     dataset_record = {"label": "ImageNet", "source": {"kind": "imagefolder", "path": str(path),
                                             "val_ground_truth": ground_truth},
-            "minival": {"fraction": 0.2}, "test_split": "val", "steps": 1, "eval_protocol": "paper_table3",
+            "minival": {"fraction": 0.2}, "test_split": "val", "steps": 1,
             "allow_subset": allow_subset}
     if expected:
         dataset_record["expected"] = expected
@@ -228,7 +232,7 @@ def test_complete_tree_is_prepared_and_loads(tmp_path):
     test = splits.open_split(dataset_record, "test")
     assert len(test) == 6 and list(test.labels) == [0, 0, 1, 1, 2, 2]
     assert len(splits.open_split(dataset_record, "train")) + len(splits.open_split(dataset_record, "minival")) == 9
-    images, labels = next(iter(data.eval_loader(test, TABLE3, 16, 6, "cpu", 0, 127.5, 127.5)))
+    images, labels = next(iter(data.eval_loader(test, RESMALL_CROP, 16, 6, "cpu", 0, 127.5, 127.5)))
     assert images.shape == (6, 3, 16, 16) and images.abs().max() <= 1.0
 
 

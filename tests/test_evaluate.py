@@ -14,7 +14,9 @@ from workflow_scripts import data, evaluate, model_io, prepare_data, splits
 from workflow_scripts.common import PipelineError
 
 torch.set_num_threads(1)
-TABLE3 = {"resize": "shorter_side", "crop_fraction": 0.875}
+# The paper's evaluation protocols (Appendix C (3)): (ii) resmall-crop, Table 3's; (i) resize-crop, Table 2's.
+RESMALL_CROP = {"resize": "shorter_side", "crop_fraction": 0.875}
+RESIZE_CROP = {"resize": "square", "crop_fraction": 0.875}
 ARCH = {"patch_size": 4, "hidden_dim": 16, "num_blocks": 1, "tokens_mlp_dim": 8, "channels_mlp_dim": 32,
         "num_classes": 10, "image_size": 16}
 
@@ -67,7 +69,7 @@ def test_model_output_width_must_match_the_classes():
 def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     dataset_record = {"label": "Digits", "source": {"kind": "sklearn_digits", "layout": "arrays"},
-            "minival": {"fraction": 0.1}, "test_split": "test", "steps": 1, "eval_protocol": "paper_table3"}
+            "minival": {"fraction": 0.1}, "test_split": "test", "steps": 1}
     prepare_data.prepare("digits", dataset_record, root / "digits" / "dataset.json")
     return root / "digits" / "dataset.json"
 
@@ -90,18 +92,59 @@ def reference_top1(model_path, dataset_json, protocol, mean, std) -> float:
     return 100.0 * float((pred == split.labels).mean())
 
 
-def test_baseline_mode_evaluates_a_checkpoint_as_it_is(tmp_path, digits):
+@pytest.mark.parametrize("name, protocol, transform", [
+    ("resmall_crop", RESMALL_CROP, "resize the shorter side to 18, central 16x16 crop"),
+    ("resize_crop", RESIZE_CROP, "resize to 18x18, central 16x16 crop")], ids=["resmall_crop", "resize_crop"])
+def test_baseline_mode_evaluates_a_checkpoint_as_it_is(tmp_path, digits, name, protocol, transform):
     model = save_random_model(tmp_path / "m.safetensors", 0)
     out = tmp_path / "baseline.json"
-    evaluate.main(["--model", str(model), "--data", str(digits), "--split", "test", "--protocol-name", "paper_table3",
-                   "--protocol", json.dumps(TABLE3), "--batch-size", "64", "--num-workers", "0", "--threads", "1",
+    evaluate.main(["--model", str(model), "--data", str(digits), "--split", "test", "--protocol-name", name,
+                   "--protocol", json.dumps(protocol), "--batch-size", "64", "--num-workers", "0", "--threads", "1",
                    "--pixel-mean", "127.5", "--pixel-std", "127.5", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["num_images"] == 360 and result["split"] == "test" and result["dataset"] == "digits"
-    assert result["protocol"]["name"] == "paper_table3" and result["protocol"]["resize"] == "shorter_side"
+    assert result["protocol"]["name"] == name and result["protocol"]["resize"] == protocol["resize"]
     assert result["protocol"]["image_size"] == 16 and "no antialias" in result["protocol"]["interpolation"]
-    assert result["top1"] == pytest.approx(reference_top1(model, digits, TABLE3, 127.5, 127.5), abs=1e-9)
+    assert result["protocol"]["transform"] == transform  # 16 / 0.875 = 18.3: 18
+    assert result["top1"] == pytest.approx(reference_top1(model, digits, protocol, 127.5, 127.5), abs=1e-9)
     assert len(result["confusion"]) == 10 and sum(map(sum, result["confusion"])) == 360
+
+
+TIMM = {"resize": "timm", "timm_model": "mixer_b16_224.goog_in21k_ft_in1k"}
+
+
+def test_timm_protocol_evaluates_with_timms_own_transform(tmp_path, digits):
+    """The timm protocol: every image through the transform timm builds for the model (built here as timm
+    documents it, applied to each image as a PIL image), normalised by it; the record names the transform."""
+    import timm
+    import timm.data
+    from PIL import Image
+
+    arch = dict(ARCH, image_size=224, patch_size=32)  # the timm model's size; a small Mixer otherwise
+    torch.manual_seed(3)
+    model = model_io.build_model(arch)
+    nn.init.normal_(model.head.weight)
+    model_io.save_model(model, arch, tmp_path / "m224.safetensors")
+    out = tmp_path / "timm.json"
+    evaluate.main(["--model", str(tmp_path / "m224.safetensors"), "--data", str(digits), "--protocol-name", "timm",
+                   "--protocol", json.dumps(TIMM), "--batch-size", "128", "--threads", "1",
+                   "--pixel-mean", "127.5", "--pixel-std", "127.5", "--out", str(out)])
+    result = json.loads(out.read_text())
+    reference = timm.data.create_transform(**timm.data.resolve_data_config(
+        model=timm.create_model(TIMM["timm_model"], pretrained=False)), is_training=False)
+    assert result["protocol"]["transform"] == str(reference) and result["protocol"]["timm_model"] == TIMM["timm_model"]
+    assert result["protocol"]["timm_data_config"]["interpolation"] == "bicubic"
+    assert result["protocol"]["interpolation"].startswith("bicubic")
+    split = splits.open_split(splits.load_dataset_record(digits), "test")
+    with torch.no_grad():
+        images = torch.stack([reference(Image.fromarray(image)) for image in split.images])
+        predicted = model_io.load_model(tmp_path / "m224.safetensors")(images).argmax(1).numpy()
+    assert result["top1"] == pytest.approx(100.0 * float((predicted == split.labels).mean()), abs=1e-9)
+    with pytest.raises(PipelineError, match="makes 224x224 images but the model evaluated takes 16x16"):
+        evaluate.main(["--model", str(save_random_model(tmp_path / "m16.safetensors", 0)), "--data", str(digits),
+                       "--protocol-name", "timm", "--protocol", json.dumps(TIMM), "--pixel-mean", "127.5",
+                       "--pixel-std", "127.5", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_baseline_head_must_match_the_dataset(tmp_path, digits):
@@ -132,17 +175,17 @@ def test_selection_mode_evaluates_each_seed_of_the_selected_lr_once(tmp_path, di
                                      "selected_seeds": [0, 1]}))
     out = tmp_path / "evaluate.json"
     args = ["--selection", str(selection), "--summaries", *summaries, "--models", *models,
-            "--data", str(digits), "--protocol-name", "paper_table3",
-            "--protocol", json.dumps(TABLE3), "--batch-size", "100", "--num-workers", "0", "--threads", "1"]
+            "--data", str(digits), "--protocol-name", "resmall_crop",
+            "--protocol", json.dumps(RESMALL_CROP), "--batch-size", "100", "--num-workers", "0", "--threads", "1"]
     evaluate.main(args + ["--out", str(out)])
     result = json.loads(out.read_text())
     assert result["checkpoint"] == "ck" and result["selected_lr"] == 0.03 and result["num_seeds"] == 2
     assert [r["seed"] for r in result["runs"]] == [0, 1]
-    top1 = [reference_top1(f"{r}/model.safetensors", digits, TABLE3, 127.5, 127.5) for r in runs]
+    top1 = [reference_top1(f"{r}/model.safetensors", digits, RESMALL_CROP, 127.5, 127.5) for r in runs]
     assert [r["top1"] for r in result["runs"]] == pytest.approx(top1, abs=1e-9)
     assert result["top1_mean"] == pytest.approx(statistics.fmean(top1))
     assert result["top1_std"] == pytest.approx(statistics.stdev(top1))
-    assert result["protocol"]["name"] == "paper_table3" and result["protocol"]["pixel_mean"] == 127.5
+    assert result["protocol"]["name"] == "resmall_crop" and result["protocol"]["pixel_mean"] == 127.5
     with pytest.raises(PipelineError, match="must match"):
         evaluate.main(args + ["--pixel-mean", "0", "--out", str(tmp_path / "bad.json")])
 

@@ -49,6 +49,7 @@ from workflow_scripts.matrix import (
     finetune_gpus,
     finetune_runs,
     lr_str,
+    npz_source,
     pair_runs,
     pairs,
     real_results,
@@ -98,6 +99,7 @@ class ResultFiles:
     downloads: Sequence[str | os.PathLike]
     datasets: Sequence[str | os.PathLike]
     reals: Sequence[str | os.PathLike]
+    model_stats: Sequence[str | os.PathLike]
     # Snakemake benchmark TSVs of the finetune jobs; empty = none (stages run by hand): cost left unknown.
     finetune_benchmarks: Sequence[str | os.PathLike] = ()
 
@@ -125,7 +127,8 @@ INPUT_LISTS = {
     "parity": (used_checkpoints, "used checkpoints (parity record)"),
     "downloads": (used_checkpoints, "used checkpoints (download record)"),
     "datasets": (used_datasets, "used datasets (dataset.json)"),
-    "reals": (real_results, "results with ReaL labels (ReaL top-1)"),
+    "reals": (real_results, "results with ReaL labels (ReaL top-1), per protocol"),
+    "model_stats": (used_checkpoints, "used checkpoints (parameters and throughput)"),
 }
 # comparison.csv's columns (workflow_scripts.matching.comparison_row), in order.
 COMPARISON_COLUMNS = ["source", "citation", "source_protocol", "source_protocol_note", "model", "pretraining",
@@ -449,25 +452,28 @@ def dataset_results(config: dict, pair_results: dict, baselines: list[dict], dat
     return found
 
 
-def read_reals(paired: dict, found: dict[tuple, dict]) -> dict[tuple, dict]:
-    """Per (checkpoint, dataset, result_from) with ReaL labels: its ReaL result (real.py), a result of its own.
+def read_reals(config: dict, paired: dict, found: dict[tuple, dict]) -> dict[tuple, dict]:
+    """Per (checkpoint, dataset, result_from) with ReaL labels: its ReaL result (real.py), a result of its own,
+    at the headline protocol and at each other protocol a reference needs (matrix.real_results).
 
     A ReaL file records its dataset and the models whose predictions it scored: they must be those of the
     result its place in the list names."""
-    reals = {}
-    for key, path in paired["reals"]:
-        real, result = read_json(path), found[key]
-        check_matches(path, "--reals", {"dataset": real.get("dataset"),
+    reals, headline = {}, config["evaluation"]["headline_protocol"]
+    for (ck, ds, source, protocol), path in paired["reals"]:
+        real, result = read_json(path), found[ck, ds, source]
+        check_matches(path, "--reals", {"dataset": real.get("dataset"), "protocol": real.get("protocol"),
                                         "models": sorted(str(run.get("model")) for run in real.get("runs") or [])},
-                      {"dataset": key[1], "models": sorted(map(str, result["models"]))})
+                      {"dataset": ds, "protocol": protocol, "models": sorted(map(str, result["models"]))})
         # Wilson over the images scored with ReaL labels (those with an empty list are left out).
         by_model = {str(run.get("model")): run["real_top1"] for run in real["runs"]}
         real_figure = protocol_figure([by_model[str(m)] for m in result["models"]], None, real["num_images"])
-        reals[key] = {**result, "kind": "real", **real_figure, "protocols": {result["eval_protocol"]: real_figure},
-                      "original_top1": result["top1_mean"], "num_images": real["num_images"],
-                      "num_excluded_empty": real["num_excluded_empty"],
-                      "num_validation_images": real["num_validation_images"],
-                      "definition": real["definition"], "path": str(path)}
+        record = reals.setdefault((ck, ds, source), {**result, "kind": "real", "protocols": {}})
+        record["protocols"][protocol] = real_figure
+        if protocol == headline:
+            record.update(**real_figure, original_top1=result["top1_mean"], num_images=real["num_images"],
+                          num_excluded_empty=real["num_excluded_empty"],
+                          num_validation_images=real["num_validation_images"], definition=real["definition"],
+                          path=str(path))
     return reals
 
 
@@ -506,7 +512,7 @@ def average_results(config: dict, found: dict[tuple, dict]) -> dict[tuple, dict]
 def this_run(config: dict, paired: dict, pair_results: dict, baselines: list[dict], datasets: dict) -> dict:
     """{"results", "reals": {(checkpoint, dataset, result_from): record}, "averages": {(checkpoint, name): ...}}."""
     found = dataset_results(config, pair_results, baselines, datasets)
-    return {"results": found, "reals": read_reals(paired, found), "averages": average_results(config, found)}
+    return {"results": found, "reals": read_reals(config, paired, found), "averages": average_results(config, found)}
 
 
 def column_label(config: dict, record: dict) -> str:
@@ -656,7 +662,8 @@ def read_checkpoints(config: dict, paired: dict) -> dict:
     for (ck, parity_path), (_, download_path) in zip(paired["parity"], paired["downloads"]):
         parity, download = read_json(parity_path), read_json(download_path)
         check_matches(parity_path, "--parity", {"checkpoint": parity.get("checkpoint")}, {"checkpoint": ck})
-        check_matches(download_path, "--downloads", {"checkpoint": download.get("checkpoint")}, {"checkpoint": ck})
+        check_matches(download_path, "--downloads", {"checkpoint": download.get("checkpoint")},
+                      {"checkpoint": npz_source(config, ck)})
         checkpoints[ck] = {"name": ck, "label": config["checkpoints"][ck]["label"],
                            "pretraining": config["checkpoints"][ck]["pretraining"],
                            "parity": parity, "download": download}
@@ -683,6 +690,32 @@ def read_baselines(config: dict, paired: dict) -> list[dict]:
                           "num_images": result["num_images"], "images_per_s": result.get("images_per_s"),
                           "published": published, "path": str(path)})
     return baselines
+
+
+def read_model_stats(config: dict, paired: dict) -> list[dict]:
+    """Per used checkpoint: its parameters without the head (Table 1) and inference images/s (Table 3's
+    throughput column) as measured here, the latter also as a ratio to the references' `throughput_baseline`
+    model (the paper: Mixer-B/16 at 224), beside the published figures of the same model (references `models`)."""
+    refs, keys, rows = config["references"], row_keys(config), []
+    for ck, path in paired["model_stats"]:
+        stats = read_json(path)
+        check_matches(path, "--model-stats", {"model": stats.get("model")}, {"model": ck})
+        label, pretraining, image_size = keys[ck]
+        published = {k: v for m in refs.get("models", []) if (m["label"], m["image_size"]) == (label, image_size)
+                     for k, v in m.items() if k in ("img_s_per_core", "params_m")}
+        rows.append({"checkpoint": ck, "label": label, "pretraining": pretraining, "image_size": image_size,
+                     "params_excluding_head": stats["params_excluding_head"], "img_s": stats["img_s"],
+                     "device_name": stats.get("device_name"), "precision": stats.get("precision"),
+                     "batch_size": stats.get("batch_size"), "published": published, "path": str(path)})
+    base = refs.get("throughput_baseline") or {}
+    base_rows = [r for r in rows if (r["label"], r["image_size"]) == (base.get("label"), base.get("image_size"))]
+    paper_base = next((m["img_s_per_core"] for m in refs.get("models", []) if "img_s_per_core" in m
+                       and (m["label"], m["image_size"]) == (base.get("label"), base.get("image_size"))), None)
+    for r in rows:
+        r["img_s_ratio"] = r["img_s"] / base_rows[0]["img_s"] if base_rows else None
+        paper = r["published"].get("img_s_per_core")
+        r["paper_img_s_ratio"] = paper / paper_base if paper and paper_base else None
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -773,6 +806,7 @@ def aggregate(config: dict, files: ResultFiles, outputs: AggregateOutputs) -> di
         "eval_protocols": protocol_records(config),
         "headline_protocol": config["evaluation"]["headline_protocol"],
         "final_models_trained_on": TRAINED_ON[bool(config["finetune"]["retrain_on_full_train"])],
+        "model_stats": read_model_stats(config, paired),
         "variants": read_variants(config, paired, pair_results, ours["results"]),
         "selection_bias": read_selection_bias(config, sweeps, pair_results, ours["results"]),
         "cost": cost_of(runs),

@@ -1,7 +1,11 @@
 """Official Flax Mixer .npz <-> timm MlpMixer safetensors, proven faithful against a NumPy reference.
 
 python -m workflow_scripts.convert IN.npz OUT.safetensors [--checkpoint NAME]
-    [--expect-architecture JSON] [--parity PARITY.json]
+    [--expect-architecture JSON] [--parity PARITY.json] [--image-size PX]
+
+--image-size K x the checkpoint's image size builds the higher-resolution Mixer of the paper's Appendix C
+(`upscale_state_dict`). Parity with the Flax reference is proven at the checkpoint's own resolution, before
+upscaling; the upscaled model is then proven by the property that defines it (`tiling_difference`).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from workflow_scripts.model_io import (
     module_from_state,
     save_state_dict,
 )
+from workflow_scripts.model_stats import params_excluding_head
 
 # Parity: allowed max |logit difference| per unit of logit magnitude (float32 round-off is ~1e-6 of it).
 PARITY_RTOL = 1e-4
@@ -221,6 +226,93 @@ def logit_difference(model: nn.Module, params: Mapping[str, np.ndarray], images_
     return float(np.abs(logits - reference).max()), float(np.abs(reference).max())
 
 
+# ---------------------------------------------------------------------------------------------
+# Higher resolution: the paper's Appendix C
+
+
+def resolution_factor(base_image_size: int, image_size: int) -> int:
+    """K = image_size / base_image_size, which must be an integer >= 1 (patch size unchanged, Appendix C)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < base_image_size \
+            or image_size % base_image_size:
+        raise PipelineError(f"image size {image_size!r} (--image-size) is not an integer multiple K >= 1 of the "
+                            f"checkpoint's image size {base_image_size} (the paper's Appendix C raises the "
+                            f"resolution by an integer factor K, patch size unchanged); use {base_image_size}, "
+                            f"{2 * base_image_size}, {3 * base_image_size}, ...")
+    return image_size // base_image_size
+
+
+def upscaled_architecture(architecture: Mapping, image_size: int) -> dict:
+    """The architecture at K x the resolution: K^2 x the tokens and K^2 x the token-mixing MLP's width."""
+    arch = check_architecture(architecture)
+    k = resolution_factor(arch["image_size"], image_size)
+    return dict(arch, image_size=image_size, tokens_mlp_dim=k * k * arch["tokens_mlp_dim"])
+
+
+def part_major_index(base_grid_side: int, factor: int) -> torch.Tensor:
+    """For each token of the K x K larger grid, in the row-major order in which timm (and Flax) flatten the
+    patches, its index in the concatenation of the K^2 spatial parts, each part in its own row-major order.
+
+    Token (r, c) lies in part (r // g, c // g) (parts numbered row-major) at local index (r % g) * g + c % g,
+    g = base_grid_side; its part-major index is part * g^2 + local.
+    """
+    g, k = base_grid_side, factor
+    rows = torch.arange(g * k).unsqueeze(1)
+    cols = torch.arange(g * k).unsqueeze(0)
+    part = (rows // g) * k + cols // g
+    local = (rows % g) * g + cols % g
+    return (part * g * g + local).flatten()
+
+
+def upscale_state_dict(state: Mapping[str, torch.Tensor], architecture: Mapping, image_size: int) \
+        -> tuple[dict[str, torch.Tensor], dict]:
+    """A timm Mixer state dict at `image_size` = K x the architecture's, initialised as in Appendix C.
+
+    Each token-mixing MLP becomes K^2 copies of the pre-trained one working in parallel, copy p on the tokens
+    of spatial part p in that part's own row-major order: in the part-major token basis (`part_major_index`)
+    fc1's weight is block-diagonal with copies of W1 (K^2 D_S x K^2 S) and fc2's with copies of W2; fc1's bias
+    is repeated per part, fc2's follows each token's local index. Hidden units are numbered part-major. Every
+    other tensor is the same tensor object (nothing else depends on the token count). Returns (state, arch).
+    """
+    arch = check_architecture(architecture)
+    upscaled = upscaled_architecture(arch, image_size)
+    k = image_size // arch["image_size"]
+    if k == 1:
+        return dict(state), upscaled
+    order = part_major_index(arch["image_size"] // arch["patch_size"], k)
+    copies = k * k
+    out = dict(state)
+    for i in range(arch["num_blocks"]):
+        prefix = f"blocks.{i}.mlp_tokens"
+        w1, b1 = state[f"{prefix}.fc1.weight"], state[f"{prefix}.fc1.bias"]
+        w2, b2 = state[f"{prefix}.fc2.weight"], state[f"{prefix}.fc2.bias"]
+        out[f"{prefix}.fc1.weight"] = torch.block_diag(*[w1] * copies)[:, order]  # column t = token t's input
+        out[f"{prefix}.fc1.bias"] = b1.repeat(copies)
+        out[f"{prefix}.fc2.weight"] = torch.block_diag(*[w2] * copies)[order, :]  # row t = token t's output
+        out[f"{prefix}.fc2.bias"] = b2.repeat(copies)[order]
+    return out, upscaled
+
+
+def tile_image(tiles: torch.Tensor) -> torch.Tensor:
+    """K^2 images (K^2, C, s, s) -> one (1, C, K s, K s) image, tile p at row p // K, column p % K."""
+    k = round(len(tiles) ** 0.5)
+    if k * k != len(tiles):
+        raise ValueError(f"{len(tiles)} tiles do not make a square")
+    n, c, s, _ = tiles.shape
+    return tiles.reshape(k, k, c, s, s).permute(2, 0, 3, 1, 4).reshape(1, c, k * s, k * s)
+
+
+def tiling_difference(base_model: nn.Module, upscaled_model: nn.Module, tiles: torch.Tensor) -> tuple[float, float]:
+    """(max |upscaled logits on the tiled image - mean of the base logits on the tiles|, max |that mean|).
+
+    Zero up to rounding is the property that defines Appendix C's initialisation: the upscaled model sees each
+    part as the base model sees the tile, and its mean pooling averages the parts' features.
+    """
+    with torch.inference_mode():
+        expected = base_model(tiles).mean(0)
+        logits = upscaled_model(tile_image(tiles))[0]
+    return float((logits - expected).abs().max()), float(expected.abs().max())
+
+
 def _current_rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -230,50 +322,25 @@ def check_expected(arch: Mapping, expected: Mapping, source: str) -> None:
     expected = check_architecture(expected, "expected architecture (config checkpoints.<name>.architecture)")
     if dict(arch) != expected:
         diff = ", ".join(f"{k} {arch[k]} vs {expected[k]}" for k in ARCH_KEYS if arch[k] != expected[k])
+        hint = " or its --image-size" if arch["image_size"] != expected["image_size"] else ""
         raise PipelineError(f"{source} holds {architecture_name(arch)} but the config expects "
                             f"{architecture_name(expected)} "
-                            f"({diff}); wrong file for this checkpoint: fix its url or its architecture")
+                            f"({diff}); wrong file for this checkpoint: fix its url or its architecture{hint}")
 
 
-def convert(npz_path: str | os.PathLike, out_path: str | os.PathLike, expected_architecture: Mapping | None = None,
-            *, checkpoint: str | None = None, parity_path: str | os.PathLike | None = None) -> dict:
-    """Convert an official checkpoint to safetensors after proving parity; returns (and writes) the parity record.
-
-    Nothing is written unless every check passes; the model and the parity record appear together.
-    """
-    start, rss_at_start, peak_at_start = time.perf_counter(), _current_rss_mib(), peak_rss_mib()
-    params = load_npz(npz_path)
-    try:
-        state, arch = npz_to_state_dict(params)
-    except PipelineError as e:
-        raise PipelineError(f"{npz_path}: {e}") from None
-    print(f"{npz_path}: {architecture_name(arch)}, {len(params)} arrays", flush=True)
-    if expected_architecture is not None:
-        check_expected(arch, expected_architecture, str(npz_path))
-    model = module_from_state(arch, state, str(npz_path))
+def prove_parity(state: Mapping[str, torch.Tensor], arch: Mapping, params: Mapping[str, np.ndarray],
+                 source: str) -> dict:
+    """The converted module against the Flax reference on fixed images; the parity fields of the record."""
+    model = module_from_state(arch, state, source)
     images = parity_input(arch)
     max_diff, max_logit = logit_difference(model, params, images)
     tolerance = PARITY_RTOL * max(1.0, max_logit)
     print(f"parity: max |logit diff| {max_diff:.3g} (tolerance {tolerance:.3g}, max |logit| {max_logit:.3g})",
           flush=True)
     if not max_diff <= tolerance:
-        raise PipelineError(f"{npz_path}: the converted module differs from the Flax reference by {max_diff:.3g} "
+        raise PipelineError(f"{source}: the converted module differs from the Flax reference by {max_diff:.3g} "
                             f"in the logits (tolerance {tolerance:.3g}); the conversion is wrong, nothing written")
-    num_params = sum(t.numel() for t in state.values())
-    # Pack the transposed views one tensor at a time, dropping each npz array as soon as it is copied.
-    del model
-    params.clear()
-    for key in list(state):
-        state[key] = state[key].contiguous()
-    record = {
-        "checkpoint": checkpoint,
-        "npz": str(npz_path),
-        "npz_sha256": sha256_file(npz_path),
-        "npz_mib": round(Path(npz_path).stat().st_size / 2**20, 2),
-        "safetensors": str(out_path),
-        "safetensors_sha256": None,
-        "num_params": num_params,
-        "architecture": arch,
+    return {
         "max_abs_logit_diff": max_diff,
         "max_abs_logit": max_logit,
         "tolerance": tolerance,
@@ -281,6 +348,63 @@ def convert(npz_path: str | os.PathLike, out_path: str | os.PathLike, expected_a
         "input": {"shape": list(images.shape), "layout": "NHWC", "distribution": "uniform(-1, 1)",
                   "seed": PARITY_SEED, "sha256": hashlib.sha256(images.tobytes()).hexdigest()},
     }
+
+
+def upscale_and_prove(state: dict[str, torch.Tensor], base_arch: Mapping, image_size: int, source: str) \
+        -> tuple[dict[str, torch.Tensor], dict | None]:
+    """`upscale_state_dict`, then its tiling property checked on K^2 fixed tiles; (state, record | None at K = 1)."""
+    upscaled, arch = upscale_state_dict(state, base_arch, image_size)
+    k = image_size // base_arch["image_size"]
+    if k == 1:
+        return upscaled, None
+    tiles = torch.from_numpy(parity_input(base_arch, k * k)).permute(0, 3, 1, 2)
+    max_diff, max_logit = tiling_difference(module_from_state(dict(base_arch), state, source),
+                                            module_from_state(arch, upscaled, source), tiles)
+    tolerance = PARITY_RTOL * max(1.0, max_logit)
+    print(f"upscaled to {image_size} px (K = {k}): max |logit - mean of the tiles' logits| {max_diff:.3g} "
+          f"(tolerance {tolerance:.3g})", flush=True)
+    if not max_diff <= tolerance:
+        raise PipelineError(f"{source}: the {image_size} px model's logits on {k} x {k} tiles differ from the mean "
+                            f"of the base model's by {max_diff:.3g} (tolerance {tolerance:.3g}); the upscaling is "
+                            f"wrong, nothing written")
+    return upscaled, {"from_image_size": base_arch["image_size"], "factor": k, "base_architecture": dict(base_arch),
+                      "method": "paper Appendix C: token-mixing MLP block-diagonal with K^2 copies, one per "
+                                "spatial part in its row-major token order",
+                      "tiling_max_abs_logit_diff": max_diff, "tiling_max_abs_mean_logit": max_logit,
+                      "tiling_tolerance": tolerance, "tiling_input": {"tiles": list(tiles.shape),
+                                                                      "seed": PARITY_SEED}}
+
+
+def convert(npz_path: str | os.PathLike, out_path: str | os.PathLike, expected_architecture: Mapping | None = None,
+            *, checkpoint: str | None = None, parity_path: str | os.PathLike | None = None,
+            image_size: int | None = None) -> dict:
+    """Convert an official checkpoint to safetensors after proving parity; returns (and writes) the parity record.
+
+    With `image_size` (K x the checkpoint's), the model written is Appendix C's higher-resolution Mixer:
+    parity is proven at the checkpoint's resolution, then the upscaled model by its tiling property.
+    Nothing is written unless every check passes; the model and the parity record appear together.
+    """
+    start, rss_at_start, peak_at_start = time.perf_counter(), _current_rss_mib(), peak_rss_mib()
+    params = load_npz(npz_path)
+    try:
+        state, base_arch = npz_to_state_dict(params)
+        arch = base_arch if image_size is None else upscaled_architecture(base_arch, image_size)
+    except PipelineError as e:
+        raise PipelineError(f"{npz_path}: {e}") from None
+    print(f"{npz_path}: {architecture_name(base_arch)}, {len(params)} arrays", flush=True)
+    if expected_architecture is not None:
+        check_expected(arch, expected_architecture, str(npz_path))
+    record = {"checkpoint": checkpoint, "npz": str(npz_path), "npz_sha256": sha256_file(npz_path),
+              "npz_mib": round(Path(npz_path).stat().st_size / 2**20, 2), "safetensors": str(out_path),
+              "safetensors_sha256": None, "num_params": None, "num_params_excluding_head": None,
+              "architecture": arch, **prove_parity(state, base_arch, params, str(npz_path))}
+    # Pack the transposed views one tensor at a time, dropping each npz array as soon as it is copied.
+    params.clear()
+    for key in list(state):
+        state[key] = state[key].contiguous()
+    state, record["upscale"] = upscale_and_prove(state, base_arch, arch["image_size"], str(npz_path))
+    record["num_params"] = sum(t.numel() for t in state.values())
+    record["num_params_excluding_head"] = params_excluding_head(state)
     with atomic_path(out_path) as tmp_model:
         save_state_dict(state, arch, tmp_model)
         record["safetensors_sha256"] = sha256_file(tmp_model)
@@ -301,11 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", help="checkpoint name, recorded in the parity record")
     ap.add_argument("--expect-architecture", help="JSON architecture the checkpoint must have (from the config)")
     ap.add_argument("--parity", help="parity record to write (.json)")
+    ap.add_argument("--image-size", type=int, help="resolution of the model written: K x the checkpoint's "
+                    "(K an integer >= 1; paper Appendix C); default: the checkpoint's own")
     args = ap.parse_args(argv)
     expected = None
     if args.expect_architecture is not None:
         expected = json_arg(args.expect_architecture, "--expect-architecture")
-    record = convert(args.npz, args.out, expected, checkpoint=args.checkpoint, parity_path=args.parity)
+    record = convert(args.npz, args.out, expected, checkpoint=args.checkpoint, parity_path=args.parity,
+                     image_size=args.image_size)
     print(f"wrote {args.out} ({record['num_params']:,} parameters) in {record['convert_seconds']:.2f} s, "
           f"peak RSS {record['peak_rss_mib']:.0f} MiB ({record['rss_at_start_mib']:.0f} MiB after imports) "
           f"for a {record['npz_mib']:.0f} MiB checkpoint")

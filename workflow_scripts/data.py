@@ -226,7 +226,10 @@ class EvalTransform:
         else:
             scale = side / min(height, width)
             new_h, new_w = max(side, round(height * scale)), max(side, round(width * scale))
-        top, left = round((new_h - s) / 2), round((new_w - s) / 2)  # torchvision CenterCrop offsets
+        # The margin's floor half, as TensorFlow pipelines take a central crop (google-research/big_vision
+        # pp/ops_image.py central_crop: dy = (h - crop) // 2); torchvision rounds instead (1 px apart when the
+        # margin is 4k + 3). The paper does not say: our assumption, with the interpolation's.
+        top, left = (new_h - s) // 2, (new_w - s) // 2
         return 0, 0, height, width, new_h, new_w, top, left, 0
 
     def resized_side(self) -> int:
@@ -296,8 +299,9 @@ class TimmEvalTransform:
                                 "evaluate a model of that size or name a timm_model of this one's")
         if any(abs(m * 255 - mean) > 1e-6 or abs(s * 255 - std) > 1e-6 for m, s in zip(config["mean"], config["std"])):
             raise PipelineError(f"evaluation protocol {protocol}: timm's transform for {name} normalises with mean "
-                                f"{config['mean']} and std {config['std']} (x 255), the model was trained with "
-                                f"pixel mean {mean} and std {std}; this protocol does not fit the model")
+                                f"{config['mean']} and std {config['std']} (x 255 in pixel levels), but the model was "
+                                f"trained with pixel mean {mean} and std {std} (protocol.pixel_mean/pixel_std); "
+                                "evaluate it with another protocol or a timm_model that normalises as it was trained")
         return cls(str(name), image_size, timm.data.create_transform(**config, is_training=False), config)
 
     def description(self) -> dict:

@@ -4,6 +4,10 @@ Modes:
 - `--selection SEL.json`: every run of the selected LR (one per seed) on the test split, once;
   writes R/evaluate/{ckpt}/{dataset}.json with the mean and standard deviation over seeds.
 - `--model M.safetensors --split test`: a checkpoint as it is (the evaluation-pipeline baseline).
+
+--protocol is a config entry of evaluation.protocols (data.eval_transform): `resize` "direct" (the official
+code's plain resize), "shorter_side" (the paper's resmall-crop), "square" (the paper's resize-crop), or
+"timm" with `timm_model` (timm's own evaluation transform for that model).
 """
 from __future__ import annotations
 
@@ -20,7 +24,6 @@ from . import data, model_io, splits
 from .common import PipelineError, atomic_path, json_arg, read_json, run_cli, write_json
 from .devices import autocast_context, is_out_of_memory, uses_bf16
 
-INTERPOLATION = "bilinear, half-pixel centres, no antialias (as tf.image.resize in the official code)"
 # The evaluation precisions (the result's "precision"): a near-tie between two classes is decided by logits
 # that bf16 would round to steps of 0.06-0.125 (for logits of 8-32), so the head always runs in fp32.
 FP32 = "fp32"
@@ -116,7 +119,8 @@ def _device() -> torch.device:
 def evaluate_checkpoint(model_path, dataset_record: dict, split, protocol: dict, batch_size: int, num_workers: int,
                         mean: float, std: float, device, precision: str = "auto", decode_device: str = "cpu") -> dict:
     """One checkpoint on an opened split: an evaluation result with its preprocessing and precision recorded
-    in its `protocol`."""
+    in its `protocol` (the config entry, image_size, pixel_mean/pixel_std, interpolation, transform: what
+    the images went through; with the timm protocol also timm_data_config; precision)."""
     arch = model_io.read_architecture(model_path)
     if arch["num_classes"] != dataset_record["num_classes"]:
         raise PipelineError(
@@ -128,7 +132,7 @@ def evaluate_checkpoint(model_path, dataset_record: dict, split, protocol: dict,
                               decode_device)
     result = evaluate_model(model, loader, dataset_record["num_classes"], device, precision)
     result["protocol"] = {**protocol, "image_size": arch["image_size"], "pixel_mean": mean, "pixel_std": std,
-                          "interpolation": INTERPOLATION, "precision": result.pop("precision")}
+                          **loader.transform.description(), "precision": result.pop("precision")}
     result["split"] = dataset_record["test_split"] if split.name == dataset_record["test_split"] else split.name
     result["model"] = str(model_path)
     result["dataset"] = dataset_record["name"]

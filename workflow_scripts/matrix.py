@@ -16,6 +16,19 @@ Kept free of heavy imports: Snakemake imports this module when it parses the wor
 """
 from __future__ import annotations
 
+from workflow_scripts.tables import real_label
+
+# The job name of each kind of job, as in its log and benchmark paths (rules/common.smk log_file,
+# benchmark_file): a job's id is "<rule>/<job>" (workflow_scripts.eta, workflow_scripts.status).
+RUN_JOB = "{ckpt}/{dataset}/lr{lr}_s{seed}"
+FINAL_JOB = "{ckpt}/{dataset}/s{seed}"
+VARIANT_JOB = "{variant}/{ckpt}/{dataset}/s{seed}"
+PROTOCOL_JOB = "{ckpt}/{dataset}/{protocol}"
+VARIANT_PAIR_JOB = "{variant}/{ckpt}/{dataset}"
+PAIR_JOB = "{ckpt}/{dataset}"
+REAL_JOB = "{source}/{ckpt}/{dataset}/{protocol}"
+BASELINE_JOB = PROTOCOL_JOB
+
 
 def lr_str(lr: float) -> str:
     """The LR as it appears in paths and wildcards (0.03 -> '0.03')."""
@@ -58,15 +71,16 @@ def final_runs(config: dict) -> list[tuple[str, str, int]]:
     return [(ck, ds, seed) for ck, ds in pairs(config) for seed in config["finetune"]["final_seeds"]]
 
 
+def variant_pairs(config: dict) -> list[tuple[str, str, str]]:
+    """(variant, checkpoint, dataset): one evaluation each, at the headline protocol; a variant's pairs that the
+    study does not fine-tune (a subset of checkpoints or datasets) are left out."""
+    fine_tuned = set(pairs(config))
+    return [(name, ck, ds) for name, v in config["variants"].items() for ck, ds in v["pairs"] if (ck, ds) in fine_tuned]
+
+
 def variant_runs(config: dict) -> list[tuple[str, str, str, int]]:
     """Every run of a protocol variant: (variant, checkpoint, dataset, seed), at the pair's selected LR."""
-    return [(name, ck, ds, seed) for name, v in config["variants"].items() for ck, ds in v["pairs"]
-            for seed in config["finetune"]["seeds"]]
-
-
-def variant_pairs(config: dict) -> list[tuple[str, str, str]]:
-    """(variant, checkpoint, dataset): one evaluation each, at the headline protocol."""
-    return [(name, ck, ds) for name, v in config["variants"].items() for ck, ds in v["pairs"]]
+    return [(name, ck, ds, seed) for name, ck, ds in variant_pairs(config) for seed in config["finetune"]["seeds"]]
 
 
 def is_timm_protocol(config: dict, protocol: str) -> bool:
@@ -94,16 +108,16 @@ def selection_bias_pairs(config: dict) -> list[tuple[str, str]]:
     return pairs(config) if config["finetune"]["selection_bias_table"] else []
 
 
-def reference_sweep_protocols(config: dict, ckpt: str, dataset: str) -> list[str]:
-    """The protocols of the loaded references made by one sweep run (made_by.result sweep_run) that have a
-    figure for this checkpoint (label, pre-training, image size) and dataset (its label)."""
-    refs, ck, label = config["references"], config["checkpoints"][ckpt], config["datasets"][dataset]["label"]
+def reference_protocols(config: dict, ckpt: str, column: str, result: str) -> list[str]:
+    """The protocols of the loaded references made as `result` (made_by.result) that have a figure for this
+    checkpoint (label, pre-training, image size) in this column (a dataset's label, or its ReaL column)."""
+    refs, ck = config["references"], config["checkpoints"][ckpt]
     row = (ck["label"], ck["pretraining"], ck["architecture"]["image_size"])
     protocols = []
     for fig in refs["figures"]:
         made_by = refs["sources"][fig["source"]]["made_by"]
-        if (made_by["result"] == "sweep_run" and (fig["label"], fig["pretraining"], fig["image_size"]) == row
-                and fig["dataset"] == label and made_by["protocol"] not in protocols):
+        if (made_by["result"] == result and (fig["label"], fig["pretraining"], fig["image_size"]) == row
+                and fig["dataset"] == column and made_by["protocol"] not in protocols):
             protocols.append(made_by["protocol"])
     return protocols
 
@@ -116,7 +130,8 @@ def sweep_evaluations(config: dict) -> list[tuple[str, str, str]]:
     headline, found = config["evaluation"]["headline_protocol"], []
     for ck, ds in pairs(config):
         wanted = [headline] if config["finetune"]["selection_bias_table"] else []
-        wanted += [p for p in reference_sweep_protocols(config, ck, ds) if p not in wanted]
+        label = config["datasets"][ds]["label"]
+        wanted += [p for p in reference_protocols(config, ck, label, "sweep_run") if p not in wanted]
         found += [(ck, ds, p) for p in wanted]
     return found
 
@@ -138,13 +153,28 @@ def results(config: dict) -> list[tuple[str, str, str]]:
             + [(ck, ds, "released") for ck, ds in released(config)])
 
 
-def real_results(config: dict) -> list[tuple[str, str, str]]:
-    """The results that also get a ReaL-style top-1: those of datasets with `real_labels`."""
-    return [r for r in results(config) if config["datasets"][r[1]].get("real_labels")]
+def real_results(config: dict) -> list[tuple[str, str, str, str]]:
+    """(checkpoint, dataset, result_from, protocol): the results that also get a ReaL-style top-1 (datasets with
+    `real_labels`), from the predictions of the headline protocol's evaluation and of each protocol a reference
+    has a ReaL figure of (e.g. the paper's Table 2, resize-crop)."""
+    headline, found = config["evaluation"]["headline_protocol"], []
+    for ck, ds, source in results(config):
+        if config["datasets"][ds].get("real_labels"):
+            column = real_label(config["datasets"][ds]["label"])
+            made_as = "final" if source == "finetune" else "released"
+            wanted = [headline] + [p for p in reference_protocols(config, ck, column, made_as) if p != headline]
+            found += [(ck, ds, source, p) for p in wanted]
+    return found
 
 
 def used_checkpoints(config: dict) -> list[str]:
     return list(config["finetune"]["checkpoints"])
+
+
+def npz_source(config: dict, ckpt: str) -> str:
+    """The checkpoint whose released .npz `ckpt` is built from: its `base_checkpoint` (a higher-resolution
+    Mixer of the paper's Appendix C, made by convert --image-size), else itself."""
+    return config["checkpoints"][ckpt].get("base_checkpoint", ckpt)
 
 
 def used_datasets(config: dict) -> list[str]:

@@ -146,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--predictions", required=True, help="evaluate --predictions-out file (.npz)")
     p.add_argument("--real-labels", required=True, help="real.json (config datasets.<name>.real_labels)")
     p.add_argument("--data", required=True, help="dataset.json of the dataset the predictions were made on")
+    p.add_argument("--protocol", help="the evaluation protocol the predictions were made with (recorded)")
     p.add_argument("--out", required=True, help="output JSON")
     args = p.parse_args(argv)
     result = evaluate_real(args.predictions, args.real_labels, splits.load_dataset_record(args.data))
+    result["protocol"] = args.protocol
     print(f"{args.predictions}: ReaL top-1 {result['real_top1']:.2f}% on {result['num_images']:,} images "
           f"({result['num_excluded_empty']:,} without a label left out)")
     write_json(args.out, result)

@@ -25,7 +25,12 @@ from workflow_scripts.common import atomic_path, run_cli, write_json
 from workflow_scripts.prepare_data import digits_splits
 
 CLASSES = [f"digit_{d}" for d in range(10)]  # sorted order = class index, as ImageNet's sorted wnids
-SIZE_RANGE = (12, 40)  # pixels per side, drawn independently: sizes and aspect ratios vary
+SIZE_RANGE = (12, 40)  # pixels of the shorter side
+ASPECT_RANGE = (0.75, 1.33)  # longer / shorter side up to 4:3, as most photos (and ImageNet's 500x375)
+# The digit is drawn on a background margin, as a photo's object sits inside its frame: the paper's
+# resmall-crop (shorter side to 256/224 of the size, centre crop) then keeps the whole digit, as it keeps
+# most of a photographed object.
+MARGIN = 1  # background pixels around the 8x8 digit
 SEVERAL_LABELS_EVERY = 7  # every 7th validation image also gets a second plausible label
 NO_LABEL_EVERY = 11  # every 11th gets none (ReaL excludes such images)
 
@@ -33,8 +38,16 @@ NO_LABEL_EVERY = 11  # every 11th gets none (ReaL excludes such images)
 def write_jpeg(path: Path, image: np.ndarray, size: tuple[int, int]) -> None:
     from PIL import Image
 
+    framed = np.pad(image, [(MARGIN, MARGIN), (MARGIN, MARGIN)] + [(0, 0)] * (image.ndim - 2))
     with atomic_path(path) as tmp:
-        Image.fromarray(image).resize(size, Image.BILINEAR).save(tmp, format="JPEG", quality=90)
+        Image.fromarray(framed).resize(size, Image.BILINEAR).save(tmp, format="JPEG", quality=90)
+
+
+def draw_size(rng: np.random.Generator) -> tuple[int, int]:
+    """(width, height) of one picture: a shorter side from SIZE_RANGE, an aspect ratio from ASPECT_RANGE."""
+    short, aspect = int(rng.integers(*SIZE_RANGE)), float(rng.uniform(*ASPECT_RANGE))
+    long = round(short * aspect)
+    return (long, short) if rng.integers(2) else (short, long)
 
 
 def relabels(true_labels: list[int]) -> list[list[int]]:
@@ -56,14 +69,12 @@ def synthesize(seed: int, out_dir: str | os.PathLike) -> dict:
     rng = np.random.default_rng(seed)
     train = np.concatenate([splits["train"], splits["val"]])
     for n, i in enumerate(train):
-        size = tuple(int(v) for v in rng.integers(*SIZE_RANGE, size=2))
-        write_jpeg(out_dir / "train" / CLASSES[labels[i]] / f"{n:05d}.JPEG", images[i], size)
+        write_jpeg(out_dir / "train" / CLASSES[labels[i]] / f"{n:05d}.JPEG", images[i], draw_size(rng))
     names, val_labels = [], []
     for n, i in enumerate(rng.permutation(splits["test"]), 1):
         names.append(f"val_{n:08d}.JPEG")
         val_labels.append(int(labels[i]))
-        size = tuple(int(v) for v in rng.integers(*SIZE_RANGE, size=2))
-        write_jpeg(out_dir / "val" / names[-1], images[i], size)
+        write_jpeg(out_dir / "val" / names[-1], images[i], draw_size(rng))
     with atomic_path(out_dir / "val_ground_truth.txt") as tmp:
         tmp.write_text("".join(f"{name} {CLASSES[label]}\n" for name, label in zip(names, val_labels)))
     with atomic_path(out_dir / "real.json") as tmp:
