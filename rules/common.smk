@@ -129,7 +129,7 @@ def _check_variants(config):
                 )
         for ck, _ in variant["pairs"]:  # the variant's jobs run on the GPUs of the checkpoint's jobs
             try:
-                variant_protocol(name).micro_batches_per_process(max(1, matrix.finetune_gpus(config, ck)))
+                variant_protocol(name).check_batch_split(max(1, matrix.finetune_gpus(config, ck)))
             except PipelineError as e:
                 raise WorkflowError(f"config key '{key}.protocol': {e} (checkpoint {ck})") from None
 
@@ -173,7 +173,7 @@ def _check_batch_split(config):
     protocol = Protocol.from_config(config["protocol"])
     for ck in config["finetune"]["checkpoints"]:
         try:
-            protocol.micro_batches_per_process(max(1, matrix.finetune_gpus(config, ck)))  # 0 = CPU
+            protocol.check_batch_split(max(1, matrix.finetune_gpus(config, ck)))  # 0 = CPU
         except PipelineError as e:
             raise WorkflowError(f"the config is not valid: {e} (checkpoint {ck})") from None
 
@@ -315,6 +315,22 @@ def benchmark_file(rule, job):
     return f"{results_root}/benchmarks/{rule}/{job}.tsv"
 
 
+def preflight_json(shape):
+    """The preflight of one GPU job shape (matrix.job_shape): what it measured and the micro-batch it chose."""
+    return f"{results_root}/preflight/{shape}.json"
+
+
+def preflight_summary():
+    """Every shape's preflight and the plan's ETA (the `preflight` target)."""
+    return f"{results_root}/preflight/summary.json"
+
+
+def shape_preflight(wildcards):
+    """The preflight result a GPU job of `wildcards.ckpt` waits for. ancient(): a later preflight (a new node,
+    another day) never makes finished jobs run again; a failed one still keeps new jobs from starting."""
+    return ancient(preflight_json(matrix.job_shape(config, wildcards.ckpt)))
+
+
 # The job name of each kind of job in its log and benchmark paths.
 RUN_JOB = "{ckpt}/{dataset}/lr{lr}_s{seed}"
 FINAL_JOB = "{ckpt}/{dataset}/s{seed}"
@@ -327,6 +343,27 @@ BASELINE_JOB = "{ckpt}/{dataset}/{protocol}"
 
 # ---------------------------------------------------------------------------------------------
 # Inputs, params and commands (the only logic the rule files need)
+def shape_checkpoint(shape):
+    """The checkpoint a shape's preflight measures: its first (they share the body, image size, GPUs)."""
+    return matrix.job_shapes(config)[shape][0]
+
+
+def preflight_input(wildcards):
+    """The converted model of the shape's first checkpoint and the dataset its jobs load the hardest."""
+    ckpts = matrix.job_shapes(config)[wildcards.shape]
+    return {
+        "checkpoint": converted_model(ckpts[0]),
+        "data": dataset_json(matrix.preflight_dataset(config, ckpts)),
+    }
+
+
+def preflight_gpus():
+    """The devices the ETA schedules on: `--resources gpu=N` when given (as the study will run), else
+    what the summary step sees (workflow_scripts.preflight counts them)."""
+    gpu = workflow.global_resources.get("gpu")
+    return f"--gpus {gpu}" if isinstance(gpu, int) else ""
+
+
 def as_json(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
