@@ -360,8 +360,8 @@ def preflight_input(wildcards):
 def preflight_gpus():
     """The devices the ETA schedules on: `--resources gpu=N` when given (as the study will run), else
     what the summary step sees (workflow_scripts.preflight counts them)."""
-    gpu = workflow.global_resources.get("gpu")
-    return f"--gpus {gpu}" if isinstance(gpu, int) else ""
+    gpu = getattr(workflow.global_resources.get("gpu"), "value", None)  # a snakemake Resource
+    return f"--gpus {gpu}" if isinstance(gpu, int) and gpu > 0 else ""
 
 
 def as_json(obj):

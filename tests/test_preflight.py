@@ -96,7 +96,7 @@ def test_a_forced_memory_cap_finds_the_micro_batch_that_fits_and_names_the_key(t
     message = str(failed.value)
     assert message.startswith("protocol.micro_batch_size 32 does not fit on ")
     chosen = int(message.split("set protocol.micro_batch_size to ")[1].split()[0])
-    assert chosen < 32 and f"{cap:.0f} MiB cap" in message
+    assert chosen < 32 and f"{preflight._mib(cap)} MiB cap" in message
     # micro_batch_size: auto takes that value instead of stopping, and records what each trial measured.
     protocol, record = preflight.memory_and_speed(shape_check(tiny, dict(PROTOCOL, micro_batch_size="auto"), cap),
                                                   10, CPU)

@@ -220,10 +220,14 @@ def search_micro_batch(protocol: Protocol, gpus: int, run_trial) -> tuple[int | 
     return (candidates[low] if low < len(candidates) else None), trials
 
 
+def _mib(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"  # a test's cap of 0.5 MiB stays 0.5
+
+
 def _why_not(trial: dict, cap_mib: float | None) -> str:
     if trial["out_of_memory"]:
         return f"out of memory ({trial['error']})"
-    return f"peak {trial['peak_memory_mib']:.0f} MiB > {FIT_MARGIN:.0%} of the {cap_mib:.0f} MiB cap"
+    return f"peak {_mib(trial['peak_memory_mib'])} MiB > {FIT_MARGIN:.0%} of the {_mib(cap_mib)} MiB cap"
 
 
 def micro_batch_decision(protocol: Protocol, gpus: int, chosen: int | None, trials: dict[int, dict],
@@ -318,13 +322,13 @@ def loader_rate(dataset_record: dict, protocol: Protocol, image_size: int, devic
             "loader_img_s_per_process": counted / seconds if counted and seconds > 0 else None}
 
 
-def _eval_img_s(model: torch.nn.Module, images: torch.Tensor, precision: str, repeats: int = 3) -> float:
+def _eval_img_s(model: torch.nn.Module, images: torch.Tensor, precision: str) -> float:
+    """One timed pass (after the untimed one that warmed the kernels up)."""
     _synchronize(images.device)
     start = time.perf_counter()
-    for _ in range(repeats):
-        evaluate.fp32_logits(model, images, precision)
+    evaluate.fp32_logits(model, images, precision)
     _synchronize(images.device)
-    return repeats * len(images) / (time.perf_counter() - start)
+    return len(images) / (time.perf_counter() - start)
 
 
 def numerics(checkpoint: str | os.PathLike, dataset_record: dict, eval_protocol: dict, batch_size: int,
@@ -337,10 +341,12 @@ def numerics(checkpoint: str | os.PathLike, dataset_record: dict, eval_protocol:
     loader = data.eval_loader(splits.open_split(dataset_record, "test"), eval_protocol, image_size, batch_size,
                               device, workers, protocol.pixel_mean, protocol.pixel_std, protocol.decode_device)
     images, _ = next(iter(loader))
+    precision = evaluate.evaluation_precision(model, protocol.precision, device)
     try:
         with torch.inference_mode():
             configured = evaluate.fp32_logits(model, images, protocol.precision)
-            reference = evaluate.fp32_logits(model, images, "fp32")
+            # fp32 already (CPU): the same pass is the reference (a big model on a CPU is slow)
+            reference = configured if precision == evaluate.FP32 else evaluate.fp32_logits(model, images, "fp32")
             eval_img_s = _eval_img_s(model, images, protocol.precision)
     except Exception as error:
         if not is_out_of_memory(error):
@@ -351,7 +357,7 @@ def numerics(checkpoint: str | os.PathLike, dataset_record: dict, eval_protocol:
     return {"eval_img_s": eval_img_s, "eval_top1_agreement": agreement,
             "eval_max_logit_diff": (configured - reference).abs().max().item(),
             "eval_finite": bool(torch.isfinite(configured).all().item()), "eval_images": len(images),
-            "eval_precision": evaluate.evaluation_precision(model, protocol.precision, device)}
+            "eval_precision": precision}
 
 
 def check_numerics(result: dict, precision: str) -> None:
@@ -390,7 +396,7 @@ class ShapeCheck:
     gpus: int                        # the shape's GPU count (0: a CPU job, one process)
     threads: int                     # the job's CPUs (resources.finetune.cpus)
     memory_cap_mib: float | None = None
-    updates: int = 3
+    updates: int = 2
     loader_images: int = 256
 
 
@@ -410,7 +416,7 @@ def memory_and_speed(check: ShapeCheck, num_classes: int, device: torch.device) 
     """The micro-batch the shape's jobs use (the protocol with it) and what its trials measured."""
     processes = max(1, check.gpus)
     cap = memory_cap(device, check.memory_cap_mib)
-    where = f"{device_name(device)} ({device.type})" + (f" with a {cap:.0f} MiB cap" if cap is not None else "")
+    where = f"{device_name(device)} ({device.type})" + (f" with a {_mib(cap)} MiB cap" if cap is not None else "")
 
     def run_trial(micro: int) -> dict:
         trial = train_trial(check.checkpoint, check.protocol, micro, processes, num_classes, device,
@@ -546,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     shape.add_argument("--threads", type=int, default=1, help="the job's CPUs (protocol.threads overrides)")
     shape.add_argument("--memory-cap-mib", type=float, help=f"memory cap (default: ${MEMORY_CAP_ENV}, else the GPU's "
                        "memory; none on CPU); a trial whose peak exceeds FIT_MARGIN of it does not fit")
-    shape.add_argument("--updates", type=int, default=3, help="training updates per trial (the first is warm-up)")
+    shape.add_argument("--updates", type=int, default=2, help="training updates per trial (the first is warm-up; "
+                       "two at least: the momentum buffers exist from the second on)")
     shape.add_argument("--loader-images", type=int, default=256, help="images the loader is timed on")
     shape.add_argument("--out", required=True, help="R/preflight/SHAPE.json (written only if the shape passes)")
     summary = commands.add_parser("summary", help="every shape's figures and the plan's ETA")
