@@ -51,6 +51,12 @@ rehearsal: $(STAMP)
 chaos: $(STAMP)
 	MIXER_CHAOS_FULL=1 $(BIN)/python -m pytest tests/test_chaos.py -s -q
 
+# The study's progress at any moment, running or stopped: Table 3's cells with their state and figure, jobs,
+# device-hours spent and left, the ETA (GPUS=<n>: on n GPUs; default: the preflight's); writes results/status.html.
+.PHONY: status
+status: $(STAMP)
+	$(BIN)/python -m workflow_scripts.status --config config.yaml $(if $(GPUS),--gpus $(GPUS))
+
 bench: $(STAMP)
 	$(BIN)/python -m workflow_scripts.bench
 

@@ -1,4 +1,5 @@
-"""The demo pipeline end to end, in a temporary working directory, through the real Snakefile."""
+"""The demo pipeline end to end, in a temporary working directory, through the real Snakefile (the demo_run
+fixture in conftest.py: one demo per session, shared with tests/test_status.py)."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +10,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,27 +21,6 @@ from workflow_scripts import matrix, preflight, stats
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "demo" / "config.yaml"
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """Run the whole demo once; the tests below read what it produced."""
-    workdir = tmp_path_factory.mktemp("demo")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    start = time.monotonic()
-    res = subprocess.run(
-        [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"),
-         "--configfile", str(DEMO_CONFIG), "--cores", "2"],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=1200,
-    )
-    elapsed = time.monotonic() - start
-    cfg = yaml.safe_load(DEMO_CONFIG.read_text())
-    root = workdir / cfg["output_root"]
-    if res.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted((root / "logs").rglob("*.log")))
-        pytest.fail(f"demo failed (exit {res.returncode}):\n{res.stderr[-4000:]}\n{logs}")
-    print(f"demo pipeline wall time: {elapsed:.0f} s")
-    return workdir, root, cfg
 
 
 @pytest.mark.slow
