@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # Where `make rehearsal` writes its stand-ins and results (about 16 GiB; `make clean-rehearsal`).
 REHEARSAL_DIR ?= rehearsal
 
-.PHONY: demo test rehearsal chaos bench lint dry-run clean-demo clean-rehearsal venv
+.PHONY: demo test preflight rehearsal chaos bench lint dry-run clean-demo clean-rehearsal venv
 
 venv: $(STAMP)
 
@@ -29,6 +29,13 @@ demo: $(STAMP)
 	echo "Demo finished in $$((end - start)) s (exit $$status)."; \
 	test $$status -eq 0 && echo "Report: $(abspath demo_results/report/index.html)"; \
 	exit $$status
+
+# First on a new node: every GPU job shape checked on this node (memory and micro-batch, speed, DDP, loader,
+# numerics) and the study's ETA from the measured rates (README "Preflight"). GPUS=N schedules the ETA on N
+# GPUs, as `--resources gpu=N` will run the study (default: the GPUs the preflight sees).
+GPUS ?=
+preflight: $(STAMP)
+	$(BIN)/snakemake --cores all $(if $(GPUS),--resources gpu=$(GPUS)) preflight
 
 # The suite runs the rehearsal in its short form (the Mixer-B/16 checkpoints, up to the aggregate);
 # `make rehearsal` runs the full one.

@@ -1,6 +1,7 @@
 # MLP-Mixer reproduction: official ImageNet-21k checkpoints -> PyTorch (timm) -> fine-tuning on
 # the five datasets of Table 3 with the paper's protocol -> evaluation -> an HTML report beside the paper.
 #
+#   snakemake --cores all --resources gpu=2 preflight            # first, on a new node (`make preflight`)
 #   snakemake --cores all --resources gpu=2                      # the study (config.yaml)
 #   snakemake --configfile demo/config.yaml --cores 2            # the offline demo (`make demo`)
 #
@@ -25,9 +26,11 @@ wildcard_constraints:
     seed="[0-9]+",
     protocol="[A-Za-z0-9_]+",
     source="finetune|released",
+    shape="p[0-9]+-[A-Za-z0-9-]+",  # matrix.job_shape (never "summary")
 
 
 include: "rules/weights.smk"
+include: "rules/preflight.smk"
 include: "rules/data.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
@@ -37,4 +40,5 @@ include: "rules/report.smk"
 rule all:
     default_target: True
     input:
+        preflight_summary(),
         report_file("index.html"),

@@ -108,7 +108,7 @@ def _check_variants(config):
             _check_names(f"{key}.pairs[{i}]", [ds], config["datasets"])
         for ck, _ in variant["pairs"]:  # the variant's jobs run on the GPUs of the checkpoint's jobs
             try:
-                variant_protocol(name).micro_batches_per_process(max(1, matrix.finetune_gpus(config, ck)))
+                variant_protocol(name).check_batch_split(max(1, matrix.finetune_gpus(config, ck)))
             except PipelineError as e:
                 raise WorkflowError(f"config key '{key}.protocol': {e} (checkpoint {ck})") from None
 
@@ -199,7 +199,7 @@ def _check_batch_split(config):
     """The batch split of every checkpoint's fine-tuning jobs (the check lives in protocol.Protocol)."""
     for ck in config["finetune"]["checkpoints"]:
         try:
-            checkpoint_protocol(ck).micro_batches_per_process(max(1, matrix.finetune_gpus(config, ck)))  # 0 = CPU
+            checkpoint_protocol(ck).check_batch_split(max(1, matrix.finetune_gpus(config, ck)))  # 0 = CPU
         except PipelineError as e:
             raise WorkflowError(f"the config is not valid: {e} (checkpoint {ck})") from None
 
@@ -354,6 +354,22 @@ def benchmark_file(rule, job):
     return f"{results_root}/benchmarks/{rule}/{job}.tsv"
 
 
+def preflight_json(shape):
+    """The preflight of one GPU job shape (matrix.job_shape): what it measured and the micro-batch it chose."""
+    return f"{results_root}/preflight/{shape}.json"
+
+
+def preflight_summary():
+    """Every shape's preflight and the plan's ETA (the `preflight` target)."""
+    return f"{results_root}/preflight/summary.json"
+
+
+def shape_preflight(wildcards):
+    """The preflight result a GPU job of `wildcards.ckpt` waits for. ancient(): a later preflight (a new node,
+    another day) never makes finished jobs run again; a failed one still keeps new jobs from starting."""
+    return ancient(preflight_json(matrix.job_shape(config, wildcards.ckpt)))
+
+
 # The job name of each kind of job in its log and benchmark paths.
 RUN_JOB = matrix.RUN_JOB
 FINAL_JOB = matrix.FINAL_JOB
@@ -367,6 +383,27 @@ BASELINE_JOB = matrix.BASELINE_JOB
 
 # ---------------------------------------------------------------------------------------------
 # Inputs, params and commands (the only logic the rule files need)
+def shape_checkpoint(shape):
+    """The checkpoint a shape's preflight measures: its first (they share the body, image size, GPUs)."""
+    return matrix.job_shapes(config)[shape][0]
+
+
+def preflight_input(wildcards):
+    """The converted model of the shape's first checkpoint and the dataset its jobs load the hardest."""
+    ckpts = matrix.job_shapes(config)[wildcards.shape]
+    return {
+        "checkpoint": converted_model(ckpts[0]),
+        "data": dataset_json(matrix.preflight_dataset(config, ckpts)),
+    }
+
+
+def preflight_gpus():
+    """The devices the ETA schedules on: `--resources gpu=N` when given (as the study will run), else
+    what the summary step sees (workflow_scripts.preflight counts them)."""
+    gpu = getattr(workflow.global_resources.get("gpu"), "value", None)  # a snakemake Resource
+    return f"--gpus {gpu}" if isinstance(gpu, int) and gpu > 0 else ""
+
+
 def as_json(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 

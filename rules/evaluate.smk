@@ -26,6 +26,7 @@ rule evaluate:
     input:
         unpack(final_models),
         data=dataset_json("{dataset}"),
+        preflight=shape_preflight,
     output:
         result=report(
             evaluation_json("{ckpt}", "{dataset}", "{protocol}"),
@@ -70,6 +71,7 @@ use rule evaluate as baseline with:
     input:
         model=converted_model("{ckpt}"),
         data=dataset_json("{dataset}"),
+        preflight=shape_preflight,
     output:
         result=baseline_json("{ckpt}", "{dataset}", "{protocol}"),
         predictions=predictions_file(baseline_json("{ckpt}", "{dataset}", "{protocol}")),
@@ -91,6 +93,7 @@ use rule evaluate as evaluate_variant with:
             variant_run_file(wc.variant, wc.ckpt, wc.dataset, s, "summary.json") for s in config["finetune"]["seeds"]
         ],
         data=dataset_json("{dataset}"),
+        preflight=shape_preflight,
     output:
         result=variant_evaluation_json("{variant}", "{ckpt}", "{dataset}"),
         predictions=predictions_file(variant_evaluation_json("{variant}", "{ckpt}", "{dataset}")),
@@ -109,6 +112,7 @@ use rule evaluate as evaluate_sweep with:
         models=lambda wc: pair_runs(wc, "model.safetensors"),
         summaries=lambda wc: pair_runs(wc, "summary.json"),
         data=dataset_json("{dataset}"),
+        preflight=shape_preflight,
     output:
         result=sweep_evaluation_json("{ckpt}", "{dataset}", "{protocol}"),
         predictions=predictions_file(sweep_evaluation_json("{ckpt}", "{dataset}", "{protocol}")),

@@ -9,6 +9,7 @@ rule finetune:
     input:
         checkpoint=converted_model("{ckpt}"),
         data=dataset_json("{dataset}"),
+        preflight=shape_preflight,
     output:
         model=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "model.safetensors"),
         metrics=run_file("{ckpt}", "{dataset}", "{lr}", "{seed}", "metrics.jsonl"),
@@ -38,7 +39,7 @@ rule finetune:
         gpu_job(
             "python -m workflow_scripts.finetune --checkpoint {input.checkpoint} --data {input.data}"
             " --model-out {output.model} --metrics-out {output.metrics} --summary-out {output.summary}"
-            " --resume-dir {params.resume_dir} {params.lr}"
+            " --resume-dir {params.resume_dir} {params.lr} --preflight {input.preflight}"
             " --seed {wildcards.seed} --steps {params.steps} --protocol {params.protocol:q}"
             " --minival-protocol {params.minival_protocol:q}"
             " --threads {threads} --attempt {resources.attempt} > {log} 2>&1"
@@ -50,6 +51,7 @@ use rule finetune as final_finetune with:
         checkpoint=converted_model("{ckpt}"),
         data=dataset_json("{dataset}"),
         selection=selection_json("{ckpt}", "{dataset}"),
+        preflight=shape_preflight,
     output:
         model=final_run_file("{ckpt}", "{dataset}", "{seed}", "model.safetensors"),
         metrics=final_run_file("{ckpt}", "{dataset}", "{seed}", "metrics.jsonl"),
@@ -67,6 +69,7 @@ use rule finetune as variant_finetune with:
         checkpoint=converted_model("{ckpt}"),
         data=dataset_json("{dataset}"),
         selection=selection_json("{ckpt}", "{dataset}"),
+        preflight=shape_preflight,
     output:
         model=variant_run_file("{variant}", "{ckpt}", "{dataset}", "{seed}", "model.safetensors"),
         metrics=variant_run_file("{variant}", "{ckpt}", "{dataset}", "{seed}", "metrics.jsonl"),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workflow_scripts import matrix, stats
+from workflow_scripts import matrix, preflight, stats
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "demo" / "config.yaml"
@@ -203,3 +205,63 @@ def test_snakemake_report_holds_the_results_with_their_captions(demo_run, tmp_pa
         assert caption in html, caption
     for name in ("demo_mixer_p4_64.parity.json", "runs.csv", "comparison.csv", "index.html", "analysis.html"):
         assert name in html, name
+
+
+def demo_snakemake(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("snakemake")), "-s", str(REPO / "Snakefile"),
+         "--configfile", str(DEMO_CONFIG), "--cores", "2", *args],
+        cwd=workdir, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env or {})),
+    )
+
+
+@pytest.mark.slow
+def test_demo_preflight_summary_has_every_shape_and_the_plan(demo_run):
+    """The preflight ran on the demo's shapes (CPU) before their jobs; each run records the micro-batch it used."""
+    _, root, cfg = demo_run
+    summary = json.loads((root / "preflight" / "summary.json").read_text())
+    shapes = {s["shape"]: s for s in summary["shapes"]}
+    assert set(shapes) == set(matrix.job_shapes(cfg))
+    for shape in shapes.values():
+        assert shape["device"] == "cpu" and shape["precision"] == "fp32" and shape["micro_batch"] == 32
+        for key in ("peak_memory_mib", "train_img_s", "loader_img_s", "eval_img_s"):
+            assert shape[key] > 0, (shape["shape"], key)
+        assert shape["eval_top1_agreement"] == 100.0  # fp32 against fp32
+    assert summary["gpus"] >= 1 and 0 < summary["eta_hours"] <= summary["device_hours"]
+    for ckpt, ds, lr, seed in matrix.finetune_runs(cfg):
+        run = json.loads((root / "finetune" / ckpt / ds / f"lr{lr}_s{seed}" / "summary.json").read_text())
+        assert run["micro_batch_size"] == 32 and run["micro_batch_from"] == "protocol.micro_batch_size"
+
+
+@pytest.mark.slow
+def test_a_later_preflight_reruns_no_finished_job(demo_run):
+    """Every GPU job takes its shape's preflight as an ancient() input: a new preflight (another node, another
+    day) reruns the preflight and its summary, nothing else."""
+    workdir, _, _ = demo_run
+    res = demo_snakemake(workdir, "-n", "--forcerun", "preflight_shape")
+    assert res.returncode == 0, res.stdout + res.stderr
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", res.stdout.split("Job stats:")[1].split("total")[0], re.M))
+    assert counts.pop("preflight_shape") == "2" and set(counts) <= {"preflight", "all"}, counts
+
+
+@pytest.mark.slow
+def test_a_failing_preflight_keeps_fine_tuning_from_starting(demo_run, tmp_path):
+    """In a copy of the finished demo: one run's files and its shape's preflight gone, and a memory cap nothing
+    fits under: the preflight fails and the fine-tuning job never starts."""
+    workdir, root, cfg = demo_run
+    copy = tmp_path / "demo"
+    shutil.copytree(workdir, copy, symlinks=True)
+    ckpt, ds, lr, seed = next(r for r in matrix.finetune_runs(cfg) if r[0] == "demo_mixer_p4")
+    run = Path(cfg["output_root"]) / "finetune" / ckpt / ds / f"lr{lr}_s{seed}"
+    shutil.rmtree(copy / run)
+    finetune_log = copy / cfg["output_root"] / "logs" / "finetune" / ckpt / ds / f"lr{lr}_s{seed}.log"
+    finetune_log.unlink()
+    shape_file = Path(cfg["output_root"]) / "preflight" / f"{matrix.job_shape(cfg, ckpt)}.json"
+    (copy / shape_file).unlink()
+    res = demo_snakemake(copy, str(run / "summary.json"), env={preflight.MEMORY_CAP_ENV: "0.5"})
+    assert res.returncode != 0
+    log = (copy / cfg["output_root"] / "logs" / "preflight_shape" / f"{shape_file.stem}.log").read_text()
+    assert "error: not even micro-batches of 1 image(s) fit on" in log and "0.5 MiB cap" in log
+    assert not (copy / shape_file).exists() and not (copy / run).exists()
+    assert not finetune_log.exists()

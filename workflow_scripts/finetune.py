@@ -51,7 +51,7 @@ from tqdm import tqdm
 from workflow_scripts import data, evaluate, model_io, resume_files, splits
 from workflow_scripts.common import PipelineError, atomic_path, json_arg, read_json, run_cli, sha256_file, write_json
 from workflow_scripts.devices import autocast_context, is_out_of_memory, precision_name
-from workflow_scripts.protocol import Protocol
+from workflow_scripts.protocol import AUTO, Protocol
 
 # Minival during fine-tuning uses the official code's evaluation preprocessing (plain resize).
 MINIVAL_PROTOCOL = {"name": "official", "resize": "direct"}  # by-hand default; the workflow passes its headline
@@ -502,7 +502,8 @@ class StopRequest:
 # The end: summary and outputs
 
 def run_summary(checkpoint: str | os.PathLike, dataset_record: dict, lr: float, seed: int, steps: int,
-                protocol: Protocol, process: Process, run: RunState, meter: IntervalMeter, train_on: str) -> dict:
+                protocol: Protocol, process: Process, run: RunState, meter: IntervalMeter, train_on: str,
+                micro_batch_from: str = "protocol.micro_batch_size") -> dict:
     """summary.json: the run's record, with its timings (metrics.jsonl has none)."""
     loop_seconds = meter.seconds()
     # The last line is the final minival; a run on the full training data has none.
@@ -510,7 +511,8 @@ def run_summary(checkpoint: str | os.PathLike, dataset_record: dict, lr: float, 
     return {
         "checkpoint": Path(checkpoint).name.removesuffix(".safetensors"), "dataset": dataset_record["name"],
         "lr": lr, "seed": seed, "steps": steps, "batch_size": protocol.batch_size,
-        "micro_batch_size": protocol.micro_batch_size, "world_size": process.world_size,
+        "micro_batch_size": protocol.micro_batch_size, "micro_batch_from": micro_batch_from,
+        "world_size": process.world_size,
         "device": process.device.type, "device_names": device_names(process.device, process.world_size),
         "precision": precision_name(protocol.precision, process.device), "inception_crop": protocol.inception_crop,
         "minival_top1": final["minival_top1"], "minival_top5": final["minival_top5"],
@@ -590,15 +592,17 @@ def exit_not_retryable(error: NotRetryable) -> int:
 
 def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outputs: Outputs,
           resume_dir: str | os.PathLike, lr: float, seed: int, steps: int, protocol: Protocol,
-          threads: int, train_on: str = "train", minival_protocol: dict | None = None) -> dict | None:
+          threads: int, train_on: str = "train", minival_protocol: dict | None = None,
+          micro_batch_from: str = "protocol.micro_batch_size") -> dict | None:
     """Fine-tune and write `outputs`. Returns the summary on rank 0 (None on the other DDP ranks,
     which write nothing). train_on: "train" (the LR sweep: minival held out and evaluated) or "full"
     (the final run at the selected LR on the entire training data: no minival). Running out of device
     memory anywhere (process group, model.to(device), a training step, minival) is one NotRetryable error
-    naming protocol.micro_batch_size."""
+    naming protocol.micro_batch_size. micro_batch_from: where protocol.micro_batch_size came from (the summary
+    records it; `resolve_micro_batch`)."""
     try:
         return _train(checkpoint, dataset_json, outputs, resume_dir, lr, seed, steps, protocol, threads, train_on,
-                      minival_protocol or MINIVAL_PROTOCOL)
+                      minival_protocol or MINIVAL_PROTOCOL, micro_batch_from)
     except Exception as error:
         if isinstance(error, PipelineError) or not is_out_of_memory(error):
             raise
@@ -607,7 +611,7 @@ def train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, output
 
 def _train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outputs: Outputs,
            resume_dir: str | os.PathLike, lr: float, seed: int, steps: int, protocol: Protocol,
-           threads: int, train_on: str, minival_protocol: dict) -> dict | None:
+           threads: int, train_on: str, minival_protocol: dict, micro_batch_from: str) -> dict | None:
     started_utc, resume_dir = utc_now(), Path(resume_dir)
     local_micro = protocol.micro_batches_per_process(world_size_of_job())  # before any process setup
     process = setup_process(protocol, seed, threads)
@@ -657,10 +661,26 @@ def _train(checkpoint: str | os.PathLike, dataset_json: str | os.PathLike, outpu
         dist.destroy_process_group()
     if process.rank != 0:
         return None
-    summary = run_summary(checkpoint, dataset_record, lr, seed, steps, protocol, process, run, meter, train_on)
+    summary = run_summary(checkpoint, dataset_record, lr, seed, steps, protocol, process, run, meter, train_on,
+                          micro_batch_from)
     write_outputs(outputs, model, architecture, run.metrics, summary)
     resume_files.remove_all(resume_dir)  # the outputs now hold everything
     return summary
+
+
+def resolve_micro_batch(protocol: Protocol, preflight_json: str | os.PathLike | None,
+                        world_size: int) -> tuple[Protocol, str]:
+    """(the protocol with the micro-batch this job uses, where it came from). `micro_batch_size: auto` takes the
+    largest valid size up to the one the shape's preflight chose (a variant's batch may split otherwise)."""
+    if protocol.micro_batch_size != AUTO:
+        return protocol, "protocol.micro_batch_size"
+    if preflight_json is None:
+        raise PipelineError("protocol.micro_batch_size is auto: pass --preflight R/preflight/<shape>.json (the "
+                            "workflow does; run the preflight first), or set protocol.micro_batch_size to a number")
+    chosen = read_json(preflight_json).get("micro_batch")
+    if isinstance(chosen, bool) or not isinstance(chosen, int):
+        raise PipelineError(f"{preflight_json}: no 'micro_batch'; rerun the preflight of this shape")
+    return protocol.with_micro_batch(chosen, world_size), f"auto: the preflight {preflight_json} chose {chosen}"
 
 
 def selected_lr(selection_json: str | os.PathLike) -> float:
@@ -690,13 +710,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, required=True, help="optimizer updates")
     parser.add_argument("--protocol", required=True, help="the config's protocol block as JSON")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (protocol.threads overrides)")
+    parser.add_argument("--preflight", help="the shape's preflight result (R/preflight/<shape>.json): the micro-batch "
+                        "of protocol.micro_batch_size auto")
     parser.add_argument("--attempt", type=int, default=1,
                         help="Snakemake's attempt number: a retry after a failure a retry cannot fix stops at once")
     args = parser.parse_args(argv)
     for flag, path in (("--checkpoint", args.checkpoint), ("--data", args.data)):
         if not Path(path).is_file():
             raise PipelineError(f"{flag} {path}: file not found (did the stage that writes it run?)")
-    protocol = Protocol.from_config(json_arg(args.protocol, "--protocol"))
+    protocol, micro_batch_from = resolve_micro_batch(Protocol.from_config(json_arg(args.protocol, "--protocol")),
+                                                     args.preflight, world_size_of_job())
     outputs = Outputs(Path(args.model_out), Path(args.metrics_out), Path(args.summary_out))
     failure_file, settings = Path(args.resume_dir) / FAILURE_FILE, failure_settings(args)
     try:
@@ -707,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         minival_protocol = json_arg(args.minival_protocol, "--minival-protocol") if args.minival_protocol else None
         train(args.checkpoint, args.data, outputs, args.resume_dir, base_lr, args.seed, args.steps, protocol,
-              args.threads, args.train_on, minival_protocol)
+              args.threads, args.train_on, minival_protocol, micro_batch_from)
     except NotRetryable as error:
         record_failure(failure_file, args.attempt, settings, error)
         return exit_not_retryable(error)

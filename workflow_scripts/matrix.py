@@ -201,3 +201,21 @@ def job_shapes(config: dict) -> dict[str, list[str]]:
     for ckpt in used_checkpoints(config):
         shapes.setdefault(job_shape(config, ckpt), []).append(ckpt)
     return shapes
+
+
+# How hard a dataset's jobs load their images: ImageNet-style JPEG trees above all, then the other JPEG
+# folders, then arrays already in memory (CIFAR), which cost the loader nothing.
+_LOADER_COST = {"imagefolder": 3, "pets": 2, "flowers": 2}
+
+
+def preflight_dataset(config: dict, ckpts: list[str]) -> str:
+    """The dataset whose loader a shape's preflight times: of the datasets the checkpoints' jobs read (fine-tuned
+    or evaluated as released), the hardest to load, then the one with the most steps; config order breaks ties."""
+    used = {ds for ck, ds in pairs(config) + released(config) if ck in ckpts}
+
+    def cost(ds: str) -> tuple[int, int]:
+        source = config["datasets"][ds]["source"]
+        folder = 1 if source.get("layout") == "imagefolder" else 0
+        return _LOADER_COST.get(source["kind"], folder), config["datasets"][ds]["steps"]
+
+    return max((ds for ds in used_datasets(config) if ds in used), key=cost)

@@ -16,6 +16,7 @@ from workflow_scripts.common import PipelineError
 # Marks a key that changes how a run executes but not what it computes: a run may resume across a
 # change of it (e.g. a smaller micro_batch_size after an out-of-memory error).
 _EXECUTION_ONLY = {"execution_only": True}
+AUTO = "auto"  # protocol.micro_batch_size: auto
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class Protocol:
     """The config's `protocol` block (config.yaml documents each key and its source)."""
 
     batch_size: int
-    micro_batch_size: int = field(metadata=_EXECUTION_ONLY)
+    # AUTO: the largest micro-batch that the shape's preflight found to fit (finetune --preflight).
+    micro_batch_size: int | str = field(metadata=_EXECUTION_ONLY)
     warmup_steps: int
     momentum: float
     weight_decay: float
@@ -85,6 +87,9 @@ class Protocol:
         and the micro-batches must share evenly among the processes.
         """
         batch, micro = self.batch_size, self.micro_batch_size
+        if micro == AUTO:
+            raise PipelineError("protocol.micro_batch_size is auto: the job takes the value its preflight chose "
+                                "(finetune --preflight R/preflight/<shape>.json); run the preflight first")
         if batch % micro:
             raise PipelineError(f"protocol.micro_batch_size {micro} does not divide protocol.batch_size {batch}; "
                                 f"choose a divisor of it{self._suggestion(gpus)}")
@@ -94,6 +99,29 @@ class Protocol:
                                 "micro-batch size that makes batch_size / micro_batch_size a multiple of the "
                                 f"GPU count{self._suggestion(gpus)}")
         return batch // micro // gpus
+
+    def check_batch_split(self, gpus: int = 1) -> None:
+        """The batch-split check of the config: with `auto`, that some micro-batch size splits the batch."""
+        if self.micro_batch_size != AUTO:
+            self.micro_batches_per_process(gpus)
+        elif not self.micro_batch_sizes(gpus):
+            raise PipelineError(f"protocol.batch_size {self.batch_size} cannot be shared evenly by {gpus} GPUs; "
+                                "choose a multiple of the GPU count")
+
+    def micro_batch_sizes(self, gpus: int = 1) -> list[int]:
+        """Every valid micro-batch size for `gpus` processes, largest first (what the preflight searches)."""
+        return self._fitting_micro_batches(gpus, self.batch_size + 1)
+
+    def with_micro_batch(self, largest: int, gpus: int = 1) -> Protocol:
+        """The protocol with `auto` replaced by the largest valid micro-batch size <= `largest` (an explicit
+        micro_batch_size is kept)."""
+        if self.micro_batch_size != AUTO:
+            return self
+        fits = self._fitting_micro_batches(gpus, largest + 1)
+        if not fits:
+            raise PipelineError(f"protocol.micro_batch_size auto: no micro-batch size up to {largest} splits "
+                                f"protocol.batch_size {self.batch_size} among {gpus} GPUs")
+        return dataclasses.replace(self, micro_batch_size=fits[0])
 
     def _fitting_micro_batches(self, gpus: int, below: int) -> list[int]:
         """Micro-batch sizes under `below` that split the batch evenly among `gpus` processes, largest first."""
