@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from workflow_scripts import aggregate, charts, matrix, report, stats, tables
+from workflow_scripts import aggregate, charts, matrix, references, report, stats, tables
 from workflow_scripts.common import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,12 +29,12 @@ BENCH_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmea
 
 
 def load_config(name: str, tmp_path: Path, base_lrs: list[float] | None = None, **finetune) -> dict:
-    """A workflow config as rules/common.smk passes it: references loaded, paths under tmp_path.
+    """A workflow config as rules/common.smk passes it: references loaded (references.load_config), paths under
+    tmp_path.
 
     `base_lrs` replaces every dataset's LR grid; `finetune` updates the finetune block (checkpoints, datasets, seeds).
     """
-    config = yaml.safe_load((REPO / name).read_text())
-    config["references"] = REFS
+    config = references.load_config(REPO / name)
     config["output_root"] = str(tmp_path / "results")
     config["data_root"] = str(tmp_path / "data")
     config["weights_dir"] = str(tmp_path / "weights")
@@ -123,35 +123,38 @@ def write_sweep(config: dict, root: Path, ck: str, ds: str, rng) -> dict:
 
 
 def final_models(config: dict, root: Path, ck: str, ds: str, lr: float) -> tuple[dict, str]:
-    """{(lr, seed): model path} of a pair's final models and what they were trained on (as the rules plan them)."""
-    seeds = config["finetune"]["seeds"]
+    """{(lr, seed): model path} of a pair's final models and what they were trained on (as the rules plan them:
+    one final run per finetune.final_seeds, or the sweep's runs of the selected LR without retraining)."""
+    seeds = matrix.final_seeds(config)
     if config["finetune"]["retrain_on_full_train"]:
         return {(lr, s): root / f"final/{ck}/{ds}/s{s}/model.safetensors" for s in seeds}, "full"
     return {(lr, s): root / f"finetune/{ck}/{ds}/lr{lr:g}_s{s}/model.safetensors" for s in seeds}, "train"
 
 
 def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) -> dict:
-    """Write every file the aggregate stage reads, in the formats of docs/design.md.
+    """Write every file the aggregate stage reads (rules/common.smk aggregate_inputs), in the formats of
+    docs/design.md.
 
     Returns {"results": {(ckpt, dataset): headline test top-1}, "protocols": {(ckpt, dataset, protocol): top-1},
-    "reals": {(ckpt, dataset): ReaL top-1}, "variants": {(variant, ckpt, dataset): top-1}, "selection_bias":
-    {(ckpt, dataset): {lr: test top-1 mean over seeds}}}: every matrix.results entry (a pair's mean over seeds, a
-    released checkpoint's baseline) at every protocol, and every matrix.real_results entry.
+    "reals": {(ckpt, dataset, result_from, protocol): ReaL top-1}, "variants": {(variant, ckpt, dataset): top-1},
+    "sweeps": {(ckpt, dataset, protocol): {lr: test top-1 mean over seeds}}, "released": {(ckpt, dataset,
+    protocol): top-1}}: every pair's mean over its final runs at every protocol, every released baseline.
     """
     rng = np.random.default_rng(rng_seed)
     root, headline = Path(config["output_root"]), config["evaluation"]["headline_protocol"]
     write_records(config, subset)
-    expected = {"results": {}, "protocols": {}, "reals": {}, "variants": {}, "selection_bias": {}}
+    expected = {"results": {}, "protocols": {}, "reals": {}, "variants": {}, "sweeps": {}, "released": {}}
     selections = {}
     for ck, ds in matrix.pairs(config):
         selections[ck, ds] = selection = write_sweep(config, root, ck, ds, rng)
-        models, trained_on = final_models(config, root, ck, ds, selection["selected_lr"])
-        for p in config["evaluation"]["protocols"]:
-            record = evaluation_file(ck, ds, evaluated_runs(config, ck, ds, models, p, trained_on, rng),
-                                     selection["selected_lr"])
-            _json(root / "evaluate" / ck / ds / f"{p}.json", record)
-            expected["protocols"][ck, ds, p] = record["top1_mean"]
-        expected["results"][ck, ds] = expected["protocols"][ck, ds, headline]
+    for ck, ds, p in matrix.evaluations(config):
+        models, trained_on = final_models(config, root, ck, ds, selections[ck, ds]["selected_lr"])
+        record = evaluation_file(ck, ds, evaluated_runs(config, ck, ds, models, p, trained_on, rng),
+                                 selections[ck, ds]["selected_lr"])
+        _json(root / "evaluate" / ck / ds / f"{p}.json", record)
+        expected["protocols"][ck, ds, p] = record["top1_mean"]
+        if p == headline:
+            expected["results"][ck, ds] = record["top1_mean"]
     for name, ck, ds in matrix.variant_pairs(config):
         lr = selections[ck, ds]["selected_lr"]
         models = {(lr, s): root / f"variants/{name}/{ck}/{ds}/s{s}/model.safetensors"
@@ -160,28 +163,31 @@ def make_results(config: dict, subset: tuple[str, ...] = (), rng_seed: int = 0) 
                                                         final_models(config, root, ck, ds, lr)[1], rng), lr)
         _json(root / "variants" / name / ck / ds / "evaluation.json", record)
         expected["variants"][name, ck, ds] = record["top1_mean"]
-    for ck, ds in matrix.selection_bias_pairs(config):
+    for ck, ds, p in matrix.sweep_evaluations(config):
         models = {(float(lr), seed): root / f"finetune/{ck}/{ds}/lr{lr}_s{seed}/model.safetensors"
                   for _, _, lr, seed in matrix.pair_runs(config, ck, ds)}
-        runs = evaluated_runs(config, ck, ds, models, headline, "train", rng)
-        _json(root / "selection_bias" / ck / f"{ds}.json", evaluation_file(ck, ds, runs, None))
-        expected["selection_bias"][ck, ds] = {lr: float(np.mean([r["top1"] for r in runs if r["lr"] == lr]))
-                                              for lr in sorted({r["lr"] for r in runs})}
+        runs = evaluated_runs(config, ck, ds, models, p, "train", rng)
+        _json(root / "sweep_on_test" / ck / ds / f"{p}.json", evaluation_file(ck, ds, runs, None))
+        expected["sweeps"][ck, ds, p] = {lr: float(np.mean([r["top1"] for r in runs if r["lr"] == lr]))
+                                         for lr in sorted({r["lr"] for r in runs})}
     for ck, ds, p in matrix.baseline_runs(config):
-        top1 = 11.25 if p == "official" else 12.75
+        top1 = RELEASED_TOP1.get(p, 12.75)
         _json(root / "baseline" / ck / ds / f"{p}.json", eval_result(top1, 52.5, 10, {"name": p}, "test",
                                                                      str(root / "converted" / f"{ck}.safetensors"), ds))
-        _write(root / "logs" / "baseline" / ck / ds / f"{p}.log", "evaluating...\n")
-        expected["protocols"][ck, ds, p] = top1
-        if p == headline:
-            expected["results"][ck, ds] = top1
-    for ck, ds, source in matrix.real_results(config):
-        expected["reals"][ck, ds] = write_real(root, ck, ds, source, headline, rng)
+        _write(root / "logs" / "baseline" / ck / ds / f"{p}.log", "evaluating...\\n")
+        expected["released"][ck, ds, p] = top1
+    for ck, ds, source, p in matrix.real_results(config):
+        expected["reals"][ck, ds, source, p] = write_real(root, ck, ds, source, p, headline, rng)
     return expected
 
 
+# The released models' test top-1 per protocol in make_results (any other protocol: 12.75).
+RELEASED_TOP1 = {"resmall_crop": 11.25}
+
+
 def write_records(config: dict, subset: tuple[str, ...]) -> None:
-    """dataset.json per used dataset, parity and download records per used checkpoint."""
+    """dataset.json per used dataset; parity, download (a base_checkpoint entry's are its base's) and model_stats
+    records per used checkpoint."""
     root, data, weights = Path(config["output_root"]), Path(config["data_root"]), Path(config["weights_dir"])
     for ds in matrix.used_datasets(config):
         _json(data / ds / "dataset.json", {
@@ -189,30 +195,32 @@ def write_records(config: dict, subset: tuple[str, ...]) -> None:
             "classes": [str(i) for i in range(10)], "num_classes": 10, "splits": {"train": 1200, "test": 360},
             "train_split": "train", "test_split": "test", "minival": {"fraction": 0.1, "seed": 0},
             "subset": ds in subset, "subset_note": "120 of 1000 classes" if ds in subset else None})
-    for ck in matrix.used_checkpoints(config):
+    for i, ck in enumerate(matrix.used_checkpoints(config)):
+        arch, npz = config["checkpoints"][ck]["architecture"], matrix.npz_source(config, ck)
         _json(root / "converted" / f"{ck}.parity.json", {
             "checkpoint": ck, "npz_sha256": "a" * 64, "safetensors_sha256": "b" * 64, "num_params": 571_234,
-            "architecture": config["checkpoints"][ck]["architecture"], "max_abs_logit_diff": 3.1e-6,
-            "reference": "flax_reference (NumPy)",
+            "architecture": arch, "max_abs_logit_diff": 3.1e-6, "reference": "flax_reference (NumPy)",
             "input": {"shape": [2, 32, 32, 3], "layout": "NHWC", "distribution": "uniform(-1, 1)", "seed": 0},
-            "convert_seconds": 0.4,
-            "peak_rss_mib": 310.0, "npz_mib": 2.2})
-        _json(weights / f"{ck}.download.json", {
-            "checkpoint": ck, "url": config["checkpoints"][ck]["url"], "path": str(weights / f"{ck}.npz"),
+            "convert_seconds": 0.4, "peak_rss_mib": 310.0, "npz_mib": 2.2})
+        _json(weights / f"{npz}.download.json", {
+            "checkpoint": npz, "url": config["checkpoints"][npz]["url"], "path": str(weights / f"{npz}.npz"),
             "bytes": 2_306_000, "sha256": "a" * 64, "verified_against": "recorded", "seconds": 0.1})
+        _json(root / "model_stats" / f"{ck}.json", {
+            "model": ck, "image_size": arch["image_size"], "precision": "fp32", "device_name": "Fixture CPU",
+            "img_s": 1000.0 / (i + 1), "batch_size": 64, "params_excluding_head": 500_000 + i})
 
 
-def write_real(root: Path, ck: str, ds: str, source: str, protocol: str, rng) -> float:
-    """A ReaL result (real.py's format) for the models of the (ckpt, dataset) result at the headline protocol;
-    returns its ReaL top-1."""
+def write_real(root: Path, ck: str, ds: str, source: str, protocol: str, headline: str, rng) -> float:
+    """A ReaL result (real.py's format) for the models of the (ckpt, dataset) result scored from its evaluation
+    with one protocol; returns its ReaL top-1."""
     if source == "finetune":
-        evaluation = json.loads((root / "evaluate" / ck / ds / f"{protocol}.json").read_text())
-        models = [r["model"] for r in evaluation["runs"]]
+        evaluation = json.loads((root / "evaluate" / ck / ds / f"{headline}.json").read_text())
+        models = [r["model"] for r in sorted(evaluation["runs"], key=lambda r: r["seed"])]
     else:
-        models = [json.loads((root / "baseline" / ck / ds / f"{protocol}.json").read_text())["model"]]
+        models = [json.loads((root / "baseline" / ck / ds / f"{headline}.json").read_text())["model"]]
     scores = [float(np.round(rng.uniform(60, 99), 3)) for _ in models]
-    _json(root / "real" / ck / f"{ds}.json", {
-        "dataset": ds, "real_top1": float(np.mean(scores)),
+    _json(root / "real" / source / ck / ds / f"{protocol}.json", {
+        "dataset": ds, "protocol": protocol, "real_top1": float(np.mean(scores)),
         "real_top1_std": float(np.std(scores, ddof=1)) if len(scores) > 1 else None,
         "num_images": 327, "num_excluded_empty": 33, "num_validation_images": 360,
         "runs": [{"model": m, "seed": None if source == "released" else i, "real_top1": x, "top1": x - 5}
@@ -229,7 +237,7 @@ def cosine_lr(step, base_lr, total, warmup):
 
 
 def result_files(config: dict, benchmarks: bool = True) -> aggregate.ResultFiles:
-    """The files make_results wrote, listed as the aggregate rule lists them (workflow_scripts.matrix order)."""
+    """The files make_results wrote, listed as rules/common.smk aggregate_inputs lists them (matrix order)."""
     root, data, weights = Path(config["output_root"]), Path(config["data_root"]), Path(config["weights_dir"])
     runs = matrix.finetune_runs(config)
     return aggregate.ResultFiles(
@@ -241,12 +249,15 @@ def result_files(config: dict, benchmarks: bool = True) -> aggregate.ResultFiles
         evaluations=[root / "evaluate" / ck / ds / f"{p}.json" for ck, ds, p in matrix.evaluations(config)],
         variant_evaluations=[root / "variants" / v / ck / ds / "evaluation.json"
                              for v, ck, ds in matrix.variant_pairs(config)],
-        selection_bias=[root / "selection_bias" / ck / f"{ds}.json" for ck, ds in matrix.selection_bias_pairs(config)],
+        sweep_evaluations=[root / "sweep_on_test" / ck / ds / f"{p}.json"
+                           for ck, ds, p in matrix.sweep_evaluations(config)],
         baselines=[root / "baseline" / ck / ds / f"{p}.json" for ck, ds, p in matrix.baseline_runs(config)],
         parity=[root / "converted" / f"{ck}.parity.json" for ck in matrix.used_checkpoints(config)],
-        downloads=[weights / f"{ck}.download.json" for ck in matrix.used_checkpoints(config)],
+        downloads=[weights / f"{matrix.npz_source(config, ck)}.download.json"
+                   for ck in matrix.used_checkpoints(config)],
         datasets=[data / ds / "dataset.json" for ds in matrix.used_datasets(config)],
-        reals=[root / "real" / ck / f"{ds}.json" for ck, ds, _ in matrix.real_results(config)],
+        reals=[root / "real" / src / ck / ds / f"{p}.json" for ck, ds, src, p in matrix.real_results(config)],
+        model_stats=[root / "model_stats" / f"{ck}.json" for ck in matrix.used_checkpoints(config)],
     )
 
 
