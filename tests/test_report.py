@@ -1315,3 +1315,94 @@ def test_published_configurations_not_run_are_rows_of_their_own(tmp_path):
                                                  "not run", "93.63", "not run"]
     assert "## Table 3: published configurations this config did not run" in tables.comparison_markdown(summary)
     assert 'id="headline-not-run-table"' not in render_contract(tmp_path / "all", contract_summary())
+
+
+# The study's fifth Table 3 row (Mixer-L/16 ImageNet-21k fine-tuned at 448, Appendix C), Table 2's row of the same
+# runs evaluated with resize-crop, and the measured throughput and parameters (issue 20).
+L448 = ("Mixer-L/16", "ImageNet-21k")
+L448_RUNS = {"ImageNet": [83.85, 83.93, 83.97], "ImageNet ReaL": [87.70, 87.79, 87.74]}          # resmall-crop
+L448_RESIZE_CROP = {"ImageNet": [84.01, 84.10, 84.20], "ImageNet ReaL": [86.90, 87.00, 87.10]}   # resize-crop
+MODEL_STATS = [("Mixer-B/16", 224, 59_100_000, 2000.0, {"img_s_per_core": 1384, "params_m": 59}),
+               ("Mixer-L/16", 224, 206_900_000, 640.0, {"img_s_per_core": 419, "params_m": 207}),
+               ("Mixer-L/16", 448, 208_100_000, 150.0, {"img_s_per_core": 105})]
+
+
+def contract_summary_448() -> dict:
+    summary = contract_summary()
+    made_by = {key: entry["made_by"] for key, entry in REFS["sources"].items()}
+    at_448 = {column: {**fixture_result(*L448, column, kind, L448_RUNS[column]), "image_size": 448}
+              for column, kind in (("ImageNet", "dataset"), ("ImageNet ReaL", "real"))}
+    for column, result in at_448.items():
+        other = stats.top1_interval(L448_RESIZE_CROP[column], 10_000)
+        result["protocols"]["resize_crop"] = {"top1_mean": other.value, "ci_low": other.low, "ci_high": other.high,
+                                              "per_seed": L448_RESIZE_CROP[column]}
+    summary["results"] += list(at_448.values())
+    rows = summary["table3_rows"]
+    rows.insert(2, {"label": "Mixer-L/16", "pretraining": "ImageNet-21k", "image_size": 448, "result_from": "finetune"})
+    for source, values, per_seed, protocol in (("paper_table3", (83.91, 87.75), L448_RUNS, "resmall_crop"),
+                                               ("paper_table2", (84.15, 87.86), L448_RESIZE_CROP, "resize_crop")):
+        for column, value in zip(("ImageNet", "ImageNet ReaL"), values):
+            ref = fixture_reference(source, made_by[source], at_448[column], value, column, *L448,
+                                    source == "paper_table3",
+                                    ("final", protocol, "final runs s0, s1, s2 at LR 0.03"), per_seed[column])
+            summary["comparison"].append({**ref, "image_size": 448})
+    base = MODEL_STATS[0][3]
+    summary["model_stats"] = [
+        {"checkpoint": f"{label}-{size}", "label": label, "pretraining": "ImageNet-21k", "image_size": size,
+         "params_excluding_head": params, "img_s": img_s, "img_s_ratio": img_s / base,
+         "paper_img_s_ratio": published["img_s_per_core"] / 1384, "published": published,
+         "device_name": "NVIDIA H200 (fixture)", "precision": "bf16", "batch_size": 64, "path": "x"}
+        for label, size, params, img_s, published in MODEL_STATS]
+    return summary
+
+
+def test_the_448_row_is_a_row_of_its_own(tmp_path):
+    """Mixer-L/16 ImageNet-21k at 224 and at 448: two rows of Table 3 (the row key names the image size)."""
+    page = render_contract(tmp_path, contract_summary_448())
+    cells = headline_cells(page)
+    rows = list(dict.fromkeys(row for row, _ in cells))
+    assert rows[:3] == ["ImageNet-21k | Mixer-B/16 | 224", "ImageNet-21k | Mixer-L/16 | 224",
+                        "ImageNet-21k | Mixer-L/16 | 448"]
+    per_seed = L448_RUNS["ImageNet"]
+    verdict = stats.verdict(83.91, stats.top1_interval(per_seed, 10_000))[0]
+    assert cells["ImageNet-21k | Mixer-L/16 | 448", "ImageNet"] == (mean_sd(per_seed), "83.91", verdict)
+    assert cells["ImageNet-21k | Mixer-L/16 | 224", "ImageNet"] == ("not run", "82.89", "not run")
+    assert "| ImageNet-21k | Mixer-L/16 | 448 |" in tables.comparison_markdown(contract_summary_448())
+
+
+def test_table2_row_with_its_own_protocol_and_verdict(tmp_path):
+    summary = contract_summary_448()
+    page = render_contract(tmp_path, summary)
+    rows = [[t[0] if t else "" for _, t in tds] for _, tds in table_rows(page, "table2-table")]
+    assert [row[3:5] for row in rows] == [["ImageNet", "84.15"], ["ImageNet ReaL", "87.86"]]
+    for row, column, value in zip(rows, ("ImageNet", "ImageNet ReaL"), (84.15, 87.86)):
+        per_seed = L448_RESIZE_CROP[column]
+        verdict = stats.verdict(value, stats.top1_interval(per_seed, 10_000))[0]
+        assert row[:3] == ["Mixer-L/16", "ImageNet-21k", "448"]
+        assert row[5:] == [mean_sd(per_seed), "resize_crop", "final runs s0, s1, s2 at LR 0.03",
+                           f"{statistics.fmean(per_seed) - value:+.2f}", verdict]
+    assert {row[-1] for row in rows} == {"consistent", "below"}
+    assert "resize-crop" in section(page, "headline-section").split('id="table2"')[1]
+    assert "## Table 2 (resize-crop)" in tables.comparison_markdown(summary)
+    assert 'id="table2-table"' not in render_contract(tmp_path / "none", contract_summary())
+
+
+def test_throughput_as_ratios_and_parameters_beside_the_paper(tmp_path):
+    summary = contract_summary_448()
+    page = render_contract(tmp_path, summary)
+    rows = [[t[0] if t else "" for _, t in tds] for _, tds in table_rows(page, "throughput-table")]
+    assert [row[:3] for row in rows] == [[label, "ImageNet-21k", str(size)] for label, size, *_ in MODEL_STATS]
+    b16, l16, l448 = rows
+    assert b16[3:9] == ["59.1", "59", "2000.0", "1.000", "1.000", "1384"]
+    assert l16[3:9] == ["206.9", "207", "640.0", f"{640 / 2000:.3f}", "0.303", "419"]
+    assert l448[3:9] == ["208.1", "–", "150.0", f"{150 / 2000:.3f}", "0.076", "105"]
+    assert b16[9] == "NVIDIA H200 (fixture), bf16, batch 64"
+    legend = html.unescape(section(page, "throughput"))
+    assert "another device than the paper's" in legend and "NVIDIA H200 (fixture), bf16" in legend
+    assert "TPU-v3" in legend and "1 : 0.303 : 0.076" in legend and "head excluded" in legend
+    # No Mixer-B/16 at 224 in the study: no ratio of ours, the paper's still shown.
+    summary["model_stats"] = [{**m, "img_s_ratio": None} for m in summary["model_stats"][1:]]
+    rows = [[t[0] if t else "" for _, t in tds] for _, tds in
+            table_rows(render_contract(tmp_path / "no-base", summary), "throughput-table")]
+    assert [row[6:8] for row in rows] == [["–", "0.303"], ["–", "0.076"]]
+    assert "## Throughput and parameters" in tables.comparison_markdown(summary)
