@@ -742,6 +742,9 @@ def test_notebook_executes_on_the_results(tmp_path):
     assert config["variants"]["batch32"]["label"] in outputs
     header, body = tables.selection_bias_cells(summary["selection_bias"])
     assert "Best on test (LR)" in outputs and all(row[-2] in outputs for row in body)  # the inflation column
+    # Table 3's throughput column as ratios and Table 1's parameters, from the same function as the report.
+    header, body = tables.model_stats_cells(summary["model_stats"])
+    assert "Ratio to B/16 at 224, ours" in outputs and all(row[3] in outputs for row in body)
     assert out_html.read_text().lstrip().lower().startswith("<!doctype html")
 
 
