@@ -36,6 +36,7 @@ from workflow_scripts.tables import (
     PROTOCOL_SOURCES,
     RELEASED_LEGEND,
     SELECTION_BIAS_LEGEND,
+    TABLE2_LEGEND,
     TABLE3_LEGEND,
     VERDICTS,
     citation,
@@ -47,6 +48,8 @@ from workflow_scripts.tables import (
     format_reference,
     headline_grid,
     headline_not_run_grid,
+    model_stats_cells,
+    model_stats_legend,
     paper_column_name,
     protocol_cells,
     protocol_sentence,
@@ -54,6 +57,7 @@ from workflow_scripts.tables import (
     seed_cells,
     selection_bias_cells,
     source_lines,
+    table2_cells,
     training_sentence,
     variant_cells,
     verdict_sentence,
@@ -88,6 +92,11 @@ def report_context(summary: dict, config: dict, logs_dir: Path, notebook_html: P
         "per_dataset": dataset_grid(summary),
         "released": released_grid(summary),  # the "as released" rows, apart
         "seeds": seed_cells(summary),
+        "table2": table2_cells(summary["comparison"]),  # Table 2's row, resize-crop (Appendix C)
+        "table2_legend": TABLE2_LEGEND,
+        # Table 3's throughput column (as ratios) and Table 1's parameters, measured on another device
+        "model_stats": model_stats_cells(summary.get("model_stats") or []),
+        "model_stats_legend": model_stats_legend(summary.get("model_stats") or []),
         "comparison": comparison_cells(comparison),
         "protocols": protocol_cells(summary),
         "source_lines": [line.replace("`", "") for line in source_lines(refs)],

@@ -449,6 +449,59 @@ SELECTION_BIAS_LEGEND = ("Not the headline: every LR of the sweep evaluated on t
                          "the retraining on the entire training split).")
 
 
+# Table 2's Mixer-L/16 ImageNet-21k row (448 px): Appendix C, the Mixer models of Table 2 were evaluated with
+# resize-crop; its figures are compared with the same final runs evaluated that way.
+TABLE2_SOURCE = "paper_table2"
+TABLE2_LEGEND = ("Table 2's Mixer-L/16 ImageNet-21k row (fine-tuned at 448 px), evaluated as Appendix C says the Mixer "
+                 "models of Table 2 were: resize-crop; ours are the same final runs as the Table 3 row, evaluated "
+                 "with that protocol.")
+
+
+def table2_cells(comparison: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Table 2's figures (comparison rows of source paper_table2) beside ours made its way, with the verdict."""
+    header = ["Model", "Pre-training", "Size", "Column", "Table 2", "Ours ± s.d.", "Protocol", "Compared with",
+              "Δ ours − ref.", "Verdict"]
+    body = [[r["model"], r["pretraining"], str(r["image_size"]), r["column"], format_reference(r["reference_value"]),
+             "–" if r["ours"] is None else f"{r['ours']:.2f}" + (f" ± {r['ours_std']:.2f}" if r["ours_std"]
+                                                                  is not None else ""),
+             r["matched_protocol"] or (r["source_protocol"] or {}).get("protocol") or "–", r["matched_runs"] or "–",
+             "–" if r["diff"] is None else f"{r['diff']:+.2f}", r["verdict"]]
+            for r in comparison if r["source"] == TABLE2_SOURCE]
+    return header, body
+
+
+# Table 3's throughput column and Table 1's parameter counts (summary.json `model_stats`).
+THROUGHPUT_PAPER = ("the paper's figures are images/s/core on TPU-v3 (Table 3: 1384 : 419 : 105 for Mixer-B/16 and "
+                    "Mixer-L/16 at 224 and Mixer-L/16 at 448 = 1 : 0.303 : 0.076)")
+
+
+def model_stats_legend(model_stats: list[dict]) -> str:
+    """Where and how our throughput was measured: another device than the paper's, so compare the ratios."""
+    measured = sorted({f"{m['device_name'] or 'unknown device'}, {m['precision'] or 'unknown precision'}"
+                       for m in model_stats})
+    return (f"Measured on another device than the paper's: ours are inference images/s on {'; '.join(measured)}; "
+            f"{THROUGHPUT_PAPER}. Compare the ratios to Mixer-B/16 at 224, not the figures. Parameters: ours "
+            "counted from the converted model, head excluded, in millions; the paper's Table 1 (59M, 207M).")
+
+
+def model_stats_cells(model_stats: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Per used checkpoint: its parameters (head excluded) beside Table 1's, its images/s and the ratio to
+    Mixer-B/16 at 224 beside Table 3's ratio, and what it was measured on."""
+    header = ["Model", "Pre-training", "Size", "Params ours (M, no head)", "Params paper (M, Table 1)",
+              "Images/s ours", "Ratio to B/16 at 224, ours", "Ratio paper (TPU-v3)", "Images/s/core paper",
+              "Measured on (ours)"]
+    body = []
+    for m in model_stats:
+        published = m.get("published") or {}
+        body.append([m["label"], m["pretraining"], str(m["image_size"]), f"{m['params_excluding_head'] / 1e6:.1f}",
+                     format_cell(published.get("params_m")), f"{m['img_s']:.1f}",
+                     "–" if m["img_s_ratio"] is None else f"{m['img_s_ratio']:.3f}",
+                     "–" if m["paper_img_s_ratio"] is None else f"{m['paper_img_s_ratio']:.3f}",
+                     format_cell(published.get("img_s_per_core")),
+                     f"{m['device_name']}, {m['precision']}, batch {m['batch_size']}"])
+    return header, body
+
+
 # ---------------------------------------------------------------------------------------------
 # Text forms of the grids (comparison.md, comparison.tex, the notebook)
 def grid_header(g: dict, with_reference: bool) -> list[str]:
@@ -494,6 +547,7 @@ def report_sections(summary: dict) -> list[tuple[str, str, tuple[list[str], list
         ("Table 3", TABLE3_LEGEND, (grid_header(head, True), grid_body(head, True))),
         ("Table 3: published configurations this config did not run", "Every cell: not run.",
          (grid_header(not_run, True), grid_body(not_run, True))),
+        ("Table 2 (resize-crop)", TABLE2_LEGEND, table2_cells(summary["comparison"])),
         ("Per dataset", "Ours (mean ± s.d. of the final runs, headline protocol), then every reference of the "
          "cell with its verdict, each against the run made its way.",
          (grid_header(per_dataset, False), grid_body(per_dataset, False))),
@@ -501,6 +555,8 @@ def report_sections(summary: dict) -> list[tuple[str, str, tuple[list[str], list
          (grid_header(released, False), grid_body(released, False))),
         ("Each final run", f"Each final run's top-1 and the s.d. over them, beside the paper's bound "
          f"({PAPER_SD_SOURCE}: s.d. < {bound:g}).", seed_cells(summary)),
+        ("Throughput and parameters", model_stats_legend(summary.get("model_stats") or []),
+         model_stats_cells(summary.get("model_stats") or [])),
         ("Every reference figure against the run made its way", "Each reference with its source's protocol and "
          "our run(s) made the same way.", comparison_cells(summary["comparison"])),
         ("Every evaluation protocol", INTERPOLATION_ASSUMPTION[0].upper() + INTERPOLATION_ASSUMPTION[1:] + ".",
