@@ -146,7 +146,6 @@ def check_cross_references(config):
 
 
 def _check_variants(config):
-    fine_tuned = set(matrix.pairs(config))
     for name, variant in config["variants"].items():
         key = f"variants.{name}"
         unknown = sorted(set(variant["protocol"]) - set(Protocol.key_names()))
@@ -154,13 +153,9 @@ def _check_variants(config):
             config_error(
                 f"{key}.protocol", f"{unknown} are not protocol keys", f"use keys of {list(Protocol.key_names())}"
             )
-        for i, (ck, ds) in enumerate(variant["pairs"]):
-            if (ck, ds) not in fine_tuned:
-                config_error(
-                    f"{key}.pairs[{i}]",
-                    f"({ck}, {ds}) is not a fine-tuned pair of the study",
-                    "name a checkpoint of finetune.checkpoints and a dataset of finetune.datasets",
-                )
+        for i, (ck, ds) in enumerate(variant["pairs"]):  # pairs outside the plan (a subset) are left out
+            _check_names(f"{key}.pairs[{i}]", [ck], config["checkpoints"])
+            _check_names(f"{key}.pairs[{i}]", [ds], config["datasets"])
         for ck, _ in variant["pairs"]:  # the variant's jobs run on the GPUs of the checkpoint's jobs
             try:
                 variant_protocol(name).micro_batches_per_process(max(1, matrix.finetune_gpus(config, ck)))

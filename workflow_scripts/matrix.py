@@ -60,15 +60,16 @@ def final_runs(config: dict) -> list[tuple[str, str, int]]:
     return [(ck, ds, seed) for ck, ds in pairs(config) for seed in config["finetune"]["final_seeds"]]
 
 
+def variant_pairs(config: dict) -> list[tuple[str, str, str]]:
+    """(variant, checkpoint, dataset): one evaluation each, at the headline protocol; a variant's pairs that the
+    study does not fine-tune (a subset of checkpoints or datasets) are left out."""
+    fine_tuned = set(pairs(config))
+    return [(name, ck, ds) for name, v in config["variants"].items() for ck, ds in v["pairs"] if (ck, ds) in fine_tuned]
+
+
 def variant_runs(config: dict) -> list[tuple[str, str, str, int]]:
     """Every run of a protocol variant: (variant, checkpoint, dataset, seed), at the pair's selected LR."""
-    return [(name, ck, ds, seed) for name, v in config["variants"].items() for ck, ds in v["pairs"]
-            for seed in config["finetune"]["seeds"]]
-
-
-def variant_pairs(config: dict) -> list[tuple[str, str, str]]:
-    """(variant, checkpoint, dataset): one evaluation each, at the headline protocol."""
-    return [(name, ck, ds) for name, v in config["variants"].items() for ck, ds in v["pairs"]]
+    return [(name, ck, ds, seed) for name, ck, ds in variant_pairs(config) for seed in config["finetune"]["seeds"]]
 
 
 def is_timm_protocol(config: dict, protocol: str) -> bool:
