@@ -12,7 +12,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, workflow.basedir)  # workflow_scripts: the pure job matrix and the typed protocol
-from workflow_scripts import matrix  # noqa: E402
+from workflow_scripts import matrix, references  # noqa: E402
 from workflow_scripts.common import PipelineError  # noqa: E402
 from workflow_scripts.protocol import Protocol  # noqa: E402
 
@@ -58,62 +58,12 @@ def validate_against_schema(obj, schema_name, source):
         raise WorkflowError(f"{source} is not valid:\n  " + "\n  ".join(sorted(problems)))
 
 
-def _workflow_file(path):
-    """A path in the config that names a file of the workflow (relative to the Snakefile)."""
-    p = Path(path)
-    return p if p.is_absolute() else Path(workflow.basedir) / p
-
-
 def load_references(value):
-    """report/references.yaml (or an inline mapping, or a list of files merged), checked against its schema,
-    its sources and the config's evaluation protocols."""
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, list):
-        return _merge_references([load_references(v) for v in value], value)
-    path = _workflow_file(value)
-    if not path.exists():
-        config_error("references", f"file {path} does not exist", "point it at report/references.yaml")
-    refs = yaml.safe_load(path.read_text())
-    validate_against_schema(refs, "references.schema.yaml", str(path))
-    for i, fig in enumerate(refs["figures"] + refs.get("models", [])):
-        if fig["source"] not in refs["sources"]:
-            raise WorkflowError(
-                f"{path}: figures[{i}] cites source '{fig['source']}', which is not listed under "
-                f"'sources'. Fix: add it there with its citation."
-            )
-    for name, src in refs["sources"].items():
-        protocol = src["made_by"]["protocol"]
-        if protocol is not None and protocol not in config["evaluation"]["protocols"]:
-            raise WorkflowError(
-                f"{path}: sources.{name}.made_by.protocol '{protocol}' is not a protocol of config key "
-                f"'evaluation.protocols' ({sorted(config['evaluation']['protocols'])}). Fix: add the protocol "
-                "there or correct the name."
-            )
-        if (
-            protocol is not None
-            and matrix.is_timm_protocol(config, protocol)
-            and src["made_by"]["result"] != "released"
-        ):
-            raise WorkflowError(
-                f"{path}: sources.{name}.made_by uses timm's transform '{protocol}' for a {src['made_by']['result']} "
-                "result; it applies to released checkpoints only. Fix: result: released, or another protocol."
-            )
-    return refs
-
-
-def _merge_references(parts, paths):
-    merged = {"sources": {}, "figures": [], "primary": {}, "models": []}
-    for part, path in zip(parts, paths):
-        merged["models"] += part.get("models", [])
-        merged.setdefault("throughput_baseline", part.get("throughput_baseline"))
-        twice = sorted(set(merged["sources"]) & set(part["sources"]))
-        if twice:
-            config_error("references", f"{path} defines source(s) {twice} again", "define each source in one file")
-        merged["sources"].update(part["sources"])
-        merged["figures"] += part["figures"]
-        merged["primary"].update(part["primary"])
-    return merged
+    """The config's `references` (workflow_scripts.references: loaded, merged, checked)."""
+    try:
+        return references.load(value, workflow.basedir, config["evaluation"]["protocols"])
+    except PipelineError as e:
+        raise WorkflowError(str(e)) from None
 
 
 def _check_names(key, names, known, what="defined"):
@@ -405,14 +355,14 @@ def benchmark_file(rule, job):
 
 
 # The job name of each kind of job in its log and benchmark paths.
-RUN_JOB = "{ckpt}/{dataset}/lr{lr}_s{seed}"
-FINAL_JOB = "{ckpt}/{dataset}/s{seed}"
-VARIANT_JOB = "{variant}/{ckpt}/{dataset}/s{seed}"
-PROTOCOL_JOB = "{ckpt}/{dataset}/{protocol}"
-VARIANT_PAIR_JOB = "{variant}/{ckpt}/{dataset}"
-PAIR_JOB = "{ckpt}/{dataset}"
-REAL_JOB = "{source}/{ckpt}/{dataset}/{protocol}"
-BASELINE_JOB = "{ckpt}/{dataset}/{protocol}"
+RUN_JOB = matrix.RUN_JOB
+FINAL_JOB = matrix.FINAL_JOB
+VARIANT_JOB = matrix.VARIANT_JOB
+PROTOCOL_JOB = matrix.PROTOCOL_JOB
+VARIANT_PAIR_JOB = matrix.VARIANT_PAIR_JOB
+PAIR_JOB = matrix.PAIR_JOB
+REAL_JOB = matrix.REAL_JOB
+BASELINE_JOB = matrix.BASELINE_JOB
 
 
 # ---------------------------------------------------------------------------------------------

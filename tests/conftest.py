@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+from workflow_scripts import references
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "demo" / "config.yaml"
@@ -38,7 +39,7 @@ def demo_run(tmp_path_factory):
         cwd=workdir, env=env, capture_output=True, text=True, timeout=1200,
     )
     elapsed = time.monotonic() - start
-    cfg = yaml.safe_load(DEMO_CONFIG.read_text())
+    cfg = references.load_config(DEMO_CONFIG)  # as the rules see it: references loaded
     root = workdir / cfg["output_root"]
     if res.returncode != 0:
         logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted((root / "logs").rglob("*.log")))

@@ -1,4 +1,5 @@
-"""The report opens in Debian's headless Chromium: no console errors, the headline table visible.
+"""The report opens in Debian's headless Chromium: no console errors, the headline table visible, and the page
+fits a 1400 px wide window without horizontal scrolling.
 
 Chromium is driven over the DevTools protocol (tornado's websocket client, already in the stack through
 ipykernel); every wait is bounded. `.ci/run` installs Chromium when it is missing.
@@ -16,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_report import build_report, load_config, make_results
+from test_report import build_report, contract_summary, load_config, make_results, render_contract
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
@@ -37,7 +38,8 @@ PROBE = """(() => {
   const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length;
   return JSON.stringify({found: true, width: r.width, height: r.height, top: r.top,
     viewport: window.innerHeight, display: s.display, visibility: s.visibility, opacity: s.opacity,
-    rows: t.tBodies[0].rows.length, images: document.images.length, broken_images: broken});
+    rows: t.tBodies[0].rows.length, images: document.images.length, broken_images: broken,
+    page_width: document.documentElement.scrollWidth, window_width: document.documentElement.clientWidth});
 })()"""
 
 
@@ -125,8 +127,20 @@ def test_report_opens_without_errors_and_shows_the_headline(tmp_path):
     assert probe["width"] > 0 and probe["height"] > 0
     assert probe["display"] != "none" and probe["visibility"] == "visible" and float(probe["opacity"]) > 0
     assert 0 <= probe["top"] < probe["viewport"], "the headline table is not in the first screen"
-    assert probe["rows"] == html.split('id="headline"')[1].split("</table>")[0].count("<tr") - 1  # thead row
+    assert probe["rows"] == html.split('id="headline"')[1].split("</table>")[0].split("<tbody>")[1].count("<tr")
     assert probe["images"] >= 3 and probe["broken_images"] == 0
+    assert probe["page_width"] <= probe["window_width"], "the page scrolls horizontally in a 1400 px window"
+
+
+def test_the_study_shaped_report_fits_1400_px(tmp_path):
+    """The study's tables (Table 3, per dataset, as released, each final run, every reference, selection bias)
+    on a summary.json of the aggregate's contract: no horizontal scrolling in a 1400 px window."""
+    page = tmp_path / "report" / "index.html"
+    render_contract(tmp_path, contract_summary())
+    errors, probe = open_in_chromium(page, tmp_path / "profile")
+    assert errors == [] and probe["found"] and probe["rows"] == 3
+    assert 0 < probe["window_width"] <= 1400
+    assert probe["page_width"] <= probe["window_width"], "the page scrolls horizontally in a 1400 px window"
 
 
 def test_the_check_sees_errors(tmp_path):

@@ -5,9 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from workflow_scripts import eta, matrix
+from workflow_scripts import eta, matrix, references
 from workflow_scripts.common import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +44,7 @@ def test_a_job_wider_than_the_node_is_refused_with_the_key():
 
 
 def demo_config(tmp_path: Path) -> dict:
-    config = yaml.safe_load((REPO / "demo" / "config.yaml").read_text())
+    config = references.load_config(REPO / "demo" / "config.yaml")
     config["data_root"] = str(tmp_path / "data")
     for name, ds in config["datasets"].items():  # prepared records with invented counts
         record = {"splits": {"train": 1000, "val": 200, "test": 300}, "train_split": "train"}
@@ -77,7 +76,7 @@ def test_estimate_prices_every_planned_job_from_the_rates(tmp_path):
     assert final["depends_on"] == [f"select_lr/{ck}/{ds}"]
     evaluation = jobs["evaluate", f"{ck}/{ds}/official"]
     test = {"train": 1000, "val": 200, "test": 300}[config["datasets"][ds]["test_split"]]
-    seeds = len(config["finetune"]["seeds"])
+    seeds = len(matrix.final_seeds(config))  # the final runs, one per final seed
     assert evaluation["device_hours"] == pytest.approx(test * seeds / rate["eval_img_s"] / 3600)
     assert result["device_hours"] == pytest.approx(sum(j["device_hours"] for j in result["jobs"]))
     # two devices: no faster than half the device-hours, no slower than all of them in a row

@@ -262,9 +262,7 @@ RESIZED_SIDE = {224: 256, 448: 512}  # the paper's "256 pixels" for 224; the sam
 def by_definition(pixels_hwc: torch.Tensor, protocol: dict, size: int) -> torch.Tensor:
     """A protocol computed from the paper's words, not from data's geometry rows: resize the whole image
     (bilinear, half-pixel centres, no antialias) so that its shorter side is 256 (resmall-crop) or to 256 x 256
-    (resize-crop), then take the central size x size crop (torchvision's offsets when the margin is odd)."""
-    from torchvision.transforms.v2 import functional as TF
-
+    (resize-crop), then take the central size x size crop (the margin's floor half, as TensorFlow's pipelines)."""
     height, width = pixels_hwc.shape[:2]
     side = RESIZED_SIDE[size]
     if protocol["name"] == "resize_crop":
@@ -275,7 +273,8 @@ def by_definition(pixels_hwc: torch.Tensor, protocol: dict, size: int) -> torch.
         resized_hw = (round(height * side / width), side)
     image = pixels_hwc.permute(2, 0, 1)[None].float()
     resized = F.interpolate(image, size=resized_hw, mode="bilinear", align_corners=False, antialias=False)
-    return (TF.center_crop(resized, [size, size]) - MEAN) / STD
+    top, left = (resized_hw[0] - size) // 2, (resized_hw[1] - size) // 2
+    return (resized[..., top:top + size, left:left + size] - MEAN) / STD
 
 
 @pytest.mark.parametrize("protocol", [RESMALL_CROP, RESIZE_CROP], ids=["resmall_crop", "resize_crop"])
@@ -284,7 +283,9 @@ def test_resmall_and_resize_crop_are_what_the_paper_defines(tmp_path, protocol):
     uint8: within one grey level) at 224 and 448: each image exactly its definition."""
     arrays = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
     array_split = splits.Split("test", "arrays", ["a", "b"], np.arange(3) % 2, images=arrays.numpy())
-    shapes = [(333, 250), (250, 333), (375, 500), (500, 375)]  # portrait and landscape, odd margins included
+    # Portrait and landscape, odd margins included: 333 x 250 at 224 gives 341 x 256, a margin of 117 (the floor
+    # half and torchvision's rounding agree); 335 x 250 gives 343, a margin of 119 (they differ by 1 px).
+    shapes = [(333, 250), (250, 335), (375, 500), (500, 375)]
     files = [str(write_image(tmp_path / f"{h}x{w}.JPEG", "rgb420", size=(h, w))) for h, w in shapes]
     file_split = splits.Split("test", "imagefolder", ["a", "b"], np.arange(len(files)) % 2, files=files)
     for size in (224, 448):

@@ -6,12 +6,18 @@ numbers chosen so that a figure matched with the wrong run gets another value (a
 
 from __future__ import annotations
 
-import pytest
+import re
+from pathlib import Path
 
-from workflow_scripts import matching, matrix
+import pytest
+import yaml
+
+from workflow_scripts import matching, matrix, references
+from workflow_scripts.common import PipelineError
 from workflow_scripts.stats import top1_interval
 
 N = 10_000
+REPO = Path(__file__).resolve().parents[1]
 
 
 def protocol_fig(per_seed, top5=None):
@@ -259,3 +265,35 @@ def test_the_plan_evaluates_the_sweep_with_the_protocols_references_need(study):
     ]
     config["finetune"]["selection_bias_table"] = False
     assert matrix.sweep_evaluations(config) == [("b", "cifar10", "official")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the references (workflow_scripts.references): what the rules and these tests see
+def test_demo_config_loads_the_studys_references_and_its_stand_ins():
+    config = references.load_config(REPO / "demo" / "config.yaml")
+    refs = config["references"]
+    assert {"paper_table3", "official_repo", "demo_standin_final"} <= set(refs["sources"])
+    assert any(f["source"] == "demo_standin_official" for f in refs["figures"]) and refs["models"]
+    assert refs["throughput_baseline"] == {"label": "Mixer-B/16", "image_size": 224}
+    assert ("demo_mixer_p4_64", "digits_arrays", "official") in matrix.sweep_evaluations(config)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["sources"]["official_repo"]["made_by"].update(protocol="tta"), "'tta' is not a protocol"),
+    (lambda r: r["sources"]["paper_table3"]["made_by"].update(protocol="timm"), "applies to released checkpoints"),
+    (lambda r: r["figures"][0].update(source="a_blog_post"), "cites source 'a_blog_post'"),
+    (lambda r: r["sources"]["official_repo"]["made_by"].pop("base_lr"), "'base_lr' is a required property"),
+])
+def test_a_reference_file_that_cannot_be_matched_is_refused(tmp_path, edit, message):
+    refs = yaml.safe_load((REPO / "report" / "references.yaml").read_text())
+    edit(refs)
+    (tmp_path / "refs.yaml").write_text(yaml.safe_dump(refs))
+    protocols = yaml.safe_load((REPO / "config.yaml").read_text())["evaluation"]["protocols"]
+    with pytest.raises(PipelineError, match=re.escape(message)):
+        references.load("refs.yaml", tmp_path, protocols)
+
+
+def test_a_source_defined_in_two_files_is_refused():
+    protocols = yaml.safe_load((REPO / "config.yaml").read_text())["evaluation"]["protocols"]
+    with pytest.raises(PipelineError, match=r"defines source\(s\) \['earlier_study'"):
+        references.load(["report/references.yaml", "report/references.yaml"], REPO, protocols)

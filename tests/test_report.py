@@ -753,8 +753,8 @@ def test_notebook_executes_on_the_results(tmp_path):
     summary = json.loads((root / "aggregate" / "summary.json").read_text())
     assert tables.verdict_sentence(summary["verdicts"]) in outputs
     assert config["variants"]["batch32"]["label"] in outputs
-    for entry in summary["selection_bias"]:
-        assert tables.selection_bias_sentence(entry) in outputs
+    header, body = tables.selection_bias_cells(summary["selection_bias"])
+    assert "Best on test (LR)" in outputs and all(row[-2] in outputs for row in body)  # the inflation column
     assert out_html.read_text().lstrip().lower().startswith("<!doctype html")
 
 
@@ -891,7 +891,7 @@ def test_verdicts_of_published_figures(study):
 def test_both_protocols_and_the_final_models_are_stated(study):
     config, root, page = study
     text = html.unescape(page)
-    assert "retrained at the selected learning rate on the full training split" in text
+    assert "trained at the selected learning rate on the entire training split" in text
     assert "shown beside it: resize_crop (resize=shorter_side crop_fraction=0.875), not verified as the paper's" in \
         re.sub(r"<[^>]+>", "", text)
     comp = {(r["model"], r["pretraining"], r["dataset"]): r
@@ -938,7 +938,8 @@ def test_selection_bias_numbers_never_feed_the_headline(tmp_path):
     bias = next(s for s in sections if s.startswith("selection-bias"))
     assert "99.87" in bias and "not the headline" in bias
     assert "99.87" not in "".join(s for s in sections if not s.startswith("selection-bias"))
-    assert bias.count('<table id="selection-bias-') == len(matrix.selection_bias_pairs(config))
+    assert bias.count("<table") == 1  # one table, a row per pair
+    assert len(table_rows(page, "selection-bias-table")) == len(matrix.selection_bias_pairs(config))
 
 
 def test_protocol_variants_against_the_paper_protocol(tmp_path):
@@ -996,3 +997,356 @@ def test_a_selection_bias_file_must_hold_the_whole_sweep(tmp_path):
     with pytest.raises(PipelineError, match=re.escape(str(path)) + r": holds the runs \(lr, seed\) .* but the sweep"):
         run_aggregate(config)
     assert not (Path(config["output_root"]) / "aggregate").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The page, comparison.md and comparison.tex on a summary.json of the aggregate's contract, written by hand
+# (no pipeline run): the study's shape, three final seeds, every verdict, released rows and one reference
+# matched with a sweep run.
+PAPER = {("Mixer-B/16", "ImageNet-21k"): {"ImageNet": 80.64, "ImageNet ReaL": 85.80, "Avg5": 92.50},
+         ("Mixer-L/16", "ImageNet-21k"): {"ImageNet": 82.89, "ImageNet ReaL": 87.54, "Avg5": 93.63},
+         ("Mixer-B/16", "ImageNet-1k"): {"ImageNet": 76.44, "ImageNet ReaL": 82.36, "Avg5": 88.33}}
+COLUMNS = [("ImageNet", "dataset"), ("ImageNet ReaL", "real"), ("Avg5", "average"), ("CIFAR-10", "dataset"),
+           ("CIFAR-100", "dataset"), ("Oxford-IIIT Pets", "dataset"), ("Oxford Flowers-102", "dataset")]
+# Our final runs (three seeds) per (model, pre-training, column); L/16 ImageNet-21k is not run.
+FINAL_RUNS = {("Mixer-B/16", "ImageNet-21k", "ImageNet"): [80.58, 80.66, 80.71],    # consistent with 80.64
+              ("Mixer-B/16", "ImageNet-21k", "ImageNet ReaL"): [84.10, 84.30, 84.02],  # below 85.80
+              ("Mixer-B/16", "ImageNet-21k", "CIFAR-10"): [97.61, 97.52, 97.70],
+              ("Mixer-B/16", "ImageNet-21k", "CIFAR-100"): [87.01, 86.80, 87.13],
+              ("Mixer-B/16", "ImageNet-21k", "Oxford-IIIT Pets"): [90.11, 89.52, 90.40],  # s.d. above 0.15
+              ("Mixer-B/16", "ImageNet-21k", "Oxford Flowers-102"): [98.20, 98.31, 98.25],
+              ("Mixer-B/16", "ImageNet-1k", "ImageNet"): [77.90, 78.02, 78.11]}          # above 76.44
+
+
+def fixture_result(model, pre, column, kind, per_seed, result_from="finetune", n_images=10_000) -> dict:
+    """A summary.json `results` entry (the contract): mean, sample s.d. and interval from the per-seed figures."""
+    interval = stats.top1_interval(per_seed, n_images)
+    std = statistics.stdev(per_seed) if len(per_seed) > 1 else None
+    figure = {"top1_mean": statistics.fmean(per_seed), "top1_std": std, "ci_low": interval.low,
+              "ci_high": interval.high, "ci_method": "fixture", "per_seed": per_seed}
+    return {"checkpoint": f"{model}-{pre}", "label": model, "pretraining": pre, "image_size": 224,
+            "result_from": result_from, "column": column, "kind": kind, "dataset_name": column, "status": "run",
+            "coverage": f"{len(per_seed)} of {len(per_seed)}", "eval_protocol": "resmall_crop", **figure,
+            "seeds": list(range(len(per_seed))) if result_from == "finetune" else [],
+            "num_seeds": len(per_seed) if result_from == "finetune" else 0,
+            "selected_lr": 0.03 if result_from == "finetune" else None,
+            "trained_on": "full" if result_from == "finetune" else None, "subset": False,
+            "protocols": {"resmall_crop": figure, "official": {**figure, "top1_mean": figure["top1_mean"] - 0.5}}}
+
+
+def fixture_reference(source, made_by, result: dict | None, value, column, model, pre, primary,
+                      matched=None, per_seed=None) -> dict:
+    """A summary.json `comparison` entry: the reference beside the run made its way (`matched`: result kind,
+    protocol, runs text), with the verdict of workflow_scripts.stats on that pair."""
+    per_seed = per_seed if per_seed is not None else (result["per_seed"] if result else [])
+    interval = stats.top1_interval(per_seed, 10_000) if per_seed else None
+    if made_by["result"] == "as_reported":
+        verdict, diff = "no protocol match", None
+    else:
+        verdict, diff = stats.verdict(value, interval)
+    result_kind, protocol, runs = matched or (made_by["result"], made_by["protocol"], None)
+    if interval is None:
+        result_kind = protocol = runs = None
+    return {"source": source, "citation": REFS["sources"][source]["citation"], "source_protocol": made_by,
+            "source_protocol_note": REFS["sources"][source]["protocol_note"], "model": model, "pretraining": pre,
+            "image_size": 224, "column": column, "kind": "dataset", "metric": "top1", "reference_value": value,
+            "is_primary": primary, "matched_result": result_kind, "matched_protocol": protocol,
+            "matched_runs": runs or ("final runs s0, s1, s2 at LR 0.03" if interval else None),
+            "checkpoint": result["checkpoint"] if result else None, "per_seed": per_seed,
+            "ours": interval.value if interval else None,
+            "ours_std": statistics.stdev(per_seed) if len(per_seed) > 1 else None,
+            "ci_low": interval.low if interval else None, "ci_high": interval.high if interval else None,
+            "diff": diff, "verdict": verdict}
+
+
+def fixture_results() -> list[dict]:
+    results = [fixture_result(m, p, c, dict(COLUMNS)[c], seeds) for (m, p, c), seeds in FINAL_RUNS.items()]
+    members = [c for c, kind in COLUMNS if kind == "dataset"]
+    per_seed_avg5 = [statistics.fmean(FINAL_RUNS["Mixer-B/16", "ImageNet-21k", c][i] for c in members)
+                     for i in range(3)]
+    results.insert(2, fixture_result("Mixer-B/16", "ImageNet-21k", "Avg5", "average", per_seed_avg5))
+    partial = fixture_result("Mixer-B/16", "ImageNet-1k", "Avg5", "average", [1.0])
+    partial.update(status="partial", coverage="1 of 5", top1_mean=None, top1_std=None, ci_low=None, ci_high=None,
+                   per_seed=[], protocols={})
+    results.append(partial)
+    results += [fixture_result("Mixer-B/16", "ImageNet-1k", "ImageNet", "dataset", [76.60], "released", 50_000),
+                fixture_result("Mixer-B/16", "ImageNet-1k", "ImageNet ReaL", "real", [82.01], "released", 46_837)]
+    return results
+
+
+def fixture_comparison(results: list[dict]) -> list[dict]:
+    by_cell = {(r["label"], r["pretraining"], r["column"], r["result_from"]): r for r in results}
+    made_by = {key: entry["made_by"] for key, entry in REFS["sources"].items()}
+    rows = [fixture_reference("paper_table3", made_by["paper_table3"], by_cell.get((m, p, c, "finetune")), value, c,
+                              m, p, True) for (m, p), figures in PAPER.items() for c, value in figures.items()]
+    cifar = by_cell["Mixer-B/16", "ImageNet-21k", "CIFAR-10", "finetune"]
+    rows.append(fixture_reference("official_repo", made_by["official_repo"], cifar, 96.82, "CIFAR-10", "Mixer-B/16",
+                                  "ImageNet-21k", True, ("sweep_run", "official", "sweep run at LR 0.03, s0"),
+                                  [96.75]))
+    released = by_cell["Mixer-B/16", "ImageNet-1k", "ImageNet", "released"]
+    rows.append(fixture_reference("timm_results", made_by["timm_results"], released, 76.616, "ImageNet",
+                                  "Mixer-B/16", "ImageNet-1k", False, ("released", "timm", "released model"),
+                                  [76.58]))
+    issue = fixture_reference("vit_issue_134", made_by["vit_issue_134"], released, 72.62, "ImageNet", "Mixer-B/16",
+                              "ImageNet-1k", False, ("released", None, "released model"))
+    issue.update(verdict="no protocol match", diff=None)
+    rows.append(issue)
+    rows.append(fixture_reference("earlier_study", made_by["earlier_study"],
+                                  by_cell["Mixer-B/16", "ImageNet-1k", "ImageNet", "finetune"], 73.64, "ImageNet",
+                                  "Mixer-B/16", "ImageNet-1k", False))
+    return rows
+
+
+def fixture_selection_bias() -> list[dict]:
+    """Two pairs with different LR grids (the table's columns are their union)."""
+    def entry(label, dataset, lrs, selected, best, honest, trained_on):
+        return {"checkpoint": label, "dataset": dataset, "label": label, "pretraining": "ImageNet-21k",
+                "dataset_label": dataset, "lrs": [{"lr": lr, "top1_mean": v, "ci_low": v - 1, "ci_high": v + 1,
+                                                   "selected": lr == selected, "best_on_test": lr == best}
+                                                  for lr, v in lrs.items()],
+                "best_lr": best, "best_top1": lrs[best], "selected_lr": selected,
+                "sweep_top1_at_selected_lr": lrs[selected], "trained_on": trained_on,
+                "headline": {"top1_mean": honest, "ci_low": honest - 0.3, "ci_high": honest + 0.3},
+                "inflation": lrs[best] - honest, "inflation_by_selection": lrs[best] - lrs[selected], "path": "x"}
+    return [entry("Mixer-B/16", "CIFAR-10", {0.003: 97.11, 0.01: 97.44, 0.03: 97.58, 0.06: 97.91}, 0.03, 0.06,
+                  97.61, "full"),
+            entry("Mixer-B/16", "Oxford-IIIT Pets", {0.001: 88.05, 0.003: 89.12}, 0.001, 0.003, 88.40, "full")]
+
+
+def contract_summary() -> dict:
+    """A summary.json as the aggregate writes it after issue 19 (the keys the report reads)."""
+    results = fixture_results()
+    comparison = fixture_comparison(results)
+    primary = [r for r in comparison if r["is_primary"]]
+    protocols = {"resmall_crop": {"resize": "shorter_side", "crop_fraction": 0.875},
+                 "resize_crop": {"resize": "square", "crop_fraction": 0.875}, "official": {"resize": "direct"},
+                 "timm": {"resize": "timm"}}
+    rows = [{"label": m, "pretraining": p, "image_size": 224, "result_from": "finetune"} for m, p in PAPER]
+    rows.append({"label": "Mixer-B/16", "pretraining": "ImageNet-1k", "image_size": 224, "result_from": "released"})
+    return {
+        "title": "Fixture study", "aggregated_utc": "2026-01-01T00:00:00+00:00", "results_root": "/results",
+        "results": results, "comparison": comparison, "table3_rows": rows,
+        "table3_columns": [{"label": label, "kind": kind} for label, kind in COLUMNS],
+        "verdicts": {"published": len(primary), **{v: sum(r["verdict"] == v for r in primary)
+                                                   for v in ("consistent", "below", "above", "not run")}},
+        "final_seeds": [0, 1, 2], "paper_sd_bound": 0.15, "selection_bias": fixture_selection_bias(),
+        "variants": [], "references": REFS, "headline_protocol": "resmall_crop", "final_models_trained_on": "full",
+        "eval_protocols": tables.eval_protocol_records(protocols, "resmall_crop"), "subset_datasets": [],
+        "average_members": {"Avg5": ["imagenet", "cifar10", "cifar100", "pets", "flowers"]},
+        "runs": [], "curves": {}, "pairs": [], "reals": [], "baselines": [], "datasets": {}, "checkpoints": {},
+        "protocol": {"inception_crop": True, "inception_crop_min_area": 0.05, "random_flip": True, "batch_size": 512,
+                     "micro_batch_size": 64, "momentum": 0.9, "weight_decay": 0.0, "grad_clip_norm": 1.0,
+                     "warmup_steps": 500, "pixel_mean": 127.5, "pixel_std": 127.5, "precision": "bf16"},
+        "cost": {"gpu_hours": None, "wall_seconds": None, "runs_with_benchmark": 0, "runs": 0},
+        "provenance": {"git": {"commit": "f" * 40, "dirty": False, "note": None}, "packages": {},
+                       "aggregate_host": {"hostname": "h", "cpu": "c", "cpu_count": 2, "platform": "p"},
+                       "training_devices": [], "started_utc": None, "finished_utc": None},
+        "inputs": [],
+    }
+
+
+def render_contract(tmp_path: Path, summary: dict) -> str:
+    """The page of a hand-written summary.json (render_report as the rule runs it)."""
+    _json(tmp_path / "summary.json", summary)
+    _json(tmp_path / "config.json", {"title": summary["title"]})
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    out = report.render_report(tmp_path / "summary.json", tmp_path / "config.json", tmp_path / "analysis.html",
+                               tmp_path / "logs", tmp_path / "report" / "index.html", "snakemake --cores all")
+    return out.read_text()
+
+
+class _TableParser(HTMLParser):
+    """The body rows of one table of the page: [(tr attributes, [(td attributes, [span-separated texts])])]."""
+
+    def __init__(self, table_id: str):
+        super().__init__()
+        self.table_id, self.depth, self.rows, self.in_body = table_id, 0, [], False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table" and (self.depth or attrs.get("id") == self.table_id):
+            self.depth += 1
+        elif self.depth == 1 and tag == "tbody":
+            self.in_body = True
+        elif self.in_body and tag == "tr":
+            self.rows.append((attrs, []))
+        elif self.in_body and tag == "td":
+            self.rows[-1][1].append((attrs, [""]))
+        elif self.in_body and tag == "span" and self.rows and self.rows[-1][1]:
+            self.rows[-1][1][-1][1].append("")
+
+    def handle_endtag(self, tag):
+        if tag == "table" and self.depth:
+            self.depth -= 1
+            self.in_body = self.in_body and self.depth > 0
+
+    def handle_data(self, data):
+        if self.in_body and self.rows and self.rows[-1][1]:
+            self.rows[-1][1][-1][1][-1] += data
+
+
+def table_rows(page: str, table_id: str) -> list[tuple[dict, list[tuple[dict, list[str]]]]]:
+    parser = _TableParser(table_id)
+    parser.feed(page)
+    assert parser.rows, f"no table with id {table_id!r} and rows"
+    return [(attrs, [(a, [t.strip() for t in texts if t.strip()]) for a, texts in cells]) for attrs, cells in
+            parser.rows]
+
+
+def headline_cells(page: str) -> dict[tuple[str, str], tuple[str, str, str]]:
+    """The page's Table 3: {(pre-training | model, column): (ours, paper, verdict)}."""
+    cells = {}
+    for attrs, tds in table_rows(page, "headline"):
+        for i, (td, texts) in enumerate(tds):
+            if "data-column" in td:
+                paper, verdict = tds[i + 1][1], tds[i + 2][1]
+                cells[attrs["data-row"], td["data-column"]] = (texts[0], paper[0], verdict[0])
+    return cells
+
+
+def section(page: str, section_id: str) -> str:
+    return page.split(f'<section id="{section_id}">')[1].split("</section>")[0]
+
+
+def test_table3_headline_as_the_paper_prints_it(tmp_path):
+    """Rows (pre-training, model, image size), columns ImNet, ReaL, Avg5; each cell ours (mean ± s.d. of the
+    final runs) beside the paper's figure and the verdict as a word and a coloured badge; released rows apart."""
+    summary = contract_summary()
+    page = render_contract(tmp_path, summary)
+    cells = headline_cells(page)
+    assert list(dict.fromkeys(column for _, column in cells)) == ["ImageNet", "ImageNet ReaL", "Avg5"]
+    assert list(dict.fromkeys(row for row, _ in cells)) == [f"{p} | {m}" for m, p in PAPER]
+    for (model, pre, column), per_seed in FINAL_RUNS.items():
+        if column in ("ImageNet", "ImageNet ReaL"):
+            ours = f"{statistics.fmean(per_seed):.2f} ± {statistics.stdev(per_seed):.2f}"
+            expected = stats.verdict(PAPER[model, pre][column], stats.top1_interval(per_seed, 10_000))[0]
+            assert cells[f"{pre} | {model}", column] == (ours, f"{PAPER[model, pre][column]:.2f}", expected)
+    assert {v for _, _, v in cells.values()} == {"consistent", "below", "above", "not run"}
+    assert cells["ImageNet-21k | Mixer-L/16", "ImageNet"] == ("not run", "82.89", "not run")
+    assert cells["ImageNet-1k | Mixer-B/16", "Avg5"] == ("1 of 5", "88.33", "not run")
+    headline = page.split('id="headline"')[1].split("</table>")[0]
+    assert "76.60" not in headline and "ImNet</th>" in headline and ">ReaL</th>" in headline
+    # The verdict is a word and a colour: a badge per verdict, each with a background of its own.
+    assert headline.count('<span class="verdict" data-verdict="') == len(cells)
+    css = (REPO / "report" / "report.css").read_text()
+    colours = {v: re.search(rf'span\.verdict\[data-verdict="{v}"\] {{ background: (#[0-9a-f]+)', css).group(1)
+               for v in tables.VERDICTS}
+    assert len(set(colours.values())) == len(tables.VERDICTS)
+    protocol = html.unescape(re.sub(r"<[^>]+>", "", page.split('id="headline-protocol"')[1].split("</p>")[0]))
+    assert "seeds 0, 1, 2" in protocol and "resmall_crop" in protocol and "Appendix C (3)(ii)" in protocol
+    assert "bilinear without antialiasing: our assumption" in protocol
+
+
+def test_per_dataset_and_released_figures_against_the_run_made_their_way(tmp_path):
+    page = render_contract(tmp_path, contract_summary())
+    rows = {attrs["data-row"]: {td["data-column"]: texts for td, texts in tds if "data-column" in td}
+            for attrs, tds in table_rows(page, "per-dataset-table")}
+    assert list(rows["ImageNet-21k | Mixer-B/16"]) == ["ImageNet", "CIFAR-10", "CIFAR-100", "Oxford-IIIT Pets",
+                                                       "Oxford Flowers-102"]
+    cifar = rows["ImageNet-21k | Mixer-B/16"]["CIFAR-10"]
+    per_seed = FINAL_RUNS["Mixer-B/16", "ImageNet-21k", "CIFAR-10"]
+    assert cifar[0] == f"{statistics.fmean(per_seed):.2f} ± {statistics.stdev(per_seed):.2f}"
+    assert cifar[1].startswith("3 runs · 95% CI ")
+    # The official README's figure beside the sweep run that matches it, with its protocol and verdict.
+    assert cifar[2:] == ["official_repo 96.82", "consistent", "vs ours 96.75, sweep run at LR 0.03, s0, official"]
+    assert rows["ImageNet-1k | Mixer-B/16"]["ImageNet"][4:6] == ["earlier_study 73.64", "no protocol match"]
+    released = {attrs["data-row"]: {td["data-column"]: texts for td, texts in tds if "data-column" in td}
+                for attrs, tds in table_rows(page, "released-table")}
+    assert list(released) == ["ImageNet-1k | Mixer-B/16"]
+    imagenet = released["ImageNet-1k | Mixer-B/16"]["ImageNet"]
+    assert imagenet[:2] == ["76.60", "released model · 95% CI 76.23–76.97"]
+    assert ["timm_results 76.616", "consistent", "vs ours 76.58, released model, timm"] == imagenet[2:5]
+    as_released = page.split('id="as-released"')[1].split("<table")[0]
+    assert "never a Table 3 figure" in as_released
+
+
+def test_each_final_run_and_the_sd_beside_the_papers_bound(tmp_path):
+    summary = contract_summary()
+    page = render_contract(tmp_path, summary)
+    header = page.split('id="seeds-table"')[1].split("</thead>")[0]
+    assert "Seed 0" in header and "Seed 2" in header and "s.d. &lt; 0.15? (paper)" in header
+    body = {(texts[0][0], texts[1][0], texts[3][0]): [t[0] if t else "" for t in texts]
+            for _, tds in table_rows(page, "seeds-table") for texts in [[t for _, t in tds]]}
+    assert len(body) == sum(r["result_from"] == "finetune" and r["status"] == "run" for r in summary["results"])
+    for (model, pre, column), per_seed in FINAL_RUNS.items():
+        row = body[model, pre, column]
+        std = statistics.stdev(per_seed)
+        assert row[4] == "resmall_crop" and row[6:9] == [f"{x:.2f}" for x in per_seed]
+        assert row[10] == f"{std:.2f}" and row[11] == ("yes (< 0.15)" if std < 0.15 else "no (≥ 0.15)")
+    assert body["Mixer-B/16", "ImageNet-21k", "Oxford-IIIT Pets"][11] == "no (≥ 0.15)"
+    assert "standard deviations are smaller than 0.15" in html.unescape(section(page, "headline-section"))
+
+
+def test_every_reference_with_its_source_protocol_and_matched_runs(tmp_path):
+    summary = contract_summary()
+    page = render_contract(tmp_path, summary)
+    rows = [[t[0] if t else "" for _, t in tds] for _, tds in table_rows(page, "comparison-table")]
+    assert len(rows) == len(summary["comparison"])
+    for row, ref in zip(rows, summary["comparison"]):
+        assert row[0].startswith(ref["source"]) and row[3] == tables.format_reference(ref["reference_value"])
+        assert row[4] == tables.made_by_text(ref["source_protocol"]) and row[-1] == ref["verdict"]
+    official = next(row for row in rows if row[0].startswith("official_repo"))
+    assert official[4:] == ["one sweep run at LR 0.03; official", "sweep run at LR 0.03, s0; official", "96.75",
+                            "96.75", "96.38–97.08", "-0.07", "consistent"]
+    b16 = rows[0]
+    assert b16[6] == ", ".join(f"{x:.2f}" for x in FINAL_RUNS["Mixer-B/16", "ImageNet-21k", "ImageNet"])
+    sources = html.unescape(section(page, "comparison"))
+    for key, entry in REFS["sources"].items():
+        assert f"{key}: {entry['citation']}" in sources and entry["protocol_note"] in sources
+
+
+def test_selection_bias_is_one_table(tmp_path):
+    summary = contract_summary()
+    page = render_contract(tmp_path, summary)
+    bias = section(page, "selection-bias")
+    assert bias.count("<table") == 1 and "<h3" not in bias
+    header = re.findall(r"<th>([^<]*)</th>", bias.split("</thead>")[0])
+    assert header == ["Model", "Pre-training", "Dataset", "LR 0.001", "LR 0.003", "LR 0.01", "LR 0.03", "LR 0.06",
+                      "Best on test (LR)", "Selected on the dev split (LR)", "Headline (honest) [95% CI]", "Inflation",
+                      "of which the LR choice"]
+    rows = [[t[0] for _, t in tds] for _, tds in table_rows(page, "selection-bias-table")]
+    assert rows[0][3:] == ["–", "97.11", "97.44", "97.58", "97.91", "0.06", "0.03", "97.61 [97.31, 97.91]", "+0.30",
+                           "+0.33"]
+    assert rows[1][3:5] == ["88.05", "89.12"] and rows[1][8:10] == ["0.003", "0.001"]
+
+
+def test_markdown_and_latex_follow_the_page(tmp_path):
+    summary = contract_summary()
+    md = tables.comparison_markdown(summary)
+    titles = re.findall(r"^## (.+)$", md, flags=re.M)
+    assert titles == ["Table 3", "Per dataset", "As released (not fine-tuned; never a Table 3 figure)",
+                      "Each final run", "Every reference figure against the run made its way",
+                      "Every evaluation protocol", "Selection bias (not the headline)"]
+    assert "| Pre-training | Model | Size | ImNet ours | ImNet paper | ImNet verdict | ReaL ours |" in md
+    assert ("| ImageNet-21k | Mixer-B/16 | 224 | 80.65 ± 0.07 | 80.64 | consistent | 84.14 ± 0.14 | 85.80 | below |"
+            in md)
+    assert "official_repo 96.82: consistent vs ours 96.75, sweep run at LR 0.03, s0, official" in md
+    assert md.count("| Mixer-B/16 | ImageNet-21k | CIFAR-10 |") == 1  # the selection-bias table's row
+    tex = tables.comparison_latex(summary)
+    assert tex.count(r"\begin{table}") == len(titles)
+    assert r"80.64 & consistent" in tex and r"$\pm$" in tex and r"Selection bias (not the headline)" in tex
+    assert "_" not in tex.replace(r"\_", "")  # every underscore escaped
+
+
+def test_protocol_wording_follows_the_paper(tmp_path):
+    page = html.unescape(re.sub(r"<[^>]+>", "", render_contract(tmp_path, contract_summary())))
+    for words in ("Appendix C (“We follow the setup of [14]”", "“did not lead to any improvements”",
+                  "JFT-300M", "we keep it on", "section 3.1", "Pets has 37 classes",
+                  "bilinear without antialiasing (TensorFlow's default): our assumption"):
+        assert words in page, words
+    assert "Appendix B" not in page and "not verified as the paper" not in page
+
+
+def test_published_configurations_not_run_are_rows_of_their_own(tmp_path):
+    """A subset (or the demo) leaves some of Table 3's configurations out: they are a grid of their own, every cell
+    "not run", and the config's grid shows only its own rows."""
+    summary = contract_summary()
+    summary["table3_rows"] = [r for r in summary["table3_rows"] if r["label"] != "Mixer-L/16"]
+    page = render_contract(tmp_path, summary)
+    assert "ImageNet-21k | Mixer-L/16" not in {row for row, _ in headline_cells(page)}
+    rows = table_rows(page, "headline-not-run-table")
+    assert [attrs["data-row"] for attrs, _ in rows] == ["ImageNet-21k | Mixer-L/16"]
+    assert [t[0] for _, t in rows[0][1][3:]] == ["not run", "82.89", "not run", "not run", "87.54", "not run",
+                                                 "not run", "93.63", "not run"]
+    assert "## Table 3: published configurations this config did not run" in tables.comparison_markdown(summary)
+    assert 'id="headline-not-run-table"' not in render_contract(tmp_path / "all", contract_summary())

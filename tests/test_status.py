@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workflow_scripts import eta, matrix, status
+from workflow_scripts import eta, matrix, references, status
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "demo" / "config.yaml"
@@ -73,9 +73,7 @@ def test_status_of_an_output_folder_where_nothing_ran(tmp_path, capsys):
 
 
 def status_config() -> dict:
-    import yaml
-
-    return yaml.safe_load(DEMO_CONFIG.read_text())
+    return references.load_config(DEMO_CONFIG)
 
 
 def demo_figures(root: Path, config: dict) -> dict[tuple[str, str], float]:

@@ -11,8 +11,6 @@ import io
 
 from matplotlib.figure import Figure
 
-from workflow_scripts.tables import reference_sources
-
 PNG_DPI = 100
 
 
@@ -35,27 +33,42 @@ def png_base64(fig: Figure) -> str:
 SOURCE_MARKERS = ("D", "s", "^", "v", "P", "X", "o")
 
 
-def accuracy_chart(comparison: list[dict], refs: dict) -> Figure | None:
-    """One horizontal bar per result of this run (test top-1, error bar: its 95% interval; ReaL and averages
-    included), every published top-1 of the same row as a marker per source; None if nothing has a number."""
-    rows = [r for r in comparison if r["top1_mean"] is not None]
+def chart_references(result: dict, comparison: list[dict]) -> list[dict]:
+    """The top-1 reference figures drawn at a result's bar: a released model's beside the as-released bar,
+    every other one beside the fine-tuned bar (each source made its figure one of these two ways)."""
+    released = result["result_from"] == "released"
+    return [r for r in comparison if r["metric"] == "top1" and r["column"] == result["column"]
+            and (r["model"], r["pretraining"], r["image_size"]) == (result["label"], result["pretraining"],
+                                                                    result["image_size"])
+            and (r["source_protocol"].get("result") == "released") == released]
+
+
+def accuracy_chart(results: list[dict], comparison: list[dict]) -> Figure | None:
+    """One horizontal bar per result of ours with a number (summary.json `results`: fine-tuned mean and as
+    released; error bar: its 95% interval), every reference top-1 of the same cell as a marker per source;
+    None if nothing has a number."""
+    rows = [r for r in results if r["top1_mean"] is not None]
     if not rows:
         return None
-    sources = [s for s in reference_sources(refs, "top1") if any(r[f"{s}_top1"] is not None for r in rows)]
+    sources = list(dict.fromkeys(ref["source"] for r in rows for ref in chart_references(r, comparison)))
     fig = Figure(figsize=(9, 1.4 + 0.32 * len(rows)), layout="constrained")
     ax = fig.subplots()
     ys = range(len(rows))
-    interval = [[r["top1_mean"] - r["ci_low"] for r in rows], [r["ci_high"] - r["top1_mean"] for r in rows]]
-    bars = ax.barh(ys, [r["top1_mean"] for r in rows], 0.6, xerr=interval, capsize=3, color="#9db7dd",
-                   label="this run (95% interval)")
+    low = [r["ci_low"] if r["ci_low"] is not None else r["top1_mean"] for r in rows]
+    high = [r["ci_high"] if r["ci_high"] is not None else r["top1_mean"] for r in rows]
+    errors = [[r["top1_mean"] - x for r, x in zip(rows, low)], [x - r["top1_mean"] for r, x in zip(rows, high)]]
+    bars = ax.barh(ys, [r["top1_mean"] for r in rows], 0.6, xerr=errors, capsize=3, color="#9db7dd",
+                   label="ours (95% interval)")
     ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=3)
     for source, marker in zip(sources, SOURCE_MARKERS * len(sources)):
-        points = [(r[f"{source}_top1"], y) for y, r in zip(ys, rows) if r[f"{source}_top1"] is not None]
+        points = [(ref["reference_value"], y) for y, r in zip(ys, rows) for ref in chart_references(r, comparison)
+                  if ref["source"] == source]
         ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, s=28, zorder=3,
                    label=plain_text(source))
     ax.set_yticks(list(ys))
-    ax.set_yticklabels([plain_text(f"{r['model']} · {r['pretraining']} · {r['dataset']}"
-                                   + (" (subset)" if r["subset"] else "")) for r in rows], fontsize=8)
+    ax.set_yticklabels([plain_text(f"{r['label']} · {r['pretraining']} · {r['column']}"
+                                   + (" (as released)" if r["result_from"] == "released" else "")
+                                   + (" (subset)" if r.get("subset") else "")) for r in rows], fontsize=8)
     ax.invert_yaxis()  # the first row on top, as in the tables
     ax.set_xlabel("top-1 accuracy (%)")
     ax.set_xlim(0, 112)

@@ -226,7 +226,10 @@ class EvalTransform:
         else:
             scale = side / min(height, width)
             new_h, new_w = max(side, round(height * scale)), max(side, round(width * scale))
-        top, left = round((new_h - s) / 2), round((new_w - s) / 2)  # torchvision CenterCrop offsets
+        # The margin's floor half, as TensorFlow pipelines take a central crop (google-research/big_vision
+        # pp/ops_image.py central_crop: dy = (h - crop) // 2); torchvision rounds instead (1 px apart when the
+        # margin is 4k + 3). The paper does not say: our assumption, with the interpolation's.
+        top, left = (new_h - s) // 2, (new_w - s) // 2
         return 0, 0, height, width, new_h, new_w, top, left, 0
 
     def resized_side(self) -> int:

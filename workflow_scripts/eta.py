@@ -9,7 +9,8 @@ A job's price, in hours on its devices:
 - fine-tuning (finetune, final_finetune, variant_finetune): steps x batch size / train_img_s, plus its
   minival evaluations (every `protocol.eval_every` steps and at the last one; runs on the training split
   only) / eval_img_s;
-- evaluation (evaluate, baseline, evaluate_variant, evaluate_selection_bias): test images x models / eval_img_s;
+- evaluation (evaluate, baseline, evaluate_variant, evaluate_sweep): test images x models / eval_img_s;
+- model_stats: its timed inference batches (config `throughput`) / eval_img_s;
 - select_lr and real: CPU work of seconds, priced 0 and taking no device.
 Its device-hours are those hours times its devices (a DDP job holds every one of its GPUs).
 
@@ -24,15 +25,15 @@ from pathlib import Path
 
 from workflow_scripts import matrix
 from workflow_scripts.common import PipelineError
-
-# The job name of each kind of job, as in its log and benchmark paths (rules/common.smk RUN_JOB, FINAL_JOB,
-# VARIANT_JOB, PROTOCOL_JOB, VARIANT_PAIR_JOB, PAIR_JOB, BASELINE_JOB): a job's id is "<rule>/<job>".
-RUN_JOB = "{ckpt}/{dataset}/lr{lr}_s{seed}"
-FINAL_JOB = "{ckpt}/{dataset}/s{seed}"
-VARIANT_JOB = "{variant}/{ckpt}/{dataset}/s{seed}"
-PROTOCOL_JOB = "{ckpt}/{dataset}/{protocol}"
-VARIANT_PAIR_JOB = "{variant}/{ckpt}/{dataset}"
-PAIR_JOB = "{ckpt}/{dataset}"
+from workflow_scripts.matrix import (  # the job names of the rules' logs and benchmarks
+    FINAL_JOB,
+    PAIR_JOB,
+    PROTOCOL_JOB,
+    REAL_JOB,
+    RUN_JOB,
+    VARIANT_JOB,
+    VARIANT_PAIR_JOB,
+)
 
 
 def job_id(rule: str, job: str) -> str:
@@ -149,15 +150,27 @@ def evaluation_jobs(config: dict) -> list[dict]:
                 for v, c, d, s in matrix.variant_runs(config) if (v, c, d) == (variant, ck, ds)]
         jobs.append(_eval_job(config, "evaluate_variant", VARIANT_PAIR_JOB.format(variant=variant, ckpt=ck, dataset=ds),
                               ck, ds, len(runs), runs))
-    for ck, ds in matrix.selection_bias_pairs(config):
+    for ck, ds, protocol in matrix.sweep_evaluations(config):
         runs = _sweep_ids(config, ck, ds)
-        jobs.append(_eval_job(config, "evaluate_selection_bias", PAIR_JOB.format(ckpt=ck, dataset=ds),
+        jobs.append(_eval_job(config, "evaluate_sweep", PROTOCOL_JOB.format(ckpt=ck, dataset=ds, protocol=protocol),
                               ck, ds, len(runs), runs))
-    headline = config["evaluation"]["headline_protocol"]
-    for ck, ds, source in matrix.real_results(config):
+    for ck, ds, source, protocol in matrix.real_results(config):
         result = job_id("evaluate" if source == "finetune" else "baseline",
-                        PROTOCOL_JOB.format(ckpt=ck, dataset=ds, protocol=headline))
-        jobs.append(_job(config, "real", PAIR_JOB.format(ckpt=ck, dataset=ds), None, 0, [result]))
+                        PROTOCOL_JOB.format(ckpt=ck, dataset=ds, protocol=protocol))
+        jobs.append(_job(config, "real", REAL_JOB.format(source=source, ckpt=ck, dataset=ds, protocol=protocol),
+                         None, 0, [result]))
+    return jobs + model_stats_jobs(config)
+
+
+def model_stats_jobs(config: dict) -> list[dict]:
+    """The throughput measurement of each used checkpoint: its timed inference batches at eval_img_s."""
+    t = config["throughput"]
+    images = t["batch_size"] * (t["warmup_batches"] + t["rounds"] * t["batches_per_round"])
+    jobs = []
+    for ck in matrix.used_checkpoints(config):
+        entry = _job(config, "model_stats", ck, ck, config["resources"]["evaluate"]["gpu"], [])
+        entry["work"] = {"dataset": None, "train_images": 0, "eval_images": images}
+        jobs.append(entry)
     return jobs
 
 

@@ -18,6 +18,17 @@ from __future__ import annotations
 
 from workflow_scripts.tables import real_label
 
+# The job name of each kind of job, as in its log and benchmark paths (rules/common.smk log_file,
+# benchmark_file): a job's id is "<rule>/<job>" (workflow_scripts.eta, workflow_scripts.status).
+RUN_JOB = "{ckpt}/{dataset}/lr{lr}_s{seed}"
+FINAL_JOB = "{ckpt}/{dataset}/s{seed}"
+VARIANT_JOB = "{variant}/{ckpt}/{dataset}/s{seed}"
+PROTOCOL_JOB = "{ckpt}/{dataset}/{protocol}"
+VARIANT_PAIR_JOB = "{variant}/{ckpt}/{dataset}"
+PAIR_JOB = "{ckpt}/{dataset}"
+REAL_JOB = "{source}/{ckpt}/{dataset}/{protocol}"
+BASELINE_JOB = PROTOCOL_JOB
+
 
 def lr_str(lr: float) -> str:
     """The LR as it appears in paths and wildcards (0.03 -> '0.03')."""

@@ -27,19 +27,33 @@ from pathlib import Path
 from workflow_scripts import charts
 from workflow_scripts.common import PipelineError, atomic_path, read_json, run_cli
 from workflow_scripts.tables import (
+    INTERPOLATION_ASSUMPTION,
+    INTERPOLATION_SHORT,
     INTERVAL_LEGEND,
+    NO_PROTOCOL_MATCH,
     NOT_RUN,
+    PAPER_SD_SOURCE,
+    PROTOCOL_SOURCES,
+    RELEASED_LEGEND,
+    SELECTION_BIAS_LEGEND,
     TABLE3_LEGEND,
-    UNVERIFIED_PROTOCOL,
+    VERDICTS,
+    citation,
     comparison_cells,
+    dataset_grid,
     format_cell,
     format_figure,
     format_interval,
     format_reference,
-    other_protocol_names,
+    headline_grid,
+    headline_not_run_grid,
+    paper_column_name,
+    protocol_cells,
+    protocol_sentence,
+    released_grid,
+    seed_cells,
     selection_bias_cells,
-    selection_bias_sentence,
-    table3_tables,
+    source_lines,
     training_sentence,
     variant_cells,
     verdict_sentence,
@@ -66,25 +80,36 @@ def log_links(logs_dir: Path, out: Path) -> list[dict]:
 def report_context(summary: dict, config: dict, logs_dir: Path, notebook_html: Path, out: Path, command: str) -> dict:
     refs = summary["references"]
     comparison = summary["comparison"]
-    others = other_protocol_names(summary["eval_protocols"])
-    published, unpublished = table3_tables(comparison, summary["table3_columns"], refs, others)
     return {
         "summary": summary,
         "refs": refs,
-        "headline": published,  # the Table 3 grid of the published configurations
-        "unreferenced": unpublished,  # this config's rows without a published figure (None: none)
+        "headline": headline_grid(summary),  # Table 3 as the paper prints it
+        "headline_not_run": headline_not_run_grid(summary),  # its configurations this config did not run
+        "per_dataset": dataset_grid(summary),
+        "released": released_grid(summary),  # the "as released" rows, apart
+        "seeds": seed_cells(summary),
+        "comparison": comparison_cells(comparison),
+        "protocols": protocol_cells(summary),
+        "source_lines": [line.replace("`", "") for line in source_lines(refs)],
         "legend": TABLE3_LEGEND,
+        "released_legend": RELEASED_LEGEND,
         "interval_legend": INTERVAL_LEGEND,
+        "selection_bias_legend": SELECTION_BIAS_LEGEND,
+        "paper_sd_source": PAPER_SD_SOURCE,
+        "protocol_sources": PROTOCOL_SOURCES,
+        "interpolation": INTERPOLATION_ASSUMPTION[0].upper() + INTERPOLATION_ASSUMPTION[1:],
+        "interpolation_short": INTERPOLATION_SHORT,
+        "headline_protocol_note": next(p["note"] for p in summary["eval_protocols"] if p["headline"]),
+        "verdicts": VERDICTS,
         "verdict_sentence": verdict_sentence(summary["verdicts"]),
-        "training_sentence": training_sentence(summary["final_models_trained_on"]),
-        "unverified": UNVERIFIED_PROTOCOL,
-        "long_form": comparison_cells(comparison, refs, others),
+        "training_sentence": training_sentence(summary["final_models_trained_on"], summary["final_seeds"]),
+        "protocol_sentence": protocol_sentence(summary["eval_protocols"]).replace("`", ""),
         "variants": variant_cells(summary["variants"]),
-        "selection_bias": [{"entry": e, "table": selection_bias_cells(e), "sentence": selection_bias_sentence(e)}
-                           for e in summary["selection_bias"]],
+        "selection_bias": selection_bias_cells(summary["selection_bias"]),
         "not_run": NOT_RUN,
-        "n_run_with_reference": sum(r["status"] != NOT_RUN for r in comparison if r["has_reference"]),
-        "accuracy_png": chart_png(charts.accuracy_chart(comparison, refs)),
+        "no_protocol_match": NO_PROTOCOL_MATCH,
+        "n_run_with_reference": sum(r["verdict"] != NOT_RUN for r in comparison if r["is_primary"]),
+        "accuracy_png": chart_png(charts.accuracy_chart(summary["results"], comparison)),
         "sweep_png": chart_png(charts.lr_sweep_chart(summary["pairs"])),
         "curve_charts": [{"pair": pair, "png": chart_png(charts.training_curves_chart(pair, summary["runs"],
                                                                                        summary["curves"]))}
@@ -109,6 +134,8 @@ def render_report(summary_json, config_json, notebook_html, logs_dir, out, comma
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = format_cell
     env.filters["ref"] = format_reference
+    env.filters["citation"] = lambda source: citation(summary["references"], source)
+    env.filters["paper_name"] = paper_column_name
     env.filters["interval"] = lambda record: format_interval(record["ci_low"], record["ci_high"])
     env.filters["figure"] = lambda record: format_figure(record["top1_mean"], record["ci_low"], record["ci_high"])
     context = report_context(summary, config, Path(logs_dir), Path(notebook_html), out, command)

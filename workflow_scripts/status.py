@@ -130,10 +130,13 @@ def progress(jobs: list[dict]) -> list[int]:
 
 
 def result_cells(config: dict, jobs: list[dict], workdir: Path) -> dict[tuple[str, str, str], dict]:
-    """{(checkpoint, dataset, kind "dataset" | "real"): {"state", "figure"}} of every planned result."""
+    """{(checkpoint, dataset, kind "dataset" | "real"): {"state", "figure"}} of every planned Table 3 result: the
+    fine-tuned models' at the headline protocol (a released model as it is is no Table 3 figure)."""
     headline = config["evaluation"]["headline_protocol"]
     cells = {}
     for ck, ds, source in matrix.results(config):
+        if source != "finetune":
+            continue
         mine = [j for j in jobs if j["rule"] in RESULT_RULES[source]
                 and (j["wildcards"].get("ckpt"), j["wildcards"].get("dataset")) == (ck, ds)]
         state = combined_state([j["state"] for j in mine])
@@ -144,9 +147,12 @@ def result_cells(config: dict, jobs: list[dict], workdir: Path) -> dict[tuple[st
             record = read_json(workdir / result["named_outputs"]["result"])
             figure = record["top1_mean"] if "top1_mean" in record else record["top1"]
         cells[ck, ds, "dataset"] = {"state": state, "figure": figure, "jobs": mine, "progress": progress(mine)}
-    for ck, ds, _ in matrix.real_results(config):
-        mine = cells[ck, ds, "dataset"]["jobs"] + [j for j in jobs if j["rule"] == "real" and
-                                                   (j["wildcards"]["ckpt"], j["wildcards"]["dataset"]) == (ck, ds)]
+    for ck, ds, source, protocol in matrix.real_results(config):
+        if (source, protocol) != ("finetune", headline):
+            continue
+        mine = cells[ck, ds, "dataset"]["jobs"] + [j for j in jobs if j["rule"] == "real" and (
+            j["wildcards"]["ckpt"], j["wildcards"]["dataset"], j["wildcards"]["source"], j["wildcards"]["protocol"])
+            == (ck, ds, source, protocol)]
         state = combined_state([j["state"] for j in mine])
         real = [j for j in mine if j["rule"] == "real"]
         figure = read_json(workdir / real[0]["outputs"][0])["real_top1"] if state == "done" and real else None
