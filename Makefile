@@ -8,7 +8,7 @@ CORES  ?= 2
 # Rules call `python -m workflow_scripts...`: make sure that python is the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-# Where `make rehearsal` writes its stand-ins and results (about 16 GiB; `make clean-rehearsal`).
+# Where `make rehearsal` writes its stand-ins and results (about 70 GiB; `make clean-rehearsal`).
 REHEARSAL_DIR ?= rehearsal
 
 .PHONY: demo test preflight rehearsal chaos bench lint dry-run clean-demo clean-rehearsal venv

@@ -2,7 +2,9 @@
 
     write_all(STANDINS_DIR, config.yaml's checkpoints)  ->  STANDINS_DIR/
         checkpoints/<name>.npz        the official Flax .npz layout at the config's architecture (the real
-                                      shapes: Mixer-B/16 and L/16, 21843- or 1000-class heads), random weights
+                                      shapes: Mixer-B/16 and L/16, 21843- or 1000-class heads), random weights;
+                                      released checkpoints only (not a `base_checkpoint` entry: convert
+                                      builds that one from its base's file)
         cifar10/cifar-10-batches-py/  torchvision's CIFAR-10 pickles: data_batch_1..5, test_batch, batches.meta
         cifar100/cifar-100-python/    torchvision's CIFAR-100 pickles: train, test, meta (100 fine labels)
         pets/oxford-iiit-pet/         images/<Breed>_<n>.jpg, annotations/{trainval,test}.txt (37 breeds)
@@ -164,9 +166,12 @@ def write_imagenet(root: Path, rng: np.random.Generator) -> dict:
 
 
 def write_checkpoints(root: Path, checkpoints: Mapping[str, dict]) -> dict:
-    """Each checkpoint at its config architecture, random weights, written like the official files (np.savez)."""
+    """Each released checkpoint at its config architecture, random weights, written like the official files
+    (np.savez). An entry with `base_checkpoint` (the paper's Appendix C higher-resolution Mixer) has no
+    file of its own: convert builds it from its base's .npz, as in the study."""
     sizes = {}
-    for seed, (name, ck) in enumerate(sorted(checkpoints.items())):
+    released = sorted((name, ck) for name, ck in checkpoints.items() if "base_checkpoint" not in ck)
+    for seed, (name, ck) in enumerate(released):
         path = root / "checkpoints" / f"{name}.npz"
         params = random_official_params(ck["architecture"], seed)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
