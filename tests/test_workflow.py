@@ -163,14 +163,24 @@ def test_every_rule_has_log_benchmark_and_conda():
 
 
 def test_a_skip_fails_the_suite_in_ci(tmp_path):
-    (tmp_path / "test_skipping.py").write_text("import pytest\n\ndef test_x():\n    pytest.skip('no browser')\n")
+    """Skipped in a test, by a marker, or while collecting a module (importorskip): each fails in CI."""
+    (tmp_path / "test_skipping.py").write_text("import pytest\n\ndef test_x():\n    pytest.skip('no browser')\n\n\n"
+                                               "@pytest.mark.skipif(True, reason='not root')\ndef test_y():\n"
+                                               "    pass\n")
+    (tmp_path / "test_module_skip.py").write_text("import pytest\n\npytest.importorskip('no_such_module_xyz')\n\n\n"
+                                                  "def test_z():\n    pass\n")
     (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
     run = lambda ci: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path,
         env=dict(os.environ, CI=ci), capture_output=True, text=True, timeout=120)
-    in_ci, locally = run("true"), run("")
-    assert in_ci.returncode == 1 and "skipped in CI" in in_ci.stdout and "no browser" in in_ci.stdout
-    assert locally.returncode == 0 and "1 skipped" in locally.stdout
+    for ci in ("true", "1", "True"):
+        res = run(ci)
+        assert res.returncode == 1, res.stdout
+        for reason in ("no browser", "not root", "no_such_module_xyz"):
+            assert any("skipped in CI" in line and reason in line for line in res.stdout.splitlines()), (ci, reason)
+    for ci in ("", "false", "0"):
+        locally = run(ci)
+        assert locally.returncode == 0 and "3 skipped" in locally.stdout, locally.stdout
 
 
 def long_functions(max_lines: int = 60) -> list[str]:
