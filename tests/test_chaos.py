@@ -191,21 +191,22 @@ def arg(cmd: list[str], flag: str) -> str | None:
 
 
 def job_processes(root_pid: int) -> list[tuple[str, psutil.Process]]:
-    """The live python processes of fine-tuning and evaluation jobs under Snakemake (root_pid)."""
+    """The live python processes of fine-tuning and evaluation jobs under Snakemake (root_pid); not their
+    data-loader workers, which are forked with the job's command line."""
     modules = {"workflow_scripts.finetune": "finetune", "workflow_scripts.evaluate": "evaluate"}
     try:
         procs = psutil.Process(root_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    found = []
+    found = {}
     for proc in procs:
         try:
             cmd = proc.cmdline()
             if cmd[1:2] == ["-m"] and cmd[2] in modules:
-                found.append((modules[cmd[2]], proc))
+                found[proc.pid] = (modules[cmd[2]], proc, proc.ppid())
         except (psutil.Error, IndexError):
             continue
-    return found
+    return [(target, proc) for target, proc, parent in found.values() if parent not in found]
 
 
 JobKey = tuple[int, float]  # (pid, start time): a pid may be reused across attempts
