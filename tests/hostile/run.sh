@@ -39,8 +39,8 @@ exec /usr/bin/chromium "${args[@]}"
 EOF
 chmod 755 "$work/bin/chromium"
 
-run=(env CI=true CUDA_VISIBLE_DEVICES= http_proxy=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9
-     HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 -u no_proxy -u NO_PROXY PATH="$work/bin:$PATH"
+run=(env -u no_proxy -u NO_PROXY CI=true CUDA_VISIBLE_DEVICES= http_proxy=http://127.0.0.1:9
+     https_proxy=http://127.0.0.1:9 HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 PATH="$work/bin:$PATH"
      "$work/private/clone/.venv/bin/python" -m pytest -p tests.hostile.fake_gpu -p no:cacheprovider -q
      --basetemp="$work/pytest" "${TESTS[@]}")
 echo "hostile run of $(git -C "$REPO" rev-parse --short "$REV") in $work/private/clone (parent folder 0700)"
