@@ -199,3 +199,11 @@ def long_functions(max_lines: int = 60) -> list[str]:
 
 def test_no_function_in_workflow_scripts_is_over_60_lines():
     assert long_functions() == []
+
+
+def test_ci_entry_point_says_it_is_ci_and_pins_the_chaos_seed():
+    """.ci/run is CI whoever starts it (skips fail there) and replays one chaos plan."""
+    text = (REPO / ".ci" / "run").read_text()
+    assert re.search(r"^export CI=true$", text, re.M)
+    assert re.search(r'^export MIXER_CHAOS_SEED="\$\{MIXER_CHAOS_SEED:-\d+\}"$', text, re.M)
+    assert text.index("export CI=true") < text.index("make test")
