@@ -173,14 +173,22 @@ def test_a_skip_fails_the_suite_in_ci(tmp_path):
     run = lambda ci: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path,
         env=dict(os.environ, CI=ci), capture_output=True, text=True, timeout=120)
-    for ci in ("true", "1", "True"):
-        res = run(ci)
-        assert res.returncode == 1, res.stdout
-        for reason in ("no browser", "not root", "no_such_module_xyz"):
-            assert any("skipped in CI" in line and reason in line for line in res.stdout.splitlines()), (ci, reason)
-    for ci in ("", "false", "0"):
-        locally = run(ci)
-        assert locally.returncode == 0 and "3 skipped" in locally.stdout, locally.stdout
+    in_ci, locally = run("true"), run("")
+    assert in_ci.returncode == 1, in_ci.stdout
+    for reason in ("no browser", "not root", "no_such_module_xyz"):
+        assert any("skipped in CI" in line and reason in line for line in in_ci.stdout.splitlines()), reason
+    assert locally.returncode == 0 and "3 skipped" in locally.stdout, locally.stdout
+
+
+def test_ci_is_any_value_but_the_false_ones(monkeypatch):
+    from tests import conftest
+
+    for value, expected in (("true", True), ("1", True), ("True", True), ("yes", True), ("", False),
+                            ("false", False), ("0", False), ("no", False), ("OFF", False)):
+        monkeypatch.setenv("CI", value)
+        assert conftest.in_ci() == expected, value
+    monkeypatch.delenv("CI")
+    assert not conftest.in_ci()
 
 
 def long_functions(max_lines: int = 60) -> list[str]:
