@@ -35,9 +35,10 @@ demo: $(STAMP)
 test: lint
 	MIXER_REHEARSAL=short $(BIN)/python -m pytest
 
-# The tests that met environment hazards, run from a fresh clone of HOSTILE_REV (default HEAD) under all of them
-# at once: a GPU node, CUDA_VISIBLE_DEVICES="", an unreachable http_proxy, a 0700 parent folder, a checkout owned
-# by another uid, a resolver that hijacks NXDOMAIN, a short browser window, CI=true (tests/hostile/run.sh).
+# The tests that met environment hazards, run from a fresh clone of HOSTILE_REV (default HEAD) under them: a GPU
+# node, CUDA_VISIBLE_DEVICES="", an unreachable http_proxy, a 0700 parent folder, a checkout owned by another uid,
+# a resolver that hijacks NXDOMAIN, a short browser window; CI=true. HAZARDS="proxy dns-hijack" picks some,
+# HOSTILE_TESTS="tests/test_x.py" other tests (tests/hostile/run.sh).
 HOSTILE_REV ?= HEAD
 test-hostile: $(STAMP)
 	bash tests/hostile/run.sh $(HOSTILE_REV)
