@@ -47,9 +47,10 @@ ln -s "$VENV" "$clone/.venv"
 has other-owner && chown -R 65534:65534 "$clone"
 
 env_of() {  # the environment of one pass: $1 = with the fake GPU (1) or with CUDA_VISIBLE_DEVICES="" (0)
-    local e=(env -u no_proxy -u NO_PROXY CI=true)
-    [ "$1" = 0 ] && e+=(CUDA_VISIBLE_DEVICES=)
+    local e=(env -u no_proxy -u NO_PROXY)  # env's options before its assignments
     [ "$1" = 1 ] && e+=(-u CUDA_VISIBLE_DEVICES)
+    e+=(CI=true)
+    [ "$1" = 0 ] && e+=(CUDA_VISIBLE_DEVICES=)
     has proxy && e+=(http_proxy=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9 HTTP_PROXY=http://127.0.0.1:9
                      HTTPS_PROXY=http://127.0.0.1:9)
     if has short-window; then
