@@ -429,3 +429,26 @@ def test_demo_survives_killed_jobs_and_snakemake(tmp_path):
     report = (workdir / root_name / "report" / "index.html").read_text()
     for summary in (workdir / root_name / "evaluate").glob("*/*.json"):
         assert f"{json.loads(summary.read_text())['top1_mean']:.2f}" in report, summary
+
+
+def test_fault_moments_follow_the_measured_windows():
+    """The planning alone (no pipeline): delays are fractions of the shortest measured window, and a fault that
+    job did not reach (it ended first) stays pending at the same fraction of what that job lived."""
+    seen = {(1, 0.0): Job("finetune", "a", 0.0, Path("r"), 10.0, {1: 4.0, 2: 7.0}),
+            (2, 1.0): Job("finetune", "b", 1.0, Path("r"), 13.0, {1: 5.0, 2: 8.0}),
+            (3, 20.0): Job("evaluate", "e", 20.0, None, 24.5)}
+    measured = windows(seen)
+    assert measured == {("evaluate", 0): 4.5, ("finetune", 0): 10.0, ("finetune", 1): 6.0, ("finetune", 2): 3.0}
+    fault = Fault("snakemake", signal.SIGINT, 2, 0.5)
+    fault.arm(measured)
+    assert fault.delay_s == 1.5  # snakemake faults wait on fine-tuning jobs
+    fault.missed_job("c", 1.0)
+    assert fault.delay_s == 0.5 and len(fault.missed) == 1
+    fault.missed_job("d", 3.0)  # never later again
+    assert fault.delay_s == 0.5
+    for full in (False, True):
+        plan = plan_faults(7, full)
+        assert [(f.target, f.signum, f.after_checkpoints, f.fraction) for f in plan] == [
+            (f.target, f.signum, f.after_checkpoints, f.fraction) for f in plan_faults(7, full)]
+        assert len(plan) == (6 if full else 3) and plan[-1].target == "evaluate"
+        assert all(FRACTION[0] <= f.fraction <= FRACTION[1] for f in plan)
