@@ -432,8 +432,8 @@ def test_demo_survives_killed_jobs_and_snakemake(tmp_path):
 
 
 def test_fault_moments_follow_the_measured_windows():
-    """The planning alone (no pipeline): delays are fractions of the shortest measured window, and a fault that
-    job did not reach (it ended first) stays pending at the same fraction of what that job lived."""
+    """The planning alone (no pipeline): delays are fractions of the shortest measured window, and a fault whose
+    job ended before its moment stays pending at the same fraction of what that job lived."""
     seen = {(1, 0.0): Job("finetune", "a", 0.0, Path("r"), 10.0, {1: 4.0, 2: 7.0}),
             (2, 1.0): Job("finetune", "b", 1.0, Path("r"), 13.0, {1: 5.0, 2: 8.0}),
             (3, 20.0): Job("evaluate", "e", 20.0, None, 24.5)}
