@@ -21,6 +21,19 @@ output tree must equal the uninterrupted run's:
 Resume folders must hold no checkpoint at the end. Leftover `.<name>.<random>.tmp` files of atomic writes
 cut short by SIGKILL are listed, not compared.
 
+Independent of the machine's speed: no fault waits a fixed number of seconds. While the uninterrupted
+run goes, a watcher records every fine-tuning and evaluation job: when it started, when it saved each resume
+checkpoint and when it ended. Each fault waits for a target job to reach its anchor (its start, or its
+checkpoint k) and fires `fraction` of the window later, where the window is how long the shortest job of
+that kind lived after that anchor in this machine's reference run and the seed draws only the fraction
+(0.1-0.7, so never in the last 30% of the shortest job). If a job still ends before the fault's moment (the
+chaos run going faster than the reference), the fault stays pending: it waits for the next target job, in
+this attempt or the next one, at the same fraction of what the missed job lived. Every planned fault must be
+injected; the demo completing with one pending fails the test and names the jobs it missed.
+
+The seed is random unless MIXER_CHAOS_SEED is set; .ci/run pins it, so CI replays one plan (the delays in
+seconds still follow the machine: the seed fixes targets, signals, anchors and fractions).
+
 `make test` runs the short form (one checkpoint, one dataset, 3 faults, about 3 CPU minutes);
 `make chaos` the whole demo with 6 faults (MIXER_CHAOS_FULL=1).
 """
@@ -111,15 +124,32 @@ def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
 # ---------------------------------------------------------------------------------------------
 # Faults
 
+TARGET_JOBS = {"finetune": "finetune", "snakemake": "finetune", "evaluate": "evaluate"}  # whose jobs it waits on
+FRACTION = (0.1, 0.7)  # where in the measured window a fault fires: never at its very start or end
+
+
 @dataclass
 class Fault:
     target: str          # "finetune", "evaluate" or "snakemake"
     signum: int
-    # When: `delay_s` after a target job (for "snakemake": a fine-tuning job) started or, with
-    # after_checkpoints k > 0, after it saved the resume checkpoint of step k * checkpoint_every.
+    # When: in a job of TARGET_JOBS[target], `fraction` of its window after its anchor: its start or, with
+    # after_checkpoints k > 0, its resume checkpoint of step k * checkpoint_every. The window is how long the
+    # shortest such job of the reference run lived after that anchor; delay_s = fraction * window.
     after_checkpoints: int
-    delay_s: float
+    fraction: float
+    delay_s: float | None = None
+    missed: list = field(default_factory=list)   # jobs that ended before the fault's moment (it stayed pending)
     injected: dict = field(default_factory=dict)
+
+    def arm(self, windows: dict[tuple[str, int], float]) -> None:
+        key = (TARGET_JOBS[self.target], self.after_checkpoints)
+        assert key in windows, f"the reference run never saw {key}: windows measured {windows}"
+        self.delay_s = round(self.fraction * windows[key], 2)
+
+    def missed_job(self, job: str, lived_s: float) -> None:
+        """The job ended before the fault's moment: keep it pending, at the same fraction of what that job lived."""
+        self.missed.append(f"{job} ended {lived_s:.2f} s after the anchor, before {self.delay_s} s")
+        self.delay_s = min(self.delay_s, round(self.fraction * lived_s, 2))
 
 
 def plan_faults(seed: int, full: bool) -> list[Fault]:
@@ -130,52 +160,91 @@ def plan_faults(seed: int, full: bool) -> list[Fault]:
                "snakemake": [signal.SIGKILL, signal.SIGTERM, signal.SIGINT]}
 
     def draw(target: str) -> list[Fault]:
-        faults = []
-        for signum in rng.sample(signals[target], per_target):
-            # A fine-tuning job (demo: 60 steps, a checkpoint every 20, 1-3 s apart): during its start,
-            # or within 1 s after its first or second checkpoint. An evaluation job: anywhere in its few seconds.
-            after = rng.choice([0, 1, 2]) if target != "evaluate" else 0
-            delay = rng.uniform(0.3, 4.0) if target == "evaluate" or after == 0 else rng.uniform(0.0, 1.0)
-            faults.append(Fault(target, signum, after, round(delay, 2)))
-        return faults
+        # A fine-tuning job (demo: 60 steps, a checkpoint every 20): during its start, or after its first or
+        # second checkpoint. An evaluation job: anywhere in its life.
+        return [Fault(target, signum, rng.choice([0, 1, 2]) if target != "evaluate" else 0,
+                      round(rng.uniform(*FRACTION), 3))
+                for signum in rng.sample(signals[target], per_target)]
 
     early = draw("finetune") + draw("snakemake")
     rng.shuffle(early)
     return early + draw("evaluate")
 
 
-def job_processes(root_pid: int, target: str) -> list[psutil.Process]:
-    """The live python processes of the target's jobs under Snakemake (root_pid)."""
-    module = "workflow_scripts.evaluate" if target == "evaluate" else "workflow_scripts.finetune"
+@dataclass
+class Job:
+    """One job process as the watcher saw it: when it started, its checkpoints, when it was last alive."""
+    target: str            # "finetune" or "evaluate"
+    name: str              # its output
+    started: float
+    resume_dir: Path | None
+    last_seen: float
+    checkpoints: dict[int, float] = field(default_factory=dict)   # k -> since when checkpoint k was there
+    proc: psutil.Process | None = None
+
+    def anchor(self, after_checkpoints: int) -> float | None:
+        return self.started if after_checkpoints == 0 else self.checkpoints.get(after_checkpoints)
+
+
+def arg(cmd: list[str], flag: str) -> str | None:
+    return cmd[cmd.index(flag) + 1] if flag in cmd else None
+
+
+def job_processes(root_pid: int) -> list[tuple[str, psutil.Process]]:
+    """The live python processes of fine-tuning and evaluation jobs under Snakemake (root_pid); not their
+    data-loader workers, which are forked with the job's command line."""
+    modules = {"workflow_scripts.finetune": "finetune", "workflow_scripts.evaluate": "evaluate"}
     try:
         procs = psutil.Process(root_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    found = []
+    found = {}
     for proc in procs:
         try:
-            if proc.cmdline()[1:3] == ["-m", module]:
-                found.append(proc)
+            cmd = proc.cmdline()
+            if cmd[1:2] == ["-m"] and cmd[2] in modules:
+                found[proc.pid] = (modules[cmd[2]], proc, proc.ppid())
         except (psutil.Error, IndexError):
             continue
-    return found
+    return [(target, proc) for target, proc, parent in found.values() if parent not in found]
 
 
-def arg(proc: psutil.Process, flag: str) -> str | None:
-    cmd = proc.cmdline()
-    return cmd[cmd.index(flag) + 1] if flag in cmd else None
+JobKey = tuple[int, float]  # (pid, start time): a pid may be reused across attempts
 
 
-def ready_since(proc: psutil.Process, fault: Fault, workdir: Path, checkpoint_every: int) -> float | None:
-    """Since when the job has been where the fault waits for it (started, or saved checkpoint k); None: not yet."""
-    if fault.after_checkpoints == 0:
-        return proc.create_time()
-    resume_dir = workdir / arg(proc, "--resume-dir")
-    wanted = resume_dir / f"state-{fault.after_checkpoints * checkpoint_every:09d}.json"
-    try:  # (a checkpoint left by an earlier attempt counts from this job's start)
-        return max(wanted.stat().st_mtime, proc.create_time())
-    except FileNotFoundError:
-        return None
+def poll(root_pid: int, seen: dict[JobKey, Job], workdir: Path, checkpoint_every: int) -> dict[JobKey, Job]:
+    """Update `seen` with the live jobs and their checkpoints; returns the live ones."""
+    now, live = time.time(), {}
+    for target, proc in job_processes(root_pid):
+        try:
+            key = (proc.pid, proc.create_time())
+            if (job := seen.get(key)) is None:
+                cmd = proc.cmdline()
+                resume = arg(cmd, "--resume-dir")
+                job = seen[key] = Job(target, arg(cmd, "--model-out") or arg(cmd, "--out"), key[1],
+                                      workdir / resume if resume else None, now, proc=proc)
+        except psutil.Error:
+            continue
+        job.last_seen = now
+        for k in (1, 2):
+            if job.resume_dir is not None and k not in job.checkpoints:
+                try:  # (a checkpoint left by an earlier attempt counts from this job's start)
+                    mtime = (job.resume_dir / f"state-{k * checkpoint_every:09d}.json").stat().st_mtime
+                    job.checkpoints[k] = max(mtime, job.started)
+                except FileNotFoundError:
+                    pass
+        live[key] = job
+    return live
+
+
+def windows(seen: dict[JobKey, Job]) -> dict[tuple[str, int], float]:
+    """(job kind, anchor) -> how long the shortest such job lived after that anchor."""
+    lived: dict[tuple[str, int], list[float]] = {}
+    for job in seen.values():
+        for k in (0, 1, 2):
+            if (anchor := job.anchor(k)) is not None:
+                lived.setdefault((job.target, k), []).append(job.last_seen - anchor)
+    return {key: round(min(values), 2) for key, values in sorted(lived.items())}
 
 
 def send(fault: Fault, proc: psutil.Process, snakemake: subprocess.Popen) -> str:
@@ -194,45 +263,64 @@ def send(fault: Fault, proc: psutil.Process, snakemake: subprocess.Popen) -> str
     return "the job's python process"
 
 
-def inject(fault: Fault, snakemake: subprocess.Popen, workdir: Path, checkpoint_every: int, started: float) -> bool:
-    """Wait for the fault's moment in some target job and send its signal; False if Snakemake ended first."""
+def watch(snakemake: subprocess.Popen, workdir: Path, checkpoint_every: int, started: float,
+          fault: Fault | None, seen: dict[JobKey, Job]) -> None:
+    """Follow Snakemake's jobs until it ends (recording them in `seen`); with a fault, send it at its moment in
+    the first target job that reaches it. A target job that ends before its moment leaves the fault pending."""
+    kind = TARGET_JOBS[fault.target] if fault else None
+    watched: dict[JobKey, Job] = {}   # target jobs past their anchor, not yet at the fault's moment
     while snakemake.poll() is None:
-        for proc in job_processes(snakemake.pid, fault.target):
+        live = poll(snakemake.pid, seen, workdir, checkpoint_every)
+        if fault is None or fault.injected:
+            time.sleep(0.05)
+            continue
+        for key in set(watched) - set(live):
+            job = watched.pop(key)
+            fault.missed_job(job.name, job.last_seen - job.anchor(fault.after_checkpoints))
+        for key, job in live.items():
+            if job.target != kind or (anchor := job.anchor(fault.after_checkpoints)) is None:
+                continue
+            watched[key] = job
+            if time.time() - anchor < fault.delay_s:
+                continue
             try:
-                since = ready_since(proc, fault, workdir, checkpoint_every)
-                if since is None or time.time() - since < fault.delay_s:
-                    continue
-                job = arg(proc, "--model-out") or arg(proc, "--out")
-                to = send(fault, proc, snakemake)
+                to = send(fault, job.proc, snakemake)
             except psutil.Error:
-                continue  # it finished meanwhile: wait for another one
-            fault.injected = {"at_s": round(time.monotonic() - started, 1), "job": job, "to": to}
-            return True
+                continue  # it finished meanwhile: counted as missed at the next poll
+            fault.injected = {"at_s": round(time.monotonic() - started, 1), "job": job.name, "to": to}
+            break
         time.sleep(0.05)
-    return False
 
 
 def describe(fault: Fault) -> str:
     where, moment = fault.injected, (f"{fault.delay_s} s after its checkpoint {fault.after_checkpoints}"
                                      if fault.after_checkpoints else f"{fault.delay_s} s after it started")
+    missed = f" (pending through {len(fault.missed)} job(s) that ended first)" if fault.missed else ""
     return (f"{signal.Signals(fault.signum).name} to {fault.target} ({where['to']}) while {where['job']} ran, "
-            f"{moment}, {where['at_s']} s into the attempt")
+            f"{moment} (fraction {fault.fraction} of the window), {where['at_s']} s into the attempt{missed}")
 
 
-def run_with_faults(workdir: Path, overlay: Path | None, faults: list[Fault], label: str) -> list[str]:
-    """Run the demo, injecting each fault in turn (at most one per attempt) and rerunning until it completes."""
-    cmd, attempts, pending = snakemake_cmd(overlay), [], list(faults)
+def run_with_faults(workdir: Path, overlay: Path | None, faults: list[Fault], label: str,
+                    seen: dict[JobKey, Job] | None = None) -> list[str]:
+    """Run the demo, injecting each fault in turn (at most one per attempt) and rerunning until it completes
+    with no fault pending. `seen` collects every job the watcher saw."""
+    cmd, attempts, pending, seen = snakemake_cmd(overlay), [], list(faults), {} if seen is None else seen
     checkpoint_every = yaml.safe_load(DEMO_CONFIG.read_text())["protocol"]["checkpoint_every"]
     while len(attempts) < MAX_ATTEMPTS:
         log = workdir.parent / f"{label}-attempt{len(attempts) + 1}.log"
         proc, started = start(cmd, workdir, log), time.monotonic()
         fault = pending[0] if pending else None
-        if fault is not None and inject(fault, proc, workdir, checkpoint_every, started):
-            pending.pop(0)
+        watch(proc, workdir, checkpoint_every, started, fault, seen)
         code, out = finish(proc, log)
+        if fault is not None and fault.injected:
+            pending.pop(0)
         attempts.append(f"attempt {len(attempts) + 1}: exit {code}" + (f" after {describe(fault)}"
                                                                          if fault and fault.injected else ""))
         if code == 0 and not (fault and fault.injected):
+            if pending:
+                missed = "\n".join(f"  {f.target} {signal.Signals(f.signum).name}: {f.missed}" for f in pending)
+                pytest.fail(f"the demo completed with {len(pending)} fault(s) never reached:\n{missed}\n"
+                            + "\n".join(attempts))
             return attempts
         if "LockException" in out or "cannot be locked" in out:
             subprocess.run([*cmd, "--unlock"], cwd=workdir, env=job_env(), capture_output=True, check=True)
@@ -309,7 +397,13 @@ def test_demo_survives_killed_jobs_and_snakemake(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     # The uninterrupted run, in the same directory as the chaos run (paths in the records are the same).
-    assert run_with_faults(workdir, overlay, [], "reference") == ["attempt 1: exit 0"]
+    # The watcher measures its jobs: each fault's delay is a fraction of the window it found (machine speed).
+    seen: dict[JobKey, Job] = {}
+    assert run_with_faults(workdir, overlay, [], "reference", seen) == ["attempt 1: exit 0"]
+    measured = windows(seen)
+    print(f"windows measured in the reference run (s after start / checkpoint k, shortest job): {measured}")
+    for fault in faults:
+        fault.arm(measured)
     workdir.rename(tmp_path / "reference")
     workdir.mkdir()
     attempts = run_with_faults(workdir, overlay, faults, "chaos")
@@ -328,10 +422,33 @@ def test_demo_survives_killed_jobs_and_snakemake(tmp_path):
         print(f"leftovers of atomic writes cut short (not compared): {leftovers}")
     assert not problems, f"seed {seed}: the interrupted run's files differ:\n" + "\n".join(problems)
     assert compared > 20
-    assert len(injected) >= (5 if FULL else 3), f"seed {seed}: only {len(injected)} faults injected"
+    assert len(injected) == len(faults) == (6 if FULL else 3), f"seed {seed}: {len(injected)} faults injected"
     assert {f.target for f in injected} == {"finetune", "evaluate", "snakemake"}
     resume = workdir / root_name / ".resume"
     assert not list(resume.rglob("state-*.pt")) and not list(resume.rglob("state-*.json"))
     report = (workdir / root_name / "report" / "index.html").read_text()
     for summary in (workdir / root_name / "evaluate").glob("*/*.json"):
         assert f"{json.loads(summary.read_text())['top1_mean']:.2f}" in report, summary
+
+
+def test_fault_moments_follow_the_measured_windows():
+    """The planning alone (no pipeline): delays are fractions of the shortest measured window, and a fault whose
+    job ended before its moment stays pending at the same fraction of what that job lived."""
+    seen = {(1, 0.0): Job("finetune", "a", 0.0, Path("r"), 10.0, {1: 4.0, 2: 7.0}),
+            (2, 1.0): Job("finetune", "b", 1.0, Path("r"), 13.0, {1: 5.0, 2: 8.0}),
+            (3, 20.0): Job("evaluate", "e", 20.0, None, 24.5)}
+    measured = windows(seen)
+    assert measured == {("evaluate", 0): 4.5, ("finetune", 0): 10.0, ("finetune", 1): 6.0, ("finetune", 2): 3.0}
+    fault = Fault("snakemake", signal.SIGINT, 2, 0.5)
+    fault.arm(measured)
+    assert fault.delay_s == 1.5  # snakemake faults wait on fine-tuning jobs
+    fault.missed_job("c", 1.0)
+    assert fault.delay_s == 0.5 and len(fault.missed) == 1
+    fault.missed_job("d", 3.0)  # never later again
+    assert fault.delay_s == 0.5
+    for full in (False, True):
+        plan = plan_faults(7, full)
+        assert [(f.target, f.signum, f.after_checkpoints, f.fraction) for f in plan] == [
+            (f.target, f.signum, f.after_checkpoints, f.fraction) for f in plan_faults(7, full)]
+        assert len(plan) == (6 if full else 3) and plan[-1].target == "evaluate"
+        assert all(FRACTION[0] <= f.fraction <= FRACTION[1] for f in plan)

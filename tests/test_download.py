@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 
 from workflow_scripts import download
 from workflow_scripts.common import PipelineError, sha256_file
+from workflow_scripts.common import run_cli as run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"timeout": 5.0, "backoff": 0.01}  # retries in milliseconds, every wait bounded
@@ -90,6 +93,28 @@ def server():
     srv.shutdown()
     srv.server_close()
     thread.join(timeout=5)
+
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+UNRESOLVABLE = "nonexistent.invalid"
+
+
+@pytest.fixture
+def no_dns(monkeypatch):
+    """A resolver that fails for UNRESOLVABLE at once, as one does for a .invalid name (RFC 6761): real resolvers
+    may drop the query (seconds of timeouts) or answer NXDOMAIN with an address (the message check breaks).
+    No proxy either: with one, the proxy resolves the name and the pipeline never sees the failure."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == UNRESOLVABLE:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's opener read the proxies when it was built
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -239,9 +264,9 @@ def test_concurrent_jobs_all_land_in_the_lock(tmp_path):
     assert sorted(json.loads(lock.read_text())) == sorted(urls)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "workflow_scripts.download", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_cli_writes_the_record(tmp_path):
@@ -261,18 +286,32 @@ def test_cli_writes_the_record(tmp_path):
     assert not (tmp_path / "w" / "x.npz").exists() and not (tmp_path / "w" / "x.json").exists()
 
 
-def test_unresolvable_host_fails_fast_naming_the_config_key(tmp_path):
-    """No network or a misspelt host: one attempt, then the key to fix and the accepted url forms (.invalid never
-    resolves, RFC 6761)."""
-    start = time.monotonic()
-    proc = run_cli("--checkpoint", "ck", "--url", "http://nonexistent.invalid/x.npz", "--out", tmp_path / "x.npz",
-                   "--record", tmp_path / "x.json", "--lock", tmp_path / "weights.lock")
-    assert time.monotonic() - start < 10
-    assert proc.returncode == 2 and "cannot resolve the host name of http://nonexistent.invalid/x.npz" in proc.stderr
-    assert "fix checkpoints.ck.url: point it at a local file or a mirror" in proc.stderr
+def test_unresolvable_host_fails_fast_naming_the_config_key(tmp_path, no_dns, capsys):
+    """No network or a misspelt host (the resolver's failure injected: no_dns): one attempt, then the key to fix
+    and the accepted url forms."""
+    with pytest.raises(SystemExit) as exited:
+        run_in_process(download.main, ["--checkpoint", "ck", "--url", f"http://{UNRESOLVABLE}/x.npz", "--out",
+                                       str(tmp_path / "x.npz"), "--record", str(tmp_path / "x.json"), "--lock",
+                                       str(tmp_path / "weights.lock")])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and f"cannot resolve the host name of http://{UNRESOLVABLE}/x.npz" in err
+    assert "fix checkpoints.ck.url: point it at a local file or a mirror" in err
     for form in ("https://", "file:///", "file:relative", "plain path"):
-        assert form in proc.stderr, form
-    assert "retrying" not in proc.stdout and sorted(p.name for p in tmp_path.iterdir()) == []
+        assert form in err, form
+    assert "retrying" not in out and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_downloads_go_through_the_users_proxy(server, tmp_path):
+    """http_proxy is honoured: the request for another host goes to the proxy (the test's server plays it; the
+    suite only keeps loopback hosts off a proxy, through no_proxy)."""
+    data = npz_bytes(11)
+    url = f"http://{UNRESOLVABLE}/p.npz"
+    server.files[url] = data  # a proxy gets the absolute URL as the request target
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+    proc = run_cli("--checkpoint", "ck", "--url", url, "--out", tmp_path / "p.npz", "--record", tmp_path / "p.json",
+                   "--lock", tmp_path / "weights.lock", env=dict(env, http_proxy=server.url))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "p.npz").read_bytes() == data and server.requests == [(url, None)]
 
 
 def test_retry_after_is_honoured(server, tmp_path):
@@ -353,13 +392,13 @@ def test_resumed_part_of_an_older_file_is_downloaded_again(server, tmp_path, cap
     assert "may mix two versions" in capsys.readouterr().out
 
 
-def test_cifar10_download_failure_names_the_source_path_key(tmp_path, monkeypatch):
+def test_cifar10_download_failure_names_the_source_path_key(tmp_path, monkeypatch, no_dns):
     """torchvision's own CIFAR-10 download (prepare_data): the error says which key points at a local copy."""
     from torchvision.datasets import CIFAR10
 
     from workflow_scripts import prepare_data
 
-    monkeypatch.setattr(CIFAR10, "url", "http://nonexistent.invalid/cifar-10-python.tar.gz")
+    monkeypatch.setattr(CIFAR10, "url", f"http://{UNRESOLVABLE}/cifar-10-python.tar.gz")
     spec = {"label": "CIFAR-10", "source": {"kind": "cifar10", "path": None}, "minival": {"fraction": 0.02},
             "test_split": "test", "steps": 1, "eval_protocol": "official"}
     start = time.monotonic()
@@ -367,7 +406,7 @@ def test_cifar10_download_failure_names_the_source_path_key(tmp_path, monkeypatc
         prepare_data.prepare("cifar10", spec, tmp_path / "d" / "cifar10" / "dataset.json")
     assert time.monotonic() - start < 10
     message = str(err.value)
-    assert "nonexistent.invalid" in message and "datasets.cifar10.source.path" in message
+    assert UNRESOLVABLE in message and "datasets.cifar10.source.path" in message
     assert "cifar-10-batches-py" in message and str(tmp_path / "d" / "cifar10" / "raw") in message
     assert not (tmp_path / "d" / "cifar10" / "dataset.json").exists()
 

@@ -35,6 +35,13 @@ PROTOCOL = dict(FINETUNE_PROTOCOL, batch_size=8, warmup_steps=1, inception_crop=
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def cpu_only(monkeypatch):
+    """These tests mean the CPU (the GPU is faked where a test needs one: FakeCuda): on a GPU node torch
+    would otherwise save a CUDA generator state and fine-tune and evaluate on the device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A tiny converted checkpoint and a 3-class array dataset (train with a minival fraction, test)."""
@@ -142,7 +149,7 @@ def test_resume_with_another_number_of_visible_gpus(monkeypatch, saved_on, resum
 
 
 def test_a_cpu_state_resumes_on_cuda_and_a_cuda_state_on_the_cpu(monkeypatch):
-    cpu_saved = through_a_file(finetune.rng_state())  # this machine has no GPU
+    cpu_saved = through_a_file(finetune.rng_state())  # on the CPU (cpu_only), whatever the machine has
     assert "cuda" not in cpu_saved
     with monkeypatch.context() as patched:
         fake = FakeCuda(patched, visible=1)

@@ -29,9 +29,16 @@ with open(sys.argv[1], "a") as f:
 """
 
 
-def pool(*args: str, env_extra: dict[str, str] | None = None, **kw) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # the test's own, if any
+def job_env(env_extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without what says which devices exist (SLURM_*, CUDA_VISIBLE_DEVICES: the
+    user's, or the suite's "" from conftest): each test sets its own, with a fake device count."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "CUDA_VISIBLE_DEVICES"}
     env.update(PYTHONPATH=str(REPO), **(env_extra or {}))
+    return env
+
+
+def pool(*args: str, env_extra: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    env = job_env(env_extra)
     return subprocess.Popen([sys.executable, "-m", "workflow_scripts.gpu_pool", *args], env=env, **kw)
 
 
@@ -281,12 +288,10 @@ def test_slurm_choice_of_devices(tmp_path):
 
 
 def _run_pool(gpus: int, locks: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "CUDA_VISIBLE_DEVICES"}
-    env.update(PYTHONPATH=str(REPO), **env_extra)
     return subprocess.run([sys.executable, "-m", "workflow_scripts.gpu_pool", "--gpus", str(gpus), "--lock-dir",
                            str(locks), "--", sys.executable, "-c",
                            "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'))"],
-                          env=env, capture_output=True, text=True, timeout=60)
+                          env=job_env(env_extra), capture_output=True, text=True, timeout=60)
 
 
 def test_slurm_allocation_of_exactly_the_job_is_used_as_is(tmp_path):
@@ -361,6 +366,32 @@ with gpu_pool.acquire(int(sys.argv[2]), sys.argv[1], 2, poll_s=0.02) as devices:
 """
 
 
+def as_other_user(uid: int, python: str, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", python, *args],
+                            preexec_fn=lambda: os.umask(0o022), text=True, **kw)
+
+
+def package_for_everyone(base: Path) -> tuple[str, dict[str, str]]:
+    """A copy of the pool's modules (stdlib only) that any user can read, and an interpreter any user can run:
+    the checkout (and its .venv) may sit in a folder only its owner can enter (a clone in root's home)."""
+    package = base / "pkg" / "workflow_scripts"
+    package.mkdir(parents=True)
+    for name in ("__init__.py", "common.py", "gpu_pool.py"):
+        shutil.copyfile(REPO / "workflow_scripts" / name, package / name)
+    for path in (base / "pkg", package, *package.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    env = dict(os.environ, PYTHONPATH=str(base / "pkg"))
+    tried = []
+    for python in dict.fromkeys([sys.executable, os.path.realpath(sys.executable), shutil.which("python3") or ""]):
+        if python:
+            probe = as_other_user(65534, python, "-c", "import workflow_scripts.gpu_pool", env=env, cwd=base,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            tried.append(f"{python}: {probe.communicate(timeout=60)[0].strip()[-300:]}")
+            if probe.returncode == 0:
+                return python, env
+    pytest.skip("no Python interpreter that uid 65534 can run:\n" + "\n".join(tried))
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
                     reason="runs jobs as two other users, which needs root and util-linux's setpriv")
 def test_two_users_share_one_pool():
@@ -370,14 +401,13 @@ def test_two_users_share_one_pool():
     jobs = []
 
     def as_user(uid: int, n: int) -> subprocess.Popen:
-        job = subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable,
-                                "-c", USER_JOB, str(locks), str(n)], preexec_fn=lambda: os.umask(0o022), text=True,
-                               env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=base, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        job = as_other_user(uid, python, "-c", USER_JOB, str(locks), str(n), env=env, cwd=base,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         jobs.append(job)
         return job
 
     try:
+        python, env = package_for_everyone(base)
         first = as_user(65534, 1)  # creates the folder and gpu0.lock
         assert first.stdout.readline().strip() == "0", first.stderr.read()
         second = as_user(4242, 1)  # opens the first user's gpu0.lock, finds it busy, creates gpu1.lock

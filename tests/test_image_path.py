@@ -469,5 +469,23 @@ def test_image_path_bench_prints_rates_against_the_decoder(tmp_path):
     needed = 0.4 * bench.PEAK_BF16_TFLOPS["NVIDIA H100 80GB HBM3"] * 1e12 / bench.forward_flops(bench.MIXER_B16)
     assert result["h100_img_s_needed"] == round(needed)
     assert result["h100_cores_needed"] == round(needed / result["img_s_per_core"], 1)
+    assert result["h100_cores_needed_decode_only"] == round(needed / result["decode_only_img_s_per_core"], 1)
     if not torch.cuda.is_available():
         assert bench.gpu_decode_bench(rounds=1) == {"skipped": "no CUDA device"}
+
+
+def test_image_path_bench_core_counts_agree_with_the_printed_rates(monkeypatch):
+    """A measured rate on a rounding edge (500.951 img/s: 31.4 cores unrounded, 31.3 from the printed 501.0): the
+    printed core count is the printed rates' quotient, by construction."""
+    from workflow_scripts import bench
+
+    edge = 500.951
+    # the headline protocol (the first transform) and decode-only on the edge; the other loops at 600 img/s
+    monkeypatch.setattr(bench, "image_path_rates", lambda files, transforms, rounds: {
+        name: [edge if name in (next(iter(transforms)), "decode") else 600.0]
+        for name in (*transforms, "decode", "decode_opencv", "previous")})
+    result = bench.image_path_bench("eval", rounds=1, count=1)
+    needed = bench.h100_img_s_needed(bench.forward_flops(bench.MIXER_B16))
+    assert result["img_s_per_core"] == result["decode_only_img_s_per_core"] == 501.0
+    assert result["h100_cores_needed"] == result["h100_cores_needed_decode_only"] == round(needed / 501.0, 1)
+    assert round(needed / edge, 1) != round(needed / 501.0, 1)  # the edge: the unrounded rate gives another figure

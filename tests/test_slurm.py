@@ -133,8 +133,10 @@ def slurm_demo(slurm_cluster, tmp_path_factory):
         # Demo jobs take seconds: poll sacct sooner than the profile does; fail at once, no retries.
         "--slurm-init-seconds-before-status-checks", "5", "--retries", "0",
     ]
-    # Jobs inherit this environment (sbatch --export=ALL): the venv's python runs the stages.
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    # Jobs inherit this environment (sbatch --export=ALL): the venv's python runs the stages. Not the
+    # CUDA_VISIBLE_DEVICES of the suite (conftest) or the user: SLURM sets the GPU jobs' own.
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     log_path = workdir / "snakemake.log"
     root = workdir / cfg["output_root"]
     preempted = None

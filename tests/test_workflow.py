@@ -184,14 +184,32 @@ def test_every_rule_has_log_benchmark_and_conda():
 
 
 def test_a_skip_fails_the_suite_in_ci(tmp_path):
-    (tmp_path / "test_skipping.py").write_text("import pytest\n\ndef test_x():\n    pytest.skip('no browser')\n")
+    """Skipped in a test, by a marker, or while collecting a module (importorskip): each fails in CI."""
+    (tmp_path / "test_skipping.py").write_text("import pytest\n\ndef test_x():\n    pytest.skip('no browser')\n\n\n"
+                                               "@pytest.mark.skipif(True, reason='not root')\ndef test_y():\n"
+                                               "    pass\n")
+    (tmp_path / "test_module_skip.py").write_text("import pytest\n\npytest.importorskip('no_such_module_xyz')\n\n\n"
+                                                  "def test_z():\n    pass\n")
     (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
     run = lambda ci: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path,
         env=dict(os.environ, CI=ci), capture_output=True, text=True, timeout=120)
     in_ci, locally = run("true"), run("")
-    assert in_ci.returncode == 1 and "skipped in CI" in in_ci.stdout and "no browser" in in_ci.stdout
-    assert locally.returncode == 0 and "1 skipped" in locally.stdout
+    assert in_ci.returncode == 1, in_ci.stdout
+    for reason in ("no browser", "not root", "no_such_module_xyz"):
+        assert any("skipped in CI" in line and reason in line for line in in_ci.stdout.splitlines()), reason
+    assert locally.returncode == 0 and "3 skipped" in locally.stdout, locally.stdout
+
+
+def test_ci_is_any_value_but_the_false_ones(monkeypatch):
+    from tests import conftest
+
+    for value, expected in (("true", True), ("1", True), ("True", True), ("yes", True), ("", False),
+                            ("false", False), ("0", False), ("no", False), ("OFF", False)):
+        monkeypatch.setenv("CI", value)
+        assert conftest.in_ci() == expected, value
+    monkeypatch.delenv("CI")
+    assert not conftest.in_ci()
 
 
 def long_functions(max_lines: int = 60) -> list[str]:
@@ -210,3 +228,11 @@ def long_functions(max_lines: int = 60) -> list[str]:
 
 def test_no_function_in_workflow_scripts_is_over_60_lines():
     assert long_functions() == []
+
+
+def test_ci_entry_point_says_it_is_ci_and_pins_the_chaos_seed():
+    """.ci/run is CI whoever starts it (skips fail there) and replays one chaos plan."""
+    text = (REPO / ".ci" / "run").read_text()
+    assert re.search(r"^export CI=true$", text, re.M)
+    assert re.search(r'^export MIXER_CHAOS_SEED="\$\{MIXER_CHAOS_SEED:-\d+\}"$', text, re.M)
+    assert text.index("export CI=true") < text.index("make test")

@@ -721,18 +721,27 @@ def read_model_stats(config: dict, paired: dict) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # Provenance
 def git_state(repo: Path) -> dict:
-    def git(*args):
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30, check=False)
+    """The checkout's commit and whether it is dirty. A checkout owned by another user (a bind-mounted
+    workspace, root running the pipeline) makes git refuse ("dubious ownership"); it is read anyway, with
+    safe.directory for this path only and the repository's fsmonitor hook off (reading runs nothing of it)."""
+    def git(*args, trust=()):
+        return subprocess.run(["git", *trust, "-C", str(repo), *args], capture_output=True, text=True, timeout=30,
+                              check=False)
 
     try:
-        head = git("rev-parse", "HEAD")
+        head, trust = git("rev-parse", "HEAD"), ()
     except FileNotFoundError:
         return {"commit": None, "dirty": None, "note": "git is not installed"}
+    note = None
+    if head.returncode != 0 and "dubious ownership" in head.stderr:
+        trust = ("-c", f"safe.directory={Path(repo).resolve()}", "-c", "core.fsmonitor=false")
+        head = git("rev-parse", "HEAD", trust=trust)
+        note = f"{repo} is owned by another user (uid {Path(repo).stat().st_uid}); read with git's safe.directory"
     if head.returncode != 0:
         return {"commit": None, "dirty": None, "note": f"{repo} is not a git checkout"}
-    status = git("status", "--porcelain")
+    status = git("status", "--porcelain", trust=trust)
     return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip()),
-            "dirty_files": status.stdout.splitlines()[:50], "note": None}
+            "dirty_files": status.stdout.splitlines()[:50], "note": note}
 
 
 def package_versions() -> dict:
