@@ -76,7 +76,7 @@ VOLATILE_FIELDS = {
     "final/*/*/*/summary.json": RUN_TIMING | {"timings", "resumed_from_step"},
     "variants/*/*/*/*/summary.json": RUN_TIMING | {"timings", "resumed_from_step"},
     "variants/*/*/*/evaluation.json": {"images_per_s"},
-    "selection_bias/*/*.json": {"images_per_s"},
+    "sweep_on_test/*/*/*.json": {"images_per_s"},
     "evaluate/*/*/*.json": {"images_per_s"},
     "converted/*.parity.json": PARITY_TIMING,
     "weights/*.download.json": {"seconds"},
@@ -84,11 +84,15 @@ VOLATILE_FIELDS = {
     "weights.lock": {"recorded_utc"},
     "evaluate/*/*.json": {"images_per_s"},
     "baseline/*/*/*.json": {"images_per_s"},
-    "aggregate/summary.json": AGGREGATE_RUN_TIMING | PARITY_TIMING | {"aggregated_utc", "seconds", "images_per_s"},
+    "aggregate/summary.json": AGGREGATE_RUN_TIMING | PARITY_TIMING | {"aggregated_utc", "seconds", "images_per_s",
+                                                                     "img_s_ratio"},
     "aggregate/runs.csv": AGGREGATE_RUN_TIMING,
 }
 # Folders not compared: they narrate each attempt (see the docstring); .resume is checked on its own.
-NOT_COMPARED = ("logs", "benchmarks", "report", ".resume")
+# model_stats and preflight measure the machine (throughput, memory) and comparison.md/.tex print the measured
+# throughput: their figures differ by attempt like the benchmarks.
+NOT_COMPARED = ("logs", "benchmarks", "report", ".resume", "model_stats", "preflight")
+NOT_COMPARED_FILES = ("aggregate/comparison.md", "aggregate/comparison.tex")
 ATOMIC_LEFTOVER = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # common.atomic_path's temporary names
 
 
@@ -358,7 +362,7 @@ def output_files(root: Path) -> tuple[dict[str, Path], list[str]]:
     files, leftovers = {}, []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel.split("/")[0] in NOT_COMPARED:
+        if rel.split("/")[0] in NOT_COMPARED or rel in NOT_COMPARED_FILES:
             continue
         if ATOMIC_LEFTOVER.fullmatch(path.name):
             leftovers.append(rel)
