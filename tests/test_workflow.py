@@ -50,10 +50,10 @@ def test_study_dry_run_lists_the_whole_of_table3(tmp_path):
     jobs = set(re.findall(r"finetune/(\w+)/(\w+)/lr([0-9.e-]+)_s(\d+)/model\.safetensors", res.stdout))
     expected = {(c, d, f"{lr:g}", str(s)) for c in cfg["finetune"]["checkpoints"] for d in datasets
                 for lr in cfg["datasets"][d]["base_lrs"] for s in cfg["finetune"]["seeds"]}
-    assert jobs == expected and counts["finetune"] == len(expected) == 4 * 5 * 4
+    assert jobs == expected and counts["finetune"] == len(expected) == 5 * 5 * 4
     # The paper's Appendix C: every dataset's grid is {0.003, 0.01, 0.03, 0.06}.
     assert all(cfg["datasets"][d]["base_lrs"] == [0.003, 0.01, 0.03, 0.06] for d in datasets)
-    n_pairs = 4 * 5
+    n_pairs = 5 * 5  # the 448 px row (Appendix C) included
     assert counts["select_lr"] == n_pairs
     assert counts["evaluate"] == n_pairs * 3  # resmall_crop, resize_crop, official (timm's: released models only)
     # Three final runs per pair at the selected LR on train + dev split (Table 3 caption), the variants the
@@ -67,14 +67,16 @@ def test_study_dry_run_lists_the_whole_of_table3(tmp_path):
     assert counts["evaluate_variant"] == counts["variant_finetune"]
     sweeps = set(re.findall(r"sweep_on_test/(\w+)/(\w+)/(\w+)\.json", res.stdout))
     assert sweeps == ({(c, d, "resmall_crop") for c in cfg["finetune"]["checkpoints"] for d in datasets}
-                      | {(c, "cifar10", "official") for c in cfg["finetune"]["checkpoints"]})
+                      | {(c, "cifar10", "official") for c in cfg["finetune"]["checkpoints"] if "448" not in c})
     # The released ImageNet-1k models are evaluated as they are, with every protocol and timm's own; one ReaL
-    # job per ImageNet result (4 fine-tuned + 2 released), from a real.json fetched once.
+    # job per ImageNet result (5 fine-tuned + 2 released) and one for Table 2's ReaL (448 px, resize_crop),
+    # from a real.json fetched once.
     assert counts["baseline"] == len(released) * len(cfg["evaluation"]["protocols"])
-    assert counts["real"] == 6 and counts["download_real_labels"] == 1
-    assert set(re.findall(r"real/finetune/(\w+)/imagenet\.json", res.stdout)) == set(cfg["checkpoints"])
-    assert set(re.findall(r"real/released/(\w+)/imagenet\.json", res.stdout)) == released
-    assert counts["download_weights"] == counts["convert_weights"] == 4
+    assert counts["real"] == 8 and counts["download_real_labels"] == 1
+    assert set(re.findall(r"real/finetune/(\w+)/imagenet/resmall_crop\.json", res.stdout)) == set(cfg["checkpoints"])
+    assert set(re.findall(r"real/released/(\w+)/imagenet/resmall_crop\.json", res.stdout)) == released
+    # The 448 px entry is built from mixer_l16_in21k's .npz: 4 downloads, 5 conversions, 5 throughputs.
+    assert counts["download_weights"] == 4 and counts["convert_weights"] == counts["model_stats"] == 5
     assert counts["prepare_data"] == 5
     assert counts["report"] == counts["aggregate"] == counts["notebook"] == 1
     assert cfg["averages"] == {"Avg5": ["imagenet", "cifar10", "cifar100", "pets", "flowers"]}
