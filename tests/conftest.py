@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from workflow_scripts import references
-
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "demo" / "config.yaml"
 
@@ -92,6 +90,8 @@ def demo_run(tmp_path_factory):
         cwd=workdir, env=env, capture_output=True, text=True, timeout=1200,
     )
     elapsed = time.monotonic() - start
+    from workflow_scripts import references  # here: conftest also runs where the package is not importable
+
     cfg = references.load_config(DEMO_CONFIG)  # as the rules see it: references loaded
     root = workdir / cfg["output_root"]
     if res.returncode != 0:

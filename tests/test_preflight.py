@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from workflow_scripts import eta, finetune, model_io, preflight
+from workflow_scripts import eta, finetune, matrix, model_io, preflight, references
 from workflow_scripts.common import PipelineError
 from workflow_scripts.protocol import Protocol
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = yaml.safe_load((REPO / "demo" / "config.yaml").read_text())
+DEMO = references.load_config(REPO / "demo" / "config.yaml")  # as the rules see it
 # Small enough to be cheap, large enough that activations (which grow with the micro-batch) dominate its memory.
 ARCH = {"patch_size": 4, "hidden_dim": 64, "num_blocks": 2, "tokens_mlp_dim": 32, "channels_mlp_dim": 256,
         "num_classes": 10, "image_size": 32}
@@ -160,15 +159,14 @@ def test_summary_prices_the_demo_plan_with_eta(tmp_path, monkeypatch):
         path.write_text(json.dumps({"splits": {"train": 1000, "val": 200, "test": 300}, "train_split": "train"}))
     records = [{"shape": shape, "device": "cpu", "precision": "fp32", "micro_batch": 32, "peak_memory_mib": 80.0,
                 "train_img_s": 640.0, "mfu": None, "loader_img_s": 900.0, "eval_img_s": 1280.0,
-                "eval_top1_agreement": 100.0, "warnings": []} for shape in ("p4-d64-b4-t32-c256-32px-0gpu",
-                                                                            "p8-d96-b4-t48-c384-32px-0gpu")]
+                "eval_top1_agreement": 100.0, "warnings": []} for shape in matrix.job_shapes(DEMO)]
     summary = preflight.summarize(DEMO, records, 2)
     plan = eta.estimate(DEMO, {r["shape"]: {"train_img_s": 640.0, "eval_img_s": 1280.0} for r in records}, 2)
     assert summary["device_hours"] == pytest.approx(plan["device_hours"]) and summary["device_hours"] > 0
     assert summary["gpus"] == 2 and 0 < summary["eta_hours"] <= summary["device_hours"]
     assert [s["shape"] for s in summary["shapes"]] == [r["shape"] for r in records]
     table = preflight.summary_table(summary)
-    assert "p8-d96-b4-t48-c384-32px-0gpu" in table and "640" in table and "100.0%" in table
+    assert records[-1]["shape"] in table and "640" in table and "100.0%" in table
     assert table.splitlines()[-1].startswith(f"plan: {summary['device_hours']:.3g} device-hours; on 2 device(s)")
 
 

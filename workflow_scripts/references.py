@@ -78,7 +78,7 @@ def load(value, base_dir: str | Path, protocols: dict) -> dict:
     if isinstance(value, dict):
         return value
     paths = value if isinstance(value, list) else [value]
-    parts = [load_file(p if Path(p).is_absolute() else Path(base_dir) / p, protocols) for p in paths]
+    parts = [load_file(Path(p) if Path(p).is_absolute() else Path(base_dir) / p, protocols) for p in paths]
     return parts[0] if isinstance(value, str) else merge(parts, paths)
 
 
