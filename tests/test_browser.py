@@ -34,10 +34,15 @@ TIMEOUT_S = 60
 PROBE = """(() => {
   const t = document.getElementById('headline');
   if (!t) return JSON.stringify({found: false});
+  const firstTable = document.querySelector('table') === t;
+  t.scrollIntoView({block: 'start'});
   const r = t.getBoundingClientRect(), s = getComputedStyle(t);
+  const bottom = Math.min(r.bottom, window.innerHeight), right = Math.min(r.right, window.innerWidth);
+  const middle = document.elementFromPoint((Math.max(r.left, 0) + right) / 2, (Math.max(r.top, 0) + bottom) / 2);
   const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length;
-  return JSON.stringify({found: true, width: r.width, height: r.height, top: r.top,
-    viewport: window.innerHeight, display: s.display, visibility: s.visibility, opacity: s.opacity,
+  return JSON.stringify({found: true, first_table: firstTable, width: r.width, height: r.height, top: r.top,
+    viewport: window.innerHeight, covered: !(middle && t.contains(middle)), display: s.display,
+    visibility: s.visibility, opacity: s.opacity,
     rows: t.tBodies[0].rows.length, images: document.images.length, broken_images: broken,
     page_width: document.documentElement.scrollWidth, window_width: document.documentElement.clientWidth});
 })()"""
@@ -126,7 +131,8 @@ def test_report_opens_without_errors_and_shows_the_headline(tmp_path):
     assert probe["found"], "no element with id 'headline'"
     assert probe["width"] > 0 and probe["height"] > 0
     assert probe["display"] != "none" and probe["visibility"] == "visible" and float(probe["opacity"]) > 0
-    assert 0 <= probe["top"] < probe["viewport"], "the headline table is not in the first screen"
+    assert probe["first_table"], "the headline table is not the page's first table"
+    assert -1 < probe["top"] < probe["viewport"] and not probe["covered"], f"not visible once scrolled to: {probe}"
     assert probe["rows"] == html.split('id="headline"')[1].split("</table>")[0].split("<tbody>")[1].count("<tr")
     assert probe["images"] >= 3 and probe["broken_images"] == 0
     assert probe["page_width"] <= probe["window_width"], "the page scrolls horizontally in a 1400 px window"
@@ -144,11 +150,14 @@ def test_the_study_shaped_report_fits_1400_px(tmp_path):
 
 
 def test_the_check_sees_errors(tmp_path):
-    """Negative control: a page with a console error, an exception and a missing image is caught."""
+    """Negative control: a page with a console error, an exception and a missing image is caught, and a
+    headline table after another table and under an overlay is seen as such."""
     bad = tmp_path / "bad.html"
-    bad.write_text("<!DOCTYPE html><html><body><p>no headline</p><img src='missing.png'>"
+    bad.write_text("<!DOCTYPE html><html><body><table><tbody><tr><td>first</td></tr></tbody></table>"
+                   "<table id='headline'><tbody><tr><td>headline</td></tr></tbody></table><img src='missing.png'>"
+                   "<div style='position: fixed; inset: 0; background: white'></div>"
                    "<script>console.error('boom'); undefined_function();</script></body></html>")
     errors, probe = open_in_chromium(bad, tmp_path / "profile")
-    assert not probe["found"]
+    assert probe["found"] and not probe["first_table"] and probe["covered"]
     text = "\n".join(errors)
     assert "boom" in text and "undefined_function" in text and "missing.png" in text

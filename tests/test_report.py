@@ -528,8 +528,9 @@ def test_report_shows_each_pair_references_and_provenance(demo):
                   "snakemake --cores 2", "cpu: Fixture CPU @ 2.0GHz", "2025-01-01T10:00:00+00:00",
                   "Inception crop (training)"):
         assert field in text, field
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    # (safe.directory: the checkout may belong to another user, as a bind-mounted one does when root runs this)
+    commit = subprocess.run(["git", "-c", f"safe.directory={REPO}", "-C", str(REPO), "rev-parse", "HEAD"],
+                            capture_output=True, text=True, check=True).stdout.strip()
     assert commit in page
     # Self-contained: charts embedded, stylesheet inlined, nothing fetched from elsewhere.
     assert page.count("data:image/png;base64,") >= 2 + len(matrix.pairs(config))
@@ -1409,3 +1410,24 @@ def test_throughput_as_ratios_and_parameters_beside_the_paper(tmp_path):
             table_rows(render_contract(tmp_path / "no-base", summary), "throughput-table")]
     assert [row[6:8] for row in rows] == [["–", "0.303"], ["–", "0.076"]]
     assert "## Throughput and parameters" in tables.comparison_markdown(summary)
+
+
+def test_git_state_reads_a_checkout_owned_by_another_user(tmp_path, monkeypatch):
+    """A bind-mounted workspace read by root: git refuses with "dubious ownership"; the provenance still has the
+    commit. GIT_TEST_ASSUME_DIFFERENT_OWNER is git's own switch for that case (`make test-hostile` chowns a clone)."""
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "one"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, env=env, capture_output=True)
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    (repo / "new.txt").write_text("")
+    monkeypatch.setenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", "1")
+    refused = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "dubious ownership" in refused.stderr  # what the old code recorded as None
+    state = aggregate.git_state(repo)
+    assert (state["commit"], state["dirty"], state["dirty_files"]) == (commit, True, ["?? new.txt"])
+    assert "owned by another user" in state["note"]
+    assert aggregate.git_state(tmp_path / "not_a_checkout")["commit"] is None
