@@ -12,7 +12,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, workflow.basedir)  # workflow_scripts: the pure job matrix and the typed protocol
-from workflow_scripts import matrix, references  # noqa: E402
+from workflow_scripts import eta, matrix, references  # noqa: E402
 from workflow_scripts.common import PipelineError  # noqa: E402
 from workflow_scripts.protocol import Protocol  # noqa: E402
 
@@ -538,6 +538,9 @@ def aggregate_inputs(wildcards):
         "datasets": [dataset_json(ds) for ds in matrix.used_datasets(config)],
         "model_stats": [model_stats_json(ck) for ck in matrix.used_checkpoints(config)],
         "reals": [real_json(*r) for r in matrix.real_results(config)],
+        # The preflight's ETA beside what each job took (ancient: a later preflight reruns no aggregate).
+        "job_benchmarks": [benchmark_file(rule, job) for rule, job in eta.planned_jobs(config)],
+        "preflight_summary": ancient(preflight_summary()),
     }
 
 

@@ -95,3 +95,36 @@ def test_estimate_leaves_out_done_jobs_and_says_what_is_unknown(tmp_path):
     missing = eta.estimate(config, {}, 1)
     assert missing["eta_hours"] is None and missing["device_hours"] is None
     assert any("run the preflight" in why for why in missing["unknown"])
+
+
+def test_the_check_puts_each_jobs_benchmark_beside_its_estimate(tmp_path):
+    """eta.check: per job and per rule, actual device-hours (benchmark wall seconds x the job's devices) over the
+    estimate; a job without benchmark is counted, not compared; CPU-only jobs (priced 0) are left out."""
+    config = demo_config(tmp_path)
+    rates = {shape: {"train_img_s": 64.0, "eval_img_s": 100.0} for shape in matrix.job_shapes(config)}
+    summary = {**eta.estimate(config, rates, 2), "shapes": [{"device": "cpu", "device_name": "Fixture CPU"}]}
+    planned = eta.planned_jobs(config)
+    priced = {(j["rule"], j["job"]): j["device_hours"] for j in summary["jobs"]}
+    seconds = {job: 2 * priced[job] * 3600 for job in planned}  # everything took twice its estimate...
+    evaluations = [job for job in planned if job[0] == "evaluate"]
+    seconds[evaluations[0]] = None  # ...and one evaluation has no benchmark file
+    check = eta.check(summary, seconds)
+    assert check["available"] and check["devices"] == ["Fixture CPU"]
+    assert check["jobs_without_benchmark"] == 1 and check["jobs_not_in_plan"] == 0
+    assert check["jobs_compared"] == len([job for job in planned if priced[job]]) - 1
+    assert check["ratio"] == pytest.approx(2.0)
+    rules = {r["rule"]: r for r in check["by_rule"]}
+    assert "select_lr" not in rules and "real" not in rules  # priced 0: CPU work
+    assert rules["evaluate"]["jobs"] == len(evaluations) and rules["evaluate"]["with_benchmark"] == len(evaluations) - 1
+    assert all(r["ratio"] == pytest.approx(2.0) for r in rules.values())
+    [finetune] = [j for j in check["jobs"] if (j["rule"], j["job"]) == planned[0]]
+    assert finetune["actual_hours"] == pytest.approx(2 * finetune["estimated_hours"])
+    # a preflight of another config: its jobs that this plan lacks are counted apart
+    fewer = {job: s for job, s in seconds.items() if job[0] != "finetune"}
+    assert eta.check(summary, fewer)["jobs_not_in_plan"] == len([j for j in planned if j[0] == "finetune"])
+
+
+def test_the_check_says_why_it_cannot_compare():
+    assert "make preflight" in eta.check(None, {})["why"]
+    unknown = eta.check({"device_hours": None, "unknown": ["no measured rate for job shape x"]}, {})
+    assert not unknown["available"] and "no measured rate for job shape x" in unknown["why"]

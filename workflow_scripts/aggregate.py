@@ -40,7 +40,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from workflow_scripts import eta
 from workflow_scripts.common import PipelineError, atomic_path, json_arg, read_json, run_cli, write_json
+from workflow_scripts.eta import planned_jobs
 from workflow_scripts.matching import build_comparison, verdict_counts
 from workflow_scripts.matrix import (
     baseline_runs,
@@ -102,6 +104,10 @@ class ResultFiles:
     model_stats: Sequence[str | os.PathLike]
     # Snakemake benchmark TSVs of the finetune jobs; empty = none (stages run by hand): cost left unknown.
     finetune_benchmarks: Sequence[str | os.PathLike] = ()
+    # Snakemake benchmark TSVs of every job the ETA prices, and the preflight's summary.json with its estimate;
+    # empty / None = the estimate is not checked (stages run by hand).
+    job_benchmarks: Sequence[str | os.PathLike] = ()
+    preflight_summary: str | os.PathLike | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +135,10 @@ INPUT_LISTS = {
     "datasets": (used_datasets, "used datasets (dataset.json)"),
     "reals": (real_results, "results with ReaL labels (ReaL top-1), per protocol"),
     "model_stats": (used_checkpoints, "used checkpoints (parameters and throughput)"),
+    "job_benchmarks": (planned_jobs, "jobs of the ETA (Snakemake benchmark .tsv)"),
 }
+# Lists that may be left out (stages run by hand): their entries are then None.
+OPTIONAL_LISTS = {"finetune_benchmarks", "job_benchmarks"}
 # comparison.csv's columns (workflow_scripts.matching.comparison_row), in order.
 COMPARISON_COLUMNS = ["source", "citation", "source_protocol", "source_protocol_note", "model", "pretraining",
                       "image_size", "column", "kind", "metric", "reference_value", "is_primary", "matched_result",
@@ -148,7 +157,7 @@ def pair_with_matrix(config: dict, files: ResultFiles) -> dict[str, list[tuple]]
     paired = {}
     for name, (entries_of, what) in INPUT_LISTS.items():
         entries, given = entries_of(config), [Path(p) for p in getattr(files, name)]
-        if name == "finetune_benchmarks" and not given:
+        if name in OPTIONAL_LISTS and not given:
             given = [None] * len(entries)
         if len(given) != len(entries):
             flag = "--" + name.replace("_", "-")
@@ -191,8 +200,8 @@ def read_benchmark(path: Path) -> dict:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise PipelineError(f"{path}: benchmark file not found (Snakemake writes it when the finetune job ends); "
-                            "rerun that job, or aggregate without --finetune-benchmarks") from None
+        raise PipelineError(f"{path}: benchmark file not found (Snakemake writes it when its job ends); "
+                            "rerun that job, or aggregate without the benchmark files") from None
     rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
     if not rows or "s" not in rows[0]:
         raise PipelineError(f"{path}: not a Snakemake benchmark file (no 's' column); delete it and rerun the job")
@@ -351,6 +360,13 @@ def pair_records(config: dict, pair_results: dict) -> list[dict]:
                         "num_seeds": ev["num_seeds"], "num_images": ev["num_images"], "protocol": ev["protocol"],
                         "trained_on": ev["runs"][0].get("trained_on", "train"), "protocols": protocols})
     return records
+
+
+def eta_check(files: ResultFiles, paired: dict) -> dict:
+    """The preflight's estimate beside each job's benchmark time (workflow_scripts.eta.check)."""
+    preflight = read_json(Path(files.preflight_summary)) if files.preflight_summary else None
+    seconds = {job: float(read_benchmark(path)["s"]) if path else None for job, path in paired["job_benchmarks"]}
+    return eta.check(preflight, seconds)
 
 
 def cost_of(runs: list[dict]) -> dict:
@@ -819,6 +835,7 @@ def aggregate(config: dict, files: ResultFiles, outputs: AggregateOutputs) -> di
         "variants": read_variants(config, paired, pair_results, ours["results"]),
         "selection_bias": read_selection_bias(config, sweeps, pair_results, ours["results"]),
         "cost": cost_of(runs),
+        "eta_check": eta_check(files, paired),
         "provenance": provenance(runs),
         "inputs": [str(path) for entries in paired.values() for _, path in entries if path is not None],
     }
@@ -847,8 +864,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     inputs = ap.add_argument_group("inputs (each list in the order of its workflow_scripts.matrix function)")
     for name, (entries_of, what) in INPUT_LISTS.items():
         inputs.add_argument("--" + name.replace("_", "-"), nargs="*", type=Path, metavar="FILE",
-                            required=name != "finetune_benchmarks",
+                            required=name not in OPTIONAL_LISTS,
                             default=[], help=f"one per {what}, in matrix.{entries_of.__name__} order")
+    inputs.add_argument("--preflight-summary", type=Path, metavar="FILE",
+                        help="the preflight's summary.json: its ETA is put beside what each job took")
     outputs = ap.add_argument_group("outputs")
     for field in dataclasses.fields(AggregateOutputs):
         outputs.add_argument("--" + field.name.replace("_", "-"), required=True, type=Path, metavar="FILE")
@@ -857,7 +876,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    files = ResultFiles(**{name: getattr(args, name) for name in INPUT_LISTS})
+    files = ResultFiles(**{name: getattr(args, name) for name in INPUT_LISTS},
+                        preflight_summary=args.preflight_summary)
     outputs = AggregateOutputs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AggregateOutputs)})
     summary = aggregate(json_arg(args.config_json, "--config-json"), files, outputs)
     print(f"aggregated {len(summary['runs'])} runs, {len(summary['comparison'])} comparison rows "

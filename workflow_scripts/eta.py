@@ -252,3 +252,56 @@ def estimate(config: dict, rates: dict, gpus: int, done: frozenset[str] = frozen
     return {"device_hours": None if unknown else sum(j["device_hours"] for j in jobs), "gpus": gpus,
             "eta_hours": max((t[1] for t in times.values()), default=0.0) if not unknown else None,
             "unknown": unknown, "jobs": out}
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate checked by the run: each job's benchmark time beside the preflight's price
+def planned_jobs(config: dict) -> list[tuple[str, str]]:
+    """(rule, job) of every job the ETA counts, in `plan` order: the rules' benchmark files are named so."""
+    return [(job["rule"], job["job"]) for job in plan(config)]
+
+
+def _ratio(actual: float | None, estimated: float | None) -> float | None:
+    return actual / estimated if actual is not None and estimated else None
+
+
+def check(preflight_summary: dict | None, actual_seconds: dict[tuple[str, str], float | None]) -> dict:
+    """What each device job took (its benchmark's wall seconds, times its devices) against the preflight's
+    estimate of it, per job and per rule. Jobs the estimate priced at 0 (CPU-only work) are left out; jobs of the
+    estimate that are not in `actual_seconds` (another config) are counted, not compared."""
+    if preflight_summary is None:
+        return {"available": False, "why": "no preflight summary was given (run the preflight: `make preflight`)"}
+    if preflight_summary.get("device_hours") is None:
+        return {"available": False, "why": "the preflight could not price every job: "
+                + "; ".join(preflight_summary.get("unknown") or ["unknown"])}
+    jobs, by_rule, not_planned = [], {}, 0
+    for job in preflight_summary["jobs"]:
+        if not job["device_hours"]:
+            continue
+        key = (job["rule"], job["job"])
+        if key not in actual_seconds:
+            not_planned += 1
+            continue
+        wall_h = job["end_h"] - job["start_h"]
+        devices = job["device_hours"] / wall_h if wall_h > 0 else 1.0
+        seconds = actual_seconds[key]
+        actual = None if seconds is None else seconds / 3600.0 * devices
+        jobs.append({"rule": job["rule"], "job": job["job"], "shape": job["shape"], "estimated_hours":
+                     job["device_hours"], "actual_hours": actual, "ratio": _ratio(actual, job["device_hours"])})
+        rule = by_rule.setdefault(job["rule"], {"rule": job["rule"], "jobs": 0, "with_benchmark": 0,
+                                                "estimated_hours": 0.0, "actual_hours": 0.0})
+        rule["jobs"] += 1
+        if actual is not None:  # rule totals compare like with like: the jobs that have a benchmark
+            rule["with_benchmark"] += 1
+            rule["estimated_hours"] += job["device_hours"]
+            rule["actual_hours"] += actual
+    rules = [{**r, "ratio": _ratio(r["actual_hours"], r["estimated_hours"])} for r in by_rule.values()]
+    measured = [j for j in jobs if j["actual_hours"] is not None]
+    estimated = sum(j["estimated_hours"] for j in measured)
+    actual = sum(j["actual_hours"] for j in measured)
+    return {"available": True, "why": None, "gpus": preflight_summary["gpus"],
+            "eta_hours": preflight_summary["eta_hours"], "device_hours": preflight_summary["device_hours"],
+            "devices": sorted({s.get("device_name") or s.get("device") for s in preflight_summary["shapes"]}),
+            "jobs_compared": len(measured), "jobs_without_benchmark": len(jobs) - len(measured),
+            "jobs_not_in_plan": not_planned, "estimated_hours": estimated, "actual_hours": actual,
+            "ratio": _ratio(actual, estimated), "by_rule": rules, "jobs": jobs}
