@@ -3,6 +3,8 @@ one whole shape check on CPU, the summary with eta's plan, and `micro_batch_size
 The demo's own preflight (and that a failing one keeps fine-tuning from starting) is in test_demo.py."""
 from __future__ import annotations
 
+import copy
+
 import json
 from pathlib import Path
 
@@ -168,6 +170,19 @@ def test_summary_prices_the_demo_plan_with_eta(tmp_path, monkeypatch):
     table = preflight.summary_table(summary)
     assert records[-1]["shape"] in table and "640" in table and "100.0%" in table
     assert table.splitlines()[-1].startswith(f"plan: {summary['device_hours']:.3g} device-hours; on 2 device(s)")
+
+
+def test_the_eta_is_scheduled_on_the_widest_job_where_fewer_devices_are_seen(monkeypatch):
+    """A summary step on a SLURM CPU node, or a node with fewer GPUs than a DDP override holds: the ETA is
+    scheduled on the widest job's devices, with a note naming the override and --resources gpu=N; devices given
+    on the command line are taken as they are (eta.schedule refuses too few)."""
+    monkeypatch.setattr(preflight, "seen_gpus", lambda: 1)
+    assert preflight.devices_to_schedule(DEMO, None) == (1, None)
+    ddp = copy.deepcopy(DEMO)
+    ddp["resources"]["finetune_gpu_overrides"] = {DEMO["finetune"]["checkpoints"][0]: 2}
+    gpus, note = preflight.devices_to_schedule(ddp, None)
+    assert gpus == 2 and "sees 1 device(s) but the widest job holds 2" in note and "--resources gpu=N" in note
+    assert preflight.devices_to_schedule(ddp, 4) == (4, None)
 
 
 # ---------------------------------------------------------------------------------------------

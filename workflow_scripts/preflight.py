@@ -476,13 +476,27 @@ def seen_gpus() -> int:
     return max(1, len(gpu_pool.visible_devices()))
 
 
-def summarize(config: dict, records: list[dict], gpus: int) -> dict:
+def devices_to_schedule(config: dict, given: int | None) -> tuple[int, str | None]:
+    """(devices the ETA schedules on, a note or None): the devices given (`--resources gpu=N`), else those this
+    process sees; where it sees fewer than the widest job holds (a summary job on a SLURM CPU node, a DDP override),
+    the widest job's count, said in the note: the study cannot run on fewer."""
+    if given is not None:
+        return given, None
+    seen, widest = seen_gpus(), max((job["devices"] for job in eta.plan(config)), default=1)
+    if widest <= seen:
+        return seen, None
+    return widest, (f"this process sees {seen} device(s) but the widest job holds {widest} "
+                    f"(resources.finetune_gpu_overrides): the ETA is scheduled on {widest}; give the devices the "
+                    "study will have with `--resources gpu=N` (make preflight GPUS=N)")
+
+
+def summarize(config: dict, records: list[dict], gpus: int, gpus_note: str | None = None) -> dict:
     """summary.json: each shape's figures and the plan priced from their measured rates (eta.estimate)."""
     rates = {r["shape"]: {"train_img_s": r["train_img_s"], "eval_img_s": r["eval_img_s"]} for r in records}
     plan = eta.estimate(config, rates, gpus)
     return {"shapes": [{k: r.get(k) for k in SUMMARY_FIELDS} for r in records],
-            "device_hours": plan["device_hours"], "gpus": plan["gpus"], "eta_hours": plan["eta_hours"],
-            "unknown": plan["unknown"], "jobs": plan["jobs"]}
+            "device_hours": plan["device_hours"], "gpus": plan["gpus"], "gpus_note": gpus_note,
+            "eta_hours": plan["eta_hours"], "unknown": plan["unknown"], "jobs": plan["jobs"]}
 
 
 def _figure(value, digits: int = 0) -> str:
@@ -504,6 +518,8 @@ def summary_table(summary: dict) -> str:
     else:
         lines.append(f"plan: {summary['device_hours']:.3g} device-hours; on {summary['gpus']} device(s) about "
                      f"{summary['eta_hours']:.3g} h of wall clock (from these measured rates)")
+    if summary.get("gpus_note"):
+        lines.append(f"note: {summary['gpus_note']}")
     return "\n".join(lines)
 
 
@@ -532,7 +548,7 @@ def _shape_command(args: argparse.Namespace) -> int:
 def _summary_command(args: argparse.Namespace) -> int:
     config = json_arg(args.config_json, "--config-json")
     records = [read_json(path) for path in args.shapes]
-    summary = summarize(config, records, args.gpus if args.gpus is not None else seen_gpus())
+    summary = summarize(config, records, *devices_to_schedule(config, args.gpus))
     write_json(args.out, summary)
     print(summary_table(summary), flush=True)
     return 0
