@@ -85,7 +85,8 @@ VOLATILE_FIELDS = {
     "evaluate/*/*.json": {"images_per_s"},
     "baseline/*/*/*.json": {"images_per_s"},
     "aggregate/summary.json": AGGREGATE_RUN_TIMING | PARITY_TIMING | {"aggregated_utc", "seconds", "images_per_s",
-                                                                     "img_s_ratio"},
+                                                                     "img_s_ratio",
+                                                                     "eta_check"},  # benchmarks and the preflight
     "aggregate/runs.csv": AGGREGATE_RUN_TIMING,
 }
 # Folders not compared: they narrate each attempt (see the docstring); .resume is checked on its own.

@@ -13,6 +13,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from html import unescape
 from pathlib import Path
 
 import numpy as np
@@ -60,13 +61,13 @@ def test_demo_learns_every_pair_with_its_final_runs(demo_run):
 
 @pytest.mark.slow
 def test_demo_higher_resolution_checkpoint_is_built_and_proven(demo_run):
-    """demo_mixer_p4_64 is demo_mixer_p4 at 2x its image size (Appendix C's construction at the demo's scale):
+    """demo_mixer_p4_32 is demo_mixer_p4 at 2x its image size (Appendix C's construction at the demo's scale):
     converted from the base's .npz, its tiling property proven at conversion, fine-tuned and evaluated at 64 px."""
     _, root, cfg = demo_run
-    parity = json.loads((root / "converted" / "demo_mixer_p4_64.parity.json").read_text())
+    parity = json.loads((root / "converted" / "demo_mixer_p4_32.parity.json").read_text())
     assert parity["architecture"]["image_size"] == 64 and parity["architecture"]["tokens_mlp_dim"] == 4 * 32
     assert parity["upscale"]["factor"] == 2
-    assert evaluation(root, "demo_mixer_p4_64", "digits", "resmall_crop")["protocol"]["image_size"] == 64
+    assert evaluation(root, "demo_mixer_p4_32", "digits", "resmall_crop")["protocol"]["image_size"] == 64
 
 
 @pytest.mark.slow
@@ -117,15 +118,15 @@ def test_demo_comparison_matches_each_reference_with_the_run_made_its_way(demo_r
         by_source.setdefault(row["source"], []).append(row)
     assert {r["verdict"] for r in by_source["paper_table3"]} == {"not run"}
     [final, _average] = by_source["demo_standin_final"]
-    values = per_seed(evaluation(root, "demo_mixer_p4_64", "digits_jpeg", "resmall_crop"))
+    values = per_seed(evaluation(root, "demo_mixer_p4_32", "digits_jpeg", "resmall_crop"))
     assert (final["matched_result"], final["matched_protocol"]) == ("final", "resmall_crop")
     assert [float(x) for x in final["per_seed"].split(";")] == pytest.approx(values, abs=1e-4)
-    interval = stats.top1_interval(values, evaluation(root, "demo_mixer_p4_64", "digits_jpeg", "resmall_crop")
+    interval = stats.top1_interval(values, evaluation(root, "demo_mixer_p4_32", "digits_jpeg", "resmall_crop")
                                    ["num_images"])
     assert (float(final["ci_low"]), float(final["ci_high"])) == pytest.approx((interval.low, interval.high))
     assert final["verdict"] == stats.verdict(float(final["reference_value"]), interval)[0]
     [official] = by_source["demo_standin_official"]
-    sweep = json.loads((root / "sweep_on_test" / "demo_mixer_p4_64" / "digits_arrays" / "official.json").read_text())
+    sweep = json.loads((root / "sweep_on_test" / "demo_mixer_p4_32" / "digits_arrays" / "official.json").read_text())
     at_lr = [r["top1"] for r in sweep["runs"] if float(r["lr"]) == 0.3]
     assert (official["matched_result"], official["matched_protocol"]) == ("sweep_run", "official")
     assert float(official["ours"]) == pytest.approx(statistics.fmean(at_lr))
@@ -143,6 +144,7 @@ def test_demo_report_shows_table3_the_final_runs_and_the_released_row(demo_run):
     every reference's source; the study's Table 3 rows are there, not run."""
     _, root, cfg = demo_run
     html = (root / "report" / "index.html").read_text()
+    html_text = unescape(html)  # citations carry quotes: "README 'Results'"
     summary = json.loads((root / "aggregate" / "summary.json").read_text())
     for row in summary["results"]:
         if row["top1_mean"] is not None and row["kind"] == "dataset":
@@ -150,7 +152,7 @@ def test_demo_report_shows_table3_the_final_runs_and_the_released_row(demo_run):
     assert "as released" in html and "not run" in html
     assert "&lt; 0.15" in html or "< 0.15" in html  # the paper's bound on the sd, beside ours
     for source in cfg["references"]["sources"].values():
-        assert source["citation"].split(",")[0] in html
+        assert source["citation"].split(",")[0] in html_text
     assert (root / "report" / "analysis.html").exists()
 
 
@@ -200,10 +202,10 @@ def test_snakemake_report_holds_the_results_with_their_captions(demo_run, tmp_pa
     assert res.returncode == 0, res.stdout + res.stderr
     html = out.read_text()
     # Every report() output is in it, each with its caption from report/*.rst.
-    for caption in ("largest absolute logit difference", "chosen on minival (never on test)",
+    for caption in ("largest absolute logit difference", "chosen on the dev split (minival, never on test)",
                     "Every fine-tuning run of the learning-rate sweep in one tidy table"):
         assert caption in html, caption
-    for name in ("demo_mixer_p4_64.parity.json", "runs.csv", "comparison.csv", "index.html", "analysis.html"):
+    for name in ("demo_mixer_p4_32.parity.json", "runs.csv", "comparison.csv", "index.html", "analysis.html"):
         assert name in html, name
 
 
@@ -232,6 +234,14 @@ def test_demo_preflight_summary_has_every_shape_and_the_plan(demo_run):
     for ckpt, ds, lr, seed in matrix.finetune_runs(cfg):
         run = json.loads((root / "finetune" / ckpt / ds / f"lr{lr}_s{seed}" / "summary.json").read_text())
         assert run["micro_batch_size"] == 32 and run["micro_batch_from"] == "protocol.micro_batch_size"
+    # The report checks the estimate against the run: every priced job beside its benchmark time.
+    check = json.loads((root / "aggregate" / "summary.json").read_text())["eta_check"]
+    priced = [j for j in summary["jobs"] if j["device_hours"]]
+    assert check["available"] and check["jobs_compared"] == len(priced) and check["jobs_without_benchmark"] == 0
+    for job in check["jobs"]:
+        took = float((root / "benchmarks" / job["rule"] / f"{job['job']}.tsv").read_text().splitlines()[1].split()[0])
+        assert job["actual_hours"] == pytest.approx(took / 3600, rel=1e-6), job
+    assert 'id="eta-check-table"' in (root / "report" / "index.html").read_text()
 
 
 @pytest.mark.slow
@@ -252,7 +262,7 @@ def test_a_failing_preflight_keeps_fine_tuning_from_starting(demo_run, tmp_path)
     workdir, root, cfg = demo_run
     copy = tmp_path / "demo"
     shutil.copytree(workdir, copy, symlinks=True)
-    ckpt, ds, lr, seed = next(r for r in matrix.finetune_runs(cfg) if r[0] == "demo_mixer_p4")
+    ckpt, ds, lr, seed = matrix.finetune_runs(cfg)[0]
     run = Path(cfg["output_root"]) / "finetune" / ckpt / ds / f"lr{lr}_s{seed}"
     shutil.rmtree(copy / run)
     finetune_log = copy / cfg["output_root"] / "logs" / "finetune" / ckpt / ds / f"lr{lr}_s{seed}.log"

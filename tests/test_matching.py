@@ -275,7 +275,7 @@ def test_demo_config_loads_the_studys_references_and_its_stand_ins():
     assert {"paper_table3", "official_repo", "demo_standin_final"} <= set(refs["sources"])
     assert any(f["source"] == "demo_standin_official" for f in refs["figures"]) and refs["models"]
     assert refs["throughput_baseline"] == {"label": "Mixer-B/16", "image_size": 224}
-    assert ("demo_mixer_p4_64", "digits_arrays", "official") in matrix.sweep_evaluations(config)
+    assert ("demo_mixer_p4_32", "digits_arrays", "official") in matrix.sweep_evaluations(config)
 
 
 @pytest.mark.parametrize("edit, message", [

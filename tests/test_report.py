@@ -441,7 +441,9 @@ def test_aggregate_refuses_lists_that_do_not_match_the_matrix(tmp_path):
                                             rf"{n_runs} fine-tuning runs.*matrix\.finetune_runs"):
         run_aggregate(config, short)
     extra = dataclasses.replace(files, datasets=[*files.datasets, files.datasets[0]])
-    with pytest.raises(PipelineError, match=r"--datasets: 4 files given, .* has 3 used datasets"):
+    n_datasets = len(matrix.used_datasets(config))
+    with pytest.raises(PipelineError,
+                       match=rf"--datasets: {n_datasets + 1} files given, .* has {n_datasets} used datasets"):
         run_aggregate(config, extra)
     with pytest.raises(PipelineError, match=rf"--reals: 1 files given, .* has {n_reals} results with ReaL labels.*"
                                             r"matrix\.real_results"):
@@ -537,8 +539,8 @@ def test_report_shows_each_pair_references_and_provenance(demo):
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
     assert "<link" not in page and "border-collapse" in page
     # Relative links to the logs and the notebook.
-    first_lr = config["datasets"]["digits"]["base_lrs"][0]
-    assert f'href="../logs/finetune/demo_mixer_p4_64/digits/lr{first_lr:g}_s0.log"' in page
+    ck, ds, lr, seed = matrix.finetune_runs(config)[0]
+    assert f'href="../logs/finetune/{ck}/{ds}/lr{lr}_s{seed}.log"' in page
     assert 'href="analysis.html"' in page
     # The released model at every protocol that applies to it, checksums with where they were verified.
     baseline = page.split('id="baseline-table"')[1].split("</table>")[0]
@@ -638,15 +640,15 @@ def test_averages_need_every_member(tmp_path):
     rows = grid_of(page, "per-dataset-table")
     assert not any(column.endswith("ReaL") for row in rows.values() for column in row)  # its dataset was not run
     cells = headline_cells(page)
-    assert cells[row_label(config, "demo_mixer_p4_64"), "AvgDemo"][0] == "2 of 3"
+    assert cells[row_label(config, "demo_mixer_p4_32"), "AvgDemo"][0] == "2 of 3"
 
 
 def test_two_checkpoints_cannot_share_a_row(tmp_path):
     config = load_config("demo/config.yaml", tmp_path)
     config["checkpoints"]["demo_mixer_p8"].update(label="Mixer-T/4 (demo)")
-    config["checkpoints"]["demo_mixer_p8"]["architecture"]["image_size"] = 64
+    config["checkpoints"]["demo_mixer_p8"]["architecture"]["image_size"] = 32
     make_results(config)
-    with pytest.raises(PipelineError, match=r"'checkpoints\.demo_mixer_p4_64' and 'checkpoints\.demo_mixer_p8' have "
+    with pytest.raises(PipelineError, match=r"'checkpoints\.demo_mixer_p4_32' and 'checkpoints\.demo_mixer_p8' have "
                                             r"the same label, pretraining and image size"):
         run_aggregate(config)
     assert not (Path(config["output_root"]) / "aggregate").exists()
@@ -669,7 +671,7 @@ def test_no_subset_warning_for_full_datasets(demo):
 
 def test_labels_are_escaped(tmp_path):
     config = load_config("demo/config.yaml", tmp_path)
-    config["checkpoints"]["demo_mixer_p4_64"]["label"] = "<script>alert('x')</script>"
+    config["checkpoints"]["demo_mixer_p4_32"]["label"] = "<script>alert('x')</script>"
     make_results(config)
     _, page = build_report(tmp_path, config, command="snakemake <b>--cores</b>")
     assert "<script>" not in page
@@ -735,7 +737,7 @@ def test_notebook_executes_on_the_results(tmp_path):
     # The report's charts: accuracy, LR sweep and one curves chart per pair.
     assert outputs.count('"image/png"') == 2 + len(matrix.pairs(config))
     # The Table 3 grid, as the report shows it (the same functions).
-    average = statistics.fmean(expected["demo_mixer_p4_64", ds] for ds in config["averages"]["AvgDemo"])
+    average = statistics.fmean(expected["demo_mixer_p4_32", ds] for ds in config["averages"]["AvgDemo"])
     assert "AvgDemo" in outputs and f"{average:.2f}" in outputs
     # The verdicts, the protocol variants and the selection-bias tables, as the report states them.
     summary = json.loads((root / "aggregate" / "summary.json").read_text())

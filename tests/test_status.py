@@ -67,7 +67,10 @@ def test_status_of_an_output_folder_where_nothing_ran(tmp_path, capsys):
     assert status.NO_RATES in printed
     page = (tmp_path / "demo_results" / "status.html").read_text()
     states = html_states(page)
-    assert len(states) == len(matrix.used_checkpoints(status_config())) * 5  # 3 datasets, ReaL, AvgDemo
+    config = status_config()
+    datasets = matrix.used_datasets(config)
+    columns = datasets + [ds for ds in datasets if config["datasets"][ds].get("real_labels")] + list(config["averages"])
+    assert len(states) == len(matrix.used_checkpoints(config)) * len(columns)  # datasets, their ReaL, averages
     assert set(states.values()) == {"waiting"}
     assert "<link" not in page and "<script" not in page  # self-contained
 
@@ -81,12 +84,13 @@ def demo_figures(root: Path, config: dict) -> dict[tuple[str, str], float]:
     headline = config["evaluation"]["headline_protocol"]
     figures = {}
     for ck, ds, source in matrix.results(config):
+        if source != "finetune":  # a released model as it is is no Table 3 figure
+            continue
         label = config["datasets"][ds]["label"]
-        record = json.loads((root / ("evaluate" if source == "finetune" else "baseline") / ck / ds
-                             / f"{headline}.json").read_text())
-        figures[ck, label] = record["top1_mean" if source == "finetune" else "top1"]
+        figures[ck, label] = json.loads((root / "evaluate" / ck / ds / f"{headline}.json").read_text())["top1_mean"]
         if config["datasets"][ds].get("real_labels"):
-            figures[ck, f"{label} ReaL"] = json.loads((root / "real" / ck / f"{ds}.json").read_text())["real_top1"]
+            real = root / "real" / "finetune" / ck / ds / f"{headline}.json"
+            figures[ck, f"{label} ReaL"] = json.loads(real.read_text())["real_top1"]
     for name, members in config["averages"].items():
         for ck in matrix.used_checkpoints(config):
             figures[ck, name] = statistics.fmean(figures[ck, config["datasets"][ds]["label"]] for ds in members)
@@ -111,7 +115,7 @@ def test_status_of_the_finished_demo(demo_run):
 
 
 def kill_halfway(workdir: Path, config: dict) -> tuple[str, str]:
-    """Alter a copy of the finished demo into one killed halfway: (p4, digits) never reached its final run (its
+    """Alter a copy of the finished demo into one killed halfway: (p4, digits_jpeg) never reached its final run (its
     final runs, evaluations and everything after them removed with their logs: waiting), and a sweep run of
     (p8, digits_arrays) failed (its outputs removed, its log kept with an error line appended; what follows it
     removed with logs). Returns the failed job's id and its error line."""
@@ -124,7 +128,7 @@ def kill_halfway(workdir: Path, config: dict) -> tuple[str, str]:
     def never_ran(job: dict) -> bool:
         wc = job["wildcards"]
         pair = (wc.get("ckpt"), wc.get("dataset"))
-        after_final = pair == (p4, "digits") and job["rule"] not in ("finetune", "select_lr", "prepare_data")
+        after_final = pair == (p4, "digits_jpeg") and job["rule"] not in ("finetune", "select_lr", "prepare_data")
         after_failed = pair == (p8, "digits_arrays") and job["rule"] != "finetune"
         return after_final or after_failed or job["rule"] in ("aggregate", "notebook", "report")
 
@@ -157,7 +161,7 @@ def test_status_of_a_demo_killed_halfway(demo_run, tmp_path):
     status.write_html(result, tmp_path / "status.html")
     states = html_states((tmp_path / "status.html").read_text())
     p4, p8 = matrix.used_checkpoints(config)
-    waiting = {(p4, "Digits (image folder)"), (p4, "AvgDemo")}
+    waiting = {(p4, "Digits (JPEG tree)"), (p4, "Digits (JPEG tree) ReaL"), (p4, "AvgDemo")}
     failed = {(p8, "Digits (array store)"), (p8, "AvgDemo")}
     for key, state in states.items():
         assert state == ("waiting" if key in waiting else "failed" if key in failed else "done"), key
