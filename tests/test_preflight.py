@@ -4,7 +4,6 @@ The demo's own preflight (and that a failing one keeps fine-tuning from starting
 from __future__ import annotations
 
 import copy
-
 import json
 from pathlib import Path
 
