@@ -62,12 +62,14 @@ def test_demo_learns_every_pair_with_its_final_runs(demo_run):
 @pytest.mark.slow
 def test_demo_higher_resolution_checkpoint_is_built_and_proven(demo_run):
     """demo_mixer_p4_32 is demo_mixer_p4 at 2x its image size (Appendix C's construction at the demo's scale):
-    converted from the base's .npz, its tiling property proven at conversion, fine-tuned and evaluated at 64 px."""
+    converted from the base's .npz, its tiling property proven at conversion, fine-tuned and evaluated at 32 px."""
     _, root, cfg = demo_run
+    base = cfg["checkpoints"]["demo_mixer_p4"]["architecture"]
     parity = json.loads((root / "converted" / "demo_mixer_p4_32.parity.json").read_text())
-    assert parity["architecture"]["image_size"] == 64 and parity["architecture"]["tokens_mlp_dim"] == 4 * 32
+    assert (base["image_size"], parity["architecture"]["image_size"]) == (16, 32)
+    assert parity["architecture"]["tokens_mlp_dim"] == 4 * base["tokens_mlp_dim"]  # 4x the tokens
     assert parity["upscale"]["factor"] == 2
-    assert evaluation(root, "demo_mixer_p4_32", "digits", "resmall_crop")["protocol"]["image_size"] == 64
+    assert evaluation(root, "demo_mixer_p4_32", "digits_arrays", "resmall_crop")["protocol"]["image_size"] == 32
 
 
 @pytest.mark.slow
