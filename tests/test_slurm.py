@@ -210,7 +210,9 @@ def test_every_job_ran_under_slurm_on_the_right_partition(slurm_demo):
     assert {j["state"] for j in jobs} == {"COMPLETED"}, [j for j in jobs if j["state"] != "COMPLETED"]
     ddp_prefix = slurm_demo["ddp_ckpt"] + "_"
     training_rules = {"finetune", "final_finetune", "variant_finetune"}  # all run the DDP checkpoint's jobs on 2 GPUs
-    ddp_jobs = [j for j in jobs if j["rule"] in training_rules and ddp_prefix in j["wildcards"]]
+    ddp_shape = f"-{DDP_GPUS}gpu"  # its shape's preflight checks DDP on the same allocation (matrix.job_shape)
+    ddp_jobs = [j for j in jobs if (j["rule"] in training_rules and ddp_prefix in j["wildcards"])
+                or (j["rule"] == "preflight_shape" and j["wildcards"].endswith(ddp_shape))]
     assert ddp_jobs, "no fine-tuning job of the DDP checkpoint in sacct"
     for job in jobs:
         if job in ddp_jobs:

@@ -88,13 +88,13 @@ def test_demo_dry_run_never_mixes_with_the_study(tmp_path):
     assert res.returncode == 0, res.stderr + res.stdout
     counts = job_counts(res.stdout)
     assert counts["synthesize_upstream"] == 2 and counts["synthesize_data"] == 1
-    # Both checkpoints on three datasets (2 LRs each), p8 on its head's dataset too; two final seeds each; p8
+    # Both checkpoints on two datasets (2 LRs each), p8's head's dataset among them; two final seeds each; p8
     # as released with three protocols (no timm_model); ReaL for both fine-tuned models and the released one.
-    assert counts["finetune"] == 12 and counts["final_finetune"] == 12
+    assert counts["finetune"] == 8 and counts["final_finetune"] == 8
     assert counts["baseline"] == 3 and counts["real"] == 3
     # The headline protocol for the selection-bias table on every pair, the official one where a stand-in
     # reference of one sweep run (demo/references.yaml) needs it.
-    assert counts["evaluate_sweep"] == 6 + 1
+    assert counts["evaluate_sweep"] == 4 + 1
     assert "results/" not in res.stdout.replace("demo_results/", "")
     assert "mixer_b16_in21k" not in res.stdout
 
