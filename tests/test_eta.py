@@ -119,6 +119,17 @@ def test_the_check_puts_each_jobs_benchmark_beside_its_estimate(tmp_path):
     assert all(r["ratio"] == pytest.approx(2.0) for r in rules.values())
     [finetune] = [j for j in check["jobs"] if (j["rule"], j["job"]) == planned[0]]
     assert finetune["actual_hours"] == pytest.approx(2 * finetune["estimated_hours"])
+    # a job holding 2 devices (a DDP override) costs its wall time twice, in this summary and in one written
+    # before the job rows carried "devices" (derived from device-hours over scheduled hours)
+    config["resources"]["finetune_gpu_overrides"] = {planned[0][1].split("/")[0]: 2}
+    rates = {shape: {"train_img_s": 64.0, "eval_img_s": 100.0} for shape in matrix.job_shapes(config)}
+    wide = {**eta.estimate(config, rates, 2), "shapes": summary["shapes"]}
+    [row] = [j for j in wide["jobs"] if (j["rule"], j["job"]) == planned[0]]
+    assert row["devices"] == 2
+    old = {**wide, "jobs": [{k: v for k, v in j.items() if k != "devices"} for j in wide["jobs"]]}
+    for s in (wide, old):
+        [job] = [j for j in eta.check(s, {planned[0]: 3600.0})["jobs"] if (j["rule"], j["job"]) == planned[0]]
+        assert job["actual_hours"] == pytest.approx(2.0)
     # a preflight of another config: its jobs that this plan lacks are counted apart
     fewer = {job: s for job, s in seconds.items() if job[0] != "finetune"}
     assert eta.check(summary, fewer)["jobs_not_in_plan"] == len([j for j in planned if j[0] == "finetune"])

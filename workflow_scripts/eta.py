@@ -233,8 +233,8 @@ def estimate(config: dict, rates: dict, gpus: int, done: frozenset[str] = frozen
     "eval_img_s"}}); the jobs whose ids are in `done` are left out (their dependants may start at once).
 
     Returns {"device_hours", "gpus", "eta_hours", "unknown": [why], "jobs": [{"rule", "job", "shape", "gpus",
-    "device_hours", "depends_on", "start_h", "end_h"}]}; device_hours and eta_hours are None if a job's
-    price is unknown.
+    "devices", "device_hours", "depends_on", "start_h", "end_h"}]} ("devices": what the job holds, 0 for CPU
+    work); device_hours and eta_hours are None if a job's price is unknown.
     """
     jobs, unknown = [], []
     for job in plan(config):
@@ -246,7 +246,7 @@ def estimate(config: dict, rates: dict, gpus: int, done: frozenset[str] = frozen
                      "device_hours": None if hours is None else hours * job["devices"]})
     times = schedule([{**j, "hours": j["hours"] or 0.0} for j in jobs], max(1, gpus)) if not unknown else {}
     out = [{"rule": j["rule"], "job": j["job"], "shape": j["shape"], "gpus": j["gpus"],
-            "device_hours": j["device_hours"], "depends_on": j["depends_on"],
+            "devices": j["devices"], "device_hours": j["device_hours"], "depends_on": j["depends_on"],
             "start_h": times[j["id"]][0] if times else None, "end_h": times[j["id"]][1] if times else None}
            for j in jobs]
     return {"device_hours": None if unknown else sum(j["device_hours"] for j in jobs), "gpus": gpus,
@@ -263,6 +263,12 @@ def planned_jobs(config: dict) -> list[tuple[str, str]]:
 
 def _ratio(actual: float | None, estimated: float | None) -> float | None:
     return actual / estimated if actual is not None and estimated else None
+
+
+def _devices_of_old_summary(job: dict) -> float:
+    """A summary.json written before its job rows carried "devices": device-hours over scheduled hours."""
+    wall_h = job["end_h"] - job["start_h"]
+    return job["device_hours"] / wall_h if wall_h > 0 else 1.0
 
 
 def check(preflight_summary: dict | None, actual_seconds: dict[tuple[str, str], float | None]) -> dict:
@@ -282,8 +288,7 @@ def check(preflight_summary: dict | None, actual_seconds: dict[tuple[str, str], 
         if key not in actual_seconds:
             not_planned += 1
             continue
-        wall_h = job["end_h"] - job["start_h"]
-        devices = job["device_hours"] / wall_h if wall_h > 0 else 1.0
+        devices = job.get("devices") or _devices_of_old_summary(job)
         seconds = actual_seconds[key]
         actual = None if seconds is None else seconds / 3600.0 * devices
         jobs.append({"rule": job["rule"], "job": job["job"], "shape": job["shape"], "estimated_hours":
