@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from workflow_scripts import eta, matrix, references, status
+from workflow_scripts.common import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "demo" / "config.yaml"
@@ -58,6 +59,17 @@ def html_states(page: str) -> dict[tuple[str, str], str]:
             assert state == word, (row, column)  # the colour's state is the word's
             cells[row, column] = word
     return cells
+
+
+def test_benchmark_seconds_of_a_finished_a_running_and_a_broken_job(tmp_path):
+    finished = tmp_path / "finished.tsv"
+    finished.write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t100.0\n")  # as Snakemake writes it
+    assert status.benchmark_seconds(finished) == 12.5
+    assert status.benchmark_seconds(tmp_path / "running.tsv") is None  # written when the job ends
+    broken = tmp_path / "broken.tsv"
+    broken.write_text("not a benchmark\n")
+    with pytest.raises(PipelineError, match=r"broken\.tsv: not a Snakemake benchmark file"):
+        status.benchmark_seconds(broken)
 
 
 def test_status_of_an_output_folder_where_nothing_ran(tmp_path, capsys):

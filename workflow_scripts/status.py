@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import statistics
 from datetime import UTC, datetime
 from pathlib import Path
 
 from workflow_scripts import eta, matrix
-from workflow_scripts.aggregate import config_columns
+from workflow_scripts.aggregate import config_columns, read_benchmark
 from workflow_scripts.common import PipelineError, atomic_path, read_json, run_cli
 from workflow_scripts.tables import table3_columns
 
@@ -194,12 +193,11 @@ def grid(config: dict, cells: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Hours
 def benchmark_seconds(path: Path) -> float | None:
-    """Wall seconds of a finished job from its Snakemake benchmark file (column "s"), None if absent."""
+    """Wall seconds of a finished job from its Snakemake benchmark file (column "s"), None if absent: a running
+    job has none yet. A file that is not a benchmark is an error that names it (aggregate.read_benchmark)."""
     if not path.exists():
         return None
-    with path.open() as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return sum(float(r["s"]) for r in rows) if rows else None
+    return float(read_benchmark(path)["s"])
 
 
 def hours(config: dict, jobs: list[dict], workdir: Path, gpus: int | None) -> dict:
