@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import tiny as tiny_files
 from workflow_scripts import convert, data, finetune, gpu_pool, model_io, resume_files, splits, synthesize_upstream
 from workflow_scripts.common import PipelineError, sha256_file
 from workflow_scripts.protocol import Protocol
@@ -38,21 +39,16 @@ torch.set_num_threads(1)
 def tiny(tmp_path_factory):
     """A tiny converted checkpoint and a tiny 3-class array dataset whose images encode their index."""
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    model_io.save_model(model_io.build_model(TINY_ARCH), TINY_ARCH, root / "ckpt.safetensors")
+    tiny_files.write_checkpoint(root, TINY_ARCH)
     rng = np.random.default_rng(0)
-    sizes = {"train": 120, "test": 30}
-    for split, n in sizes.items():
-        labels = np.arange(n, dtype=np.int64) % 3
-        images = rng.integers(0, 256, size=(n, 8, 8, 3), dtype=np.uint8)
+    splits = {}
+    for split, n in {"train": 120, "test": 30}.items():
+        images, labels = tiny_files.random_split(rng, n, 8, 3)
         for c in range(3):
             images[labels == c, :4, :, c] = 255  # a learnable cue per class
         images[:, 0, 0, 0], images[:, 0, 0, 1] = np.arange(n) % 256, np.arange(n) // 256  # the index
-        np.savez(root / f"{split}.npz", images=images, labels=labels)
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "tiny", "label": "Tiny", "layout": "arrays", "root": str(root), "classes": ["a", "b", "c"],
-        "num_classes": 3, "splits": sizes, "train_split": "train", "test_split": "test",
-        "minival": {"fraction": 0.1, "seed": 0}, "subset": False, "subset_note": None}))
+        splits[split] = images, labels
+    tiny_files.write_arrays(root, splits, ["a", "b", "c"], minival_fraction=0.1)
     return root
 
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file
 
+from tests import tiny as tiny_files
 from tests.test_finetune import PROTOCOL as FINETUNE_PROTOCOL
 from workflow_scripts import bench, evaluate, finetune, model_io
 from workflow_scripts.common import run_cli
@@ -46,17 +47,10 @@ def cpu_only(monkeypatch):
 def tiny(tmp_path_factory) -> Path:
     """A tiny converted checkpoint and a 3-class array dataset (train with a minival fraction, test)."""
     root = tmp_path_factory.mktemp("gpu_paths")
-    torch.manual_seed(0)
-    model_io.save_model(model_io.build_model(ARCH), ARCH, root / "ckpt.safetensors")
+    tiny_files.write_checkpoint(root, ARCH)
     rng = np.random.default_rng(0)
-    sizes = {"train": 40, "test": 12}
-    for split, n in sizes.items():
-        np.savez(root / f"{split}.npz", images=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
-                 labels=np.arange(n, dtype=np.int64) % 3)
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "tiny", "label": "Tiny", "layout": "arrays", "root": str(root), "classes": ["a", "b", "c"],
-        "num_classes": 3, "splits": sizes, "train_split": "train", "test_split": "test",
-        "minival": {"fraction": 0.2, "seed": 0}, "subset": False, "subset_note": None}))
+    splits = {split: tiny_files.random_split(rng, n, 8, 3) for split, n in {"train": 40, "test": 12}.items()}
+    tiny_files.write_arrays(root, splits, ["a", "b", "c"], minival_fraction=0.2)
     return root
 
 

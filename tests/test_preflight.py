@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import eta, finetune, matrix, model_io, preflight, references
+from tests import tiny as tiny_files
+from workflow_scripts import eta, finetune, matrix, preflight, references
 from workflow_scripts.common import PipelineError
 from workflow_scripts.protocol import Protocol
 
@@ -30,17 +31,10 @@ torch.set_num_threads(1)
 def tiny(tmp_path_factory) -> Path:
     """A converted checkpoint of ARCH and a 10-class array dataset of 32 px images (train, test)."""
     root = tmp_path_factory.mktemp("preflight")
-    torch.manual_seed(0)
-    model_io.save_model(model_io.build_model(ARCH), ARCH, root / "ckpt.safetensors")
+    tiny_files.write_checkpoint(root, ARCH)
     rng = np.random.default_rng(0)
-    sizes = {"train": 128, "test": 32}
-    for split, n in sizes.items():
-        np.savez(root / f"{split}.npz", images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                 labels=np.arange(n, dtype=np.int64) % 10)
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "tiny", "label": "Tiny", "layout": "arrays", "root": str(root), "classes": [str(c) for c in range(10)],
-        "num_classes": 10, "splits": sizes, "train_split": "train", "test_split": "test",
-        "minival": {"fraction": 0.1, "seed": 0}, "subset": False, "subset_note": None}))
+    splits = {split: tiny_files.random_split(rng, n, 32, 10) for split, n in {"train": 128, "test": 32}.items()}
+    tiny_files.write_arrays(root, splits, [str(c) for c in range(10)], minival_fraction=0.1)
     return root
 
 
