@@ -12,7 +12,6 @@ import sys
 import weakref
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -46,12 +45,8 @@ def cpu_only(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A tiny converted checkpoint and a 3-class array dataset (train with a minival fraction, test)."""
-    root = tmp_path_factory.mktemp("gpu_paths")
-    tiny_files.write_checkpoint(root, ARCH)
-    rng = np.random.default_rng(0)
-    splits = {split: tiny_files.random_split(rng, n, 8, 3) for split, n in {"train": 40, "test": 12}.items()}
-    tiny_files.write_arrays(root, splits, ["a", "b", "c"], minival_fraction=0.2)
-    return root
+    return tiny_files.write_random(tmp_path_factory.mktemp("gpu_paths"), ARCH, {"train": 40, "test": 12}, 8,
+                                   ["a", "b", "c"], minival_fraction=0.2)
 
 
 def finetune_args(tiny: Path, out: Path, protocol: dict | None = None, steps: int = 4) -> list[str]:

@@ -7,7 +7,6 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -30,12 +29,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A converted checkpoint of ARCH and a 10-class array dataset of 32 px images (train, test)."""
-    root = tmp_path_factory.mktemp("preflight")
-    tiny_files.write_checkpoint(root, ARCH)
-    rng = np.random.default_rng(0)
-    splits = {split: tiny_files.random_split(rng, n, 32, 10) for split, n in {"train": 128, "test": 32}.items()}
-    tiny_files.write_arrays(root, splits, [str(c) for c in range(10)], minival_fraction=0.1)
-    return root
+    return tiny_files.write_random(tmp_path_factory.mktemp("preflight"), ARCH, {"train": 128, "test": 32}, 32,
+                                   [str(c) for c in range(10)], minival_fraction=0.1)
 
 
 def shape_check(tiny: Path, protocol: dict, cap_mib: float | None = None) -> preflight.ShapeCheck:

@@ -38,3 +38,13 @@ def random_split(rng: np.random.Generator, n: int, pixels: int, num_classes: int
     """n random images of pixels x pixels, labelled 0, 1, ..., num_classes - 1, 0, ... in turn."""
     return (rng.integers(0, 256, (n, pixels, pixels, 3), dtype=np.uint8),
             np.arange(n, dtype=np.int64) % num_classes)
+
+
+def write_random(root: Path, arch: dict, sizes: dict[str, int], pixels: int, classes: list[str],
+                 minival_fraction: float) -> Path:
+    """A checkpoint of `arch` and a dataset of random images (sizes: {split: n}) under root; returns root."""
+    write_checkpoint(root, arch)
+    rng = np.random.default_rng(0)
+    splits = {split: random_split(rng, n, pixels, len(classes)) for split, n in sizes.items()}
+    write_arrays(root, splits, classes, minival_fraction)
+    return root
