@@ -337,9 +337,9 @@ def run_with_faults(workdir: Path, overlay: Path | None, faults: list[Fault], la
                         + (f" (--forcerun {' '.join(forced)})" if forced else ""))
         forced = []
         if code == 0 and fault and fault.injected and pending:
-            # The demo completed although the fault hit it (a Ctrl-C that Snakemake swallowed while it was
-            # logging, a job that was past its last check): the next fault's jobs have all run. Run them
-            # again (deterministic: the same bytes) so that it has a target.
+            # The demo completed although the fault hit it (seen with a Ctrl-C at a resumed job's start; the
+            # cause is not established, hence the log): the next fault's jobs have all run. Run them again
+            # (deterministic: the same bytes) so that it has a target.
             attempts[-1] += f": the demo completed anyway; its log ends:\n{indent_tail(out)}"
             forced = FORCERUN_RULES[TARGET_JOBS[pending[0].target]]
             continue
