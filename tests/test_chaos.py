@@ -30,8 +30,9 @@ that kind lived after that anchor in this machine's reference run and the seed d
 chaos run going faster than the reference), the fault stays pending: it waits for the next target job, in
 this attempt or the next one, at the same fraction of what the missed job lived. Every planned fault must be
 injected; the demo completing with one pending fails the test and names the jobs it missed. A fault can also
-land and not stop the demo (seen with a Ctrl-C at the start of a resumed fine-tuning job: the attempt exited
-0); then the next fault's jobs have all run, so the next attempt runs them again (--forcerun of their rules,
+land and not stop the demo (seen with a Ctrl-C to Snakemake's group that reached a fine-tuning job after its
+last update, which then finishes by design, and that Snakemake did not act on: the attempt exited 0); then
+the next fault's jobs have all run, so the next attempt runs them again (--forcerun of their rules,
 FORCERUN_RULES; deterministic, so the files stay comparable) and the attempt's log is printed.
 
 The seed is random unless MIXER_CHAOS_SEED is set; .ci/run pins it, so CI replays one plan (the delays in
@@ -337,8 +338,8 @@ def run_with_faults(workdir: Path, overlay: Path | None, faults: list[Fault], la
                         + (f" (--forcerun {' '.join(forced)})" if forced else ""))
         forced = []
         if code == 0 and fault and fault.injected and pending:
-            # The demo completed although the fault hit it (seen with a Ctrl-C at a resumed job's start; the
-            # cause is not established, hence the log): the next fault's jobs have all run. Run them again
+            # The demo completed although the fault hit it (seen with a Ctrl-C that Snakemake did not act on;
+            # why is not established, hence the log): the next fault's jobs have all run. Run them again
             # (deterministic: the same bytes) so that it has a target.
             attempts[-1] += f": the demo completed anyway; its log ends:\n{indent_tail(out)}"
             forced = FORCERUN_RULES[TARGET_JOBS[pending[0].target]]
